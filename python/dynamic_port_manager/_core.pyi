@@ -1,0 +1,149 @@
+"""Type stubs for the Rust extension module ``dynamic_port_manager._core``."""
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Union
+
+from typing_extensions import Self, disjoint_base
+
+__all__ = [
+    "__version__",
+    "DynamicPortManager",
+    "NoFreePortError",
+    "ManagerStoppedError",
+    "RegistryError",
+    "_shutdown",
+    "_refresh_thread_running",
+    "release_lease",
+    "list_leases",
+]
+
+__version__: str
+
+class NoFreePortError(RuntimeError):
+    """Every port of the manager's range is held or in use."""
+
+class ManagerStoppedError(RuntimeError):
+    """The manager was stopped and hands out nothing any more."""
+
+class RegistryError(OSError):
+    """The host-wide lease registry could not be read or written; no port was handed out."""
+
+_Path = Union[str, "os.PathLike[str]"]
+
+@disjoint_base
+class DynamicPortManager:
+    """Hands out free TCP ports from ``start..=end`` and records every change.
+
+    Two managers of the same user on one host never hold the same port at once,
+    whatever their ``json_path``, across threads and processes. The state
+    (``get_state()``) is also saved, atomically and with a backup, to
+    ``json_path``.
+    """
+
+    def __new__(
+        cls,
+        start: int = 3000,
+        end: int = 9000,
+        json_path: _Path | None = None,
+        refresh_interval: float = 10.0,
+        history_max: int = 50,
+        *,
+        backup_max: int = 20,
+        durable: bool = False,
+        registry_dir: _Path | None = None,
+        console_log: bool = True,
+    ) -> Self:
+        """Open (or create) the state file and join the host's lease registry.
+
+        ``start``/``end``: the inclusive port range (1..65535).
+        ``json_path``: the state file (default ``utils/port_state/dynamic_ports.json``).
+        ``refresh_interval``: seconds between background re-scans (int or float, > 0).
+        ``history_max``: history entries kept (>= 0). ``backup_max``: backups kept.
+        ``durable``: fsync file and folder on each save.
+        ``registry_dir``: where leases live (default ``$DPM_REGISTRY_DIR`` or
+        ``/tmp/dynamic-port-manager-<uid>``). ``console_log``: print the
+        coloured event line on stderr.
+
+        Raises ``ValueError`` naming the bad argument, ``RegistryError`` when
+        the registry folder is unusable.
+        """
+
+    def pick_port(self, *, pid: int | None = None) -> int:
+        """Pick the lowest free port of the range and make it the active port.
+
+        A second call moves to another free port and frees the previous one.
+        With ``pid``, the lease is held by that process until it exits, and this
+        manager's active port is unchanged.
+
+        Raises ``NoFreePortError`` when no port is free, ``ManagerStoppedError``
+        after ``stop()``, ``RegistryError`` if the lease cannot be recorded.
+        """
+
+    def release_port(self) -> bool:
+        """Free the active port. Returns False if there was none."""
+
+    def get_state(self) -> dict[str, Any]:
+        """The full state: the original module's keys plus ``leases``, ``stats``,
+        ``options`` and ``schema_version``."""
+
+    def log_json(self) -> dict[str, Any]:
+        """Write one JSON line (ELK/ECS fields) to stdout and return it."""
+
+    def stop(self) -> None:
+        """Stop refreshing and release the active port. Idempotent."""
+
+    def backups(self) -> list[str]:
+        """File names of this state file's backups, oldest first."""
+
+    def backup_path(self, name: str) -> Path | None:
+        """The path of backup ``name`` if it is one of this state file's backups, else None."""
+
+    @property
+    def active_port(self) -> int | None:
+        """The port this manager holds, or None."""
+
+    @property
+    def json_path(self) -> Path:
+        """The absolute path of the state file."""
+
+    @property
+    def start(self) -> int:
+        """First port of the range."""
+
+    @property
+    def end(self) -> int:
+        """Last port of the range (inclusive)."""
+
+    @property
+    def stopped(self) -> bool:
+        """True once ``stop()`` was called."""
+
+    @property
+    def registry_dir(self) -> Path:
+        """The folder of the host-wide lease registry."""
+
+    @property
+    def backup_dir(self) -> Path:
+        """The folder holding this state file's backups."""
+
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+
+def _shutdown() -> None:
+    """Stop the refresh thread and wait for it (registered with atexit)."""
+
+def _refresh_thread_running() -> bool:
+    """Whether this process's refresh thread is running."""
+
+def release_lease(port: int, *, registry_dir: _Path | None = None) -> bool:
+    """Remove the lease on ``port`` from the registry; True if there was one."""
+
+def list_leases(*, registry_dir: _Path | None = None) -> list[dict[str, Any]]:
+    """Every lease in the registry: port, pid, start_time, owner, since, alive."""

@@ -1,0 +1,264 @@
+//! Everything the manager reports: one `Event` per happening, turned into a
+//! `tracing` record (which the binding routes to Python's `logging`), the
+//! original module's coloured console line on stderr, and the JSON line for ELK.
+//!
+//! Events are collected while the manager's locks are held and emitted only
+//! after they are released: emitting may call into Python, which needs the
+//! GIL, and a thread holding the GIL may be waiting for those very locks.
+
+use std::io::{IsTerminal, Write};
+
+use serde_json::json;
+
+use crate::clock::Stamp;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Start,
+    Pick,
+    Release,
+    Refresh,
+    Reclaim,
+    Recover,
+    Error,
+    Stop,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Start => "START",
+            Kind::Pick => "PICK",
+            Kind::Release => "RELEASE",
+            Kind::Refresh => "REFRESH",
+            Kind::Reclaim => "RECLAIM",
+            Kind::Recover => "RECOVER",
+            Kind::Error => "ERROR",
+            Kind::Stop => "STOP",
+        }
+    }
+
+    pub fn is_error(self) -> bool {
+        matches!(self, Kind::Error)
+    }
+
+    /// ANSI colour of the event name on a terminal.
+    fn colour(self) -> &'static str {
+        match self {
+            Kind::Start | Kind::Stop => "\x1b[36m",      // cyan
+            Kind::Pick => "\x1b[32m",                    // green
+            Kind::Release => "\x1b[33m",                 // yellow
+            Kind::Refresh => "\x1b[34m",                 // blue
+            Kind::Reclaim | Kind::Recover => "\x1b[35m", // magenta
+            Kind::Error => "\x1b[1;31m",                 // bold red
+        }
+    }
+}
+
+/// One happening, with the numbers the console line shows.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: Kind,
+    pub time: Stamp,
+    pub active: Option<u16>,
+    pub free: PortSummary,
+    pub used: PortSummary,
+    pub note: String,
+    pub state_file: String,
+}
+
+/// A list of ports as the console line shows it: `[8001...8020](20)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortSummary {
+    pub first: Option<u16>,
+    pub last: Option<u16>,
+    pub count: usize,
+    /// The ports themselves when there are few (so `Used:[3000]` reads well).
+    pub few: Vec<u16>,
+}
+
+/// Up to this many ports are listed one by one.
+const LISTED: usize = 5;
+
+impl PortSummary {
+    pub fn of(sorted: &[u16]) -> PortSummary {
+        PortSummary {
+            first: sorted.first().copied(),
+            last: sorted.last().copied(),
+            count: sorted.len(),
+            few: if sorted.len() <= LISTED {
+                sorted.to_vec()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// `[3000]`, `[3000, 3001]` for a few ports; `[8001...8020](20)` for many.
+    pub fn render(&self) -> String {
+        match (self.first, self.last) {
+            (Some(first), Some(last)) if self.count > LISTED => {
+                format!("[{first}...{last}]({})", self.count)
+            }
+            _ => {
+                let list: Vec<String> = self.few.iter().map(u16::to_string).collect();
+                format!("[{}]", list.join(", "))
+            }
+        }
+    }
+}
+
+fn active_text(active: Option<u16>) -> String {
+    active.map_or_else(|| "None".to_string(), |p| p.to_string())
+}
+
+impl Event {
+    /// The original module's console line, optionally with the event coloured:
+    /// `[1403/05/01 12:10 doshanbe] | PICK       | Active:3000 | Free:[8001...8020](20)   | Used:[3000]             | Note:...`
+    pub fn console_line(&self, colour: bool) -> String {
+        let name = format!("{:<10}", self.kind.name());
+        let name = if colour {
+            format!("{}{name}\x1b[0m", self.kind.colour())
+        } else {
+            name
+        };
+        format!(
+            "[{}] | {name} | Active:{} | {:<24} | {:<23} | Note:{}",
+            self.time.jalali,
+            active_text(self.active),
+            format!("Free:{}", self.free.render()),
+            format!("Used:{}", self.used.render()),
+            self.note
+        )
+    }
+
+    /// The message of the `logging` record: the console line without the time
+    /// and padding (logging adds its own time).
+    pub fn log_message(&self) -> String {
+        format!(
+            "{} | Active:{} | Free:{} | Used:{} | Note:{}",
+            self.kind.name(),
+            active_text(self.active),
+            self.free.count,
+            self.used.count,
+            self.note
+        )
+    }
+
+    /// One ELK-friendly JSON object (ECS field names where one exists).
+    pub fn json(&self) -> serde_json::Value {
+        json!({
+            "@timestamp": self.time.iso,
+            "log.level": if self.kind.is_error() { "error" } else { "info" },
+            "log.logger": "dynamic_port_manager",
+            "event.action": self.kind.name().to_lowercase(),
+            "message": self.note,
+            "jalali_time": self.time.jalali,
+            "active_port": self.active,
+            "free_count": self.free.count,
+            "used_count": self.used.count,
+            "state_file": self.state_file,
+        })
+    }
+}
+
+/// Where events go.
+#[derive(Debug, Clone, Copy)]
+pub struct Sink {
+    /// Print the console line on stderr.
+    pub console: bool,
+}
+
+impl Sink {
+    pub fn emit(&self, events: &[Event]) {
+        for event in events {
+            self.emit_one(event);
+        }
+    }
+
+    fn emit_one(&self, event: &Event) {
+        let message = event.log_message();
+        if event.kind.is_error() {
+            tracing::error!(target: "dynamic_port_manager", "{message}");
+        } else {
+            tracing::info!(target: "dynamic_port_manager", "{message}");
+        }
+        if self.console {
+            let stderr = std::io::stderr();
+            let line = event.console_line(use_colour(stderr.is_terminal()));
+            // A closed or full stderr must never take the host program down.
+            let _ = writeln!(stderr.lock(), "{line}");
+        }
+    }
+}
+
+/// Colour only on a terminal, and never when `NO_COLOR` is set to anything
+/// non-empty (https://no-color.org).
+pub fn use_colour(is_terminal: bool) -> bool {
+    is_terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock;
+    use chrono::NaiveDate;
+
+    fn event(kind: Kind, free: &[u16], used: &[u16]) -> Event {
+        let t = NaiveDate::from_ymd_opt(2024, 7, 22)
+            .unwrap()
+            .and_hms_opt(12, 10, 0)
+            .unwrap();
+        Event {
+            kind,
+            time: Stamp {
+                jalali: clock::jalali(&t),
+                iso: "2024-07-22T12:10:00.000+00:00".into(),
+                compact: "20240722_121000".into(),
+            },
+            active: Some(3000),
+            free: PortSummary::of(free),
+            used: PortSummary::of(used),
+            note: "DynamicPortManager started.".into(),
+            state_file: "s.json".into(),
+        }
+    }
+
+    #[test]
+    fn the_console_line_matches_the_original_format() {
+        let free: Vec<u16> = (8001..=8020).collect();
+        let line = event(Kind::Pick, &free, &[3000]).console_line(false);
+        assert_eq!(
+            line,
+            "[1403/05/01 12:10 doshanbe] | PICK       | Active:3000 | Free:[8001...8020](20)   | Used:[3000]             | Note:DynamicPortManager started."
+        );
+    }
+
+    #[test]
+    fn colour_wraps_only_the_event_name() {
+        let line = event(Kind::Error, &[], &[]).console_line(true);
+        assert!(line.contains("\x1b[1;31mERROR     \x1b[0m"), "{line:?}");
+        assert!(!event(Kind::Error, &[], &[])
+            .console_line(false)
+            .contains('\x1b'));
+    }
+
+    #[test]
+    fn no_colour_off_a_terminal() {
+        assert!(!use_colour(false));
+    }
+
+    #[test]
+    fn json_has_the_elk_fields() {
+        let v = event(Kind::Pick, &[1, 2], &[3000]).json();
+        assert_eq!(v["event.action"], "pick");
+        assert_eq!(v["log.level"], "info");
+        assert_eq!(v["jalali_time"], "1403/05/01 12:10 doshanbe");
+        assert_eq!(v["free_count"], 2);
+        assert_eq!(v["active_port"], 3000);
+        assert!(v["@timestamp"]
+            .as_str()
+            .unwrap()
+            .starts_with("2024-07-22T12:10"));
+    }
+}

@@ -1,0 +1,52 @@
+//! dynamic-port-manager: host-wide, daemon-less TCP port allocation with an
+//! inspectable JSON record. Everything but `python.rs` is plain Rust and knows
+//! nothing of Python.
+
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod fsutil;
+pub mod holder;
+pub mod manager;
+pub mod probe;
+pub mod refresh;
+pub mod registry;
+pub mod scan;
+pub mod state;
+pub mod store;
+
+mod python;
+
+pub use config::{Args, Config};
+pub use error::{Error, Result};
+pub use manager::Manager;
+
+/// Creates a manager and puts it on the refresh thread's schedule.
+pub fn start_manager(config: Config) -> Result<std::sync::Arc<Manager>> {
+    let manager = Manager::new(config)?;
+    refresh::register(&manager);
+    Ok(manager)
+}
+
+/// Stops a manager and takes it off the refresh schedule.
+pub fn stop_manager(manager: &Manager) {
+    manager.stop();
+    refresh::unregister(manager.id());
+}
+
+/// Removes whatever lease holds `port` in the registry (`None`: the default
+/// folder), returning what was removed. For the command line's `release PORT`.
+pub fn release_lease(
+    registry_dir: Option<&std::path::Path>,
+    port: u16,
+) -> Result<Vec<registry::Lease>> {
+    let reg = registry::Registry::open(&registry::resolve_dir(registry_dir))?;
+    reg.transact(|t| t.remove_where(|l| l.port == port))
+}
+
+/// Every lease in the registry (`None`: the default folder), dead holders' included.
+pub fn list_leases(registry_dir: Option<&std::path::Path>) -> Result<Vec<registry::Lease>> {
+    let reg = registry::Registry::open(&registry::resolve_dir(registry_dir))?;
+    reg.snapshot()
+}

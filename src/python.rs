@@ -1,0 +1,288 @@
+//! The Python binding, and the only file that knows Python: argument
+//! conversion, GIL release around every call that can wait, and the mapping of
+//! core errors to Python exceptions.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::create_exception;
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError, PyValueError,
+};
+use pyo3::prelude::*;
+
+use crate::config::{Args, DEFAULT_JSON_PATH};
+use crate::error::Error;
+use crate::manager::Manager;
+
+create_exception!(
+    _core,
+    NoFreePortError,
+    PyRuntimeError,
+    "Every port of the manager's range is held or in use."
+);
+create_exception!(
+    _core,
+    ManagerStoppedError,
+    PyRuntimeError,
+    "The manager was stopped and hands out nothing any more."
+);
+create_exception!(
+    _core,
+    RegistryError,
+    PyOSError,
+    "The host-wide lease registry could not be read or written; no port was handed out."
+);
+
+/// The one place core errors become Python exceptions.
+fn to_py_err(error: Error) -> PyErr {
+    let message = error.to_string();
+    match &error {
+        Error::InvalidArgument { .. } => PyValueError::new_err(message),
+        Error::NoFreePort { .. } => NoFreePortError::new_err(message),
+        Error::Stopped(_) => ManagerStoppedError::new_err(message),
+        Error::Registry { .. } => RegistryError::new_err(message),
+        Error::Io { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
+            std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
+            _ => PyOSError::new_err(message),
+        },
+    }
+}
+
+/// CPython's C json decoder builds a large dict faster than item-by-item calls.
+fn json_loads(py: Python<'_>, text: String) -> PyResult<Bound<'_, PyAny>> {
+    py.import("json")?.call_method1("loads", (text,))
+}
+
+#[pyclass(
+    name = "DynamicPortManager",
+    module = "dynamic_port_manager",
+    frozen,
+    subclass
+)]
+struct PyManager {
+    manager: Arc<Manager>,
+}
+
+#[pymethods]
+impl PyManager {
+    #[new]
+    #[pyo3(signature = (
+        start = 3000,
+        end = 9000,
+        json_path = None,
+        refresh_interval = 10.0,
+        history_max = 50,
+        *,
+        backup_max = 20,
+        durable = false,
+        registry_dir = None,
+        console_log = true
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        start: i64,
+        end: i64,
+        json_path: Option<PathBuf>,
+        refresh_interval: f64,
+        history_max: i64,
+        backup_max: i64,
+        durable: bool,
+        registry_dir: Option<PathBuf>,
+        console_log: bool,
+    ) -> PyResult<Self> {
+        let args = Args {
+            start,
+            end,
+            json_path: json_path.unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH)),
+            refresh_interval,
+            history_max,
+            backup_max,
+            durable,
+            registry_dir,
+            console_log,
+        };
+        let config = args.check().map_err(to_py_err)?;
+        let manager = py
+            .detach(|| crate::start_manager(config))
+            .map_err(to_py_err)?;
+        Ok(PyManager { manager })
+    }
+
+    /// Picks the lowest free port and makes it the active port.
+    #[pyo3(signature = (*, pid = None))]
+    fn pick_port(&self, py: Python<'_>, pid: Option<u32>) -> PyResult<u16> {
+        let manager = &self.manager;
+        py.detach(|| manager.pick_port(pid)).map_err(to_py_err)
+    }
+
+    /// Frees the active port; True if there was one.
+    fn release_port(&self, py: Python<'_>) -> PyResult<bool> {
+        let manager = &self.manager;
+        py.detach(|| manager.release_port()).map_err(to_py_err)
+    }
+
+    /// The full state, as the state file holds it.
+    fn get_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let manager = &self.manager;
+        // Serialized from the struct (not a Value) so keys keep the file's order.
+        let text = py.detach(|| serde_json::to_string(&manager.state()));
+        let text = text.map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        json_loads(py, text)
+    }
+
+    /// Writes one JSON line for ELK to stdout and returns the record.
+    fn log_json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let manager = &self.manager;
+        let record = py.detach(|| manager.json_record());
+        // Through sys.stdout, so Python-level redirection and capture see it.
+        let stdout = py.import("sys")?.getattr("stdout")?;
+        if !stdout.is_none() {
+            // A broken stdout must not break the caller: the record is returned.
+            let _ = stdout
+                .call_method1("write", (format!("{record}\n"),))
+                .and_then(|_| stdout.call_method0("flush"));
+        }
+        json_loads(py, record.to_string())
+    }
+
+    /// Stops refreshing and releases the active port. Idempotent.
+    fn stop(&self, py: Python<'_>) {
+        let manager = &self.manager;
+        py.detach(|| crate::stop_manager(manager));
+    }
+
+    /// Names of this state file's backups, oldest first.
+    fn backups(&self, py: Python<'_>) -> Vec<String> {
+        let manager = &self.manager;
+        py.detach(|| manager.backups().into_iter().map(|b| b.name).collect())
+    }
+
+    /// The path of backup `name`, or None unless it is one of this state file's backups.
+    fn backup_path(&self, py: Python<'_>, name: &str) -> Option<PathBuf> {
+        let manager = &self.manager;
+        py.detach(|| manager.backup_path(name))
+    }
+
+    /// The port this manager holds, or None.
+    #[getter]
+    fn active_port(&self) -> Option<u16> {
+        self.manager.active_port()
+    }
+
+    /// The absolute path of the state file.
+    #[getter]
+    fn json_path(&self) -> PathBuf {
+        self.manager.path().to_path_buf()
+    }
+
+    #[getter]
+    fn start(&self) -> u16 {
+        self.manager.config().start
+    }
+
+    #[getter]
+    fn end(&self) -> u16 {
+        self.manager.config().end
+    }
+
+    #[getter]
+    fn stopped(&self) -> bool {
+        self.manager.is_stopped()
+    }
+
+    #[getter]
+    fn registry_dir(&self) -> PathBuf {
+        self.manager.registry().dir().to_path_buf()
+    }
+
+    #[getter]
+    fn backup_dir(&self) -> PathBuf {
+        self.manager.backup_dir()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.stop(py);
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        let m = &self.manager;
+        format!(
+            "DynamicPortManager(start={}, end={}, json_path={:?}, active_port={}, stopped={})",
+            m.config().start,
+            m.config().end,
+            m.path().display().to_string(),
+            m.active_port()
+                .map_or_else(|| "None".to_string(), |p| p.to_string()),
+            if m.is_stopped() { "True" } else { "False" }
+        )
+    }
+}
+
+/// Stops the refresh thread and waits for it. Registered with `atexit` by the
+/// package: a thread that logs while the interpreter tears down can crash it.
+#[pyfunction]
+fn _shutdown(py: Python<'_>) {
+    py.detach(crate::refresh::shutdown);
+}
+
+/// Is this process's refresh thread running?
+#[pyfunction]
+fn _refresh_thread_running() -> bool {
+    crate::refresh::is_running()
+}
+
+/// Removes the lease on `port` from the registry; True if there was one.
+#[pyfunction]
+#[pyo3(signature = (port, *, registry_dir = None))]
+fn release_lease(py: Python<'_>, port: u16, registry_dir: Option<PathBuf>) -> PyResult<bool> {
+    py.detach(|| crate::release_lease(registry_dir.as_deref(), port))
+        .map(|removed| !removed.is_empty())
+        .map_err(to_py_err)
+}
+
+/// Every lease in the registry, as dicts (port, pid, start_time, owner, since, alive).
+#[pyfunction]
+#[pyo3(signature = (*, registry_dir = None))]
+fn list_leases(py: Python<'_>, registry_dir: Option<PathBuf>) -> PyResult<Bound<'_, PyAny>> {
+    let leases = py
+        .detach(|| crate::list_leases(registry_dir.as_deref()))
+        .map_err(to_py_err)?;
+    let records: Vec<serde_json::Value> = leases
+        .iter()
+        .map(|l| {
+            let mut v = serde_json::to_value(l).unwrap_or_default();
+            v["alive"] = l.holder().is_alive().into();
+            v
+        })
+        .collect();
+    json_loads(py, serde_json::Value::from(records).to_string())
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Route `log`/`tracing` records to Python's `logging`. No caching of
+    // logger levels: a level set after import must take effect (the cost is
+    // one `isEnabledFor` call per event, a few per pick).
+    let py = m.py();
+    let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::Nothing)?;
+    let _ = logger.install();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<PyManager>()?;
+    m.add("NoFreePortError", py.get_type::<NoFreePortError>())?;
+    m.add("ManagerStoppedError", py.get_type::<ManagerStoppedError>())?;
+    m.add("RegistryError", py.get_type::<RegistryError>())?;
+    m.add_function(wrap_pyfunction!(_shutdown, m)?)?;
+    m.add_function(wrap_pyfunction!(_refresh_thread_running, m)?)?;
+    m.add_function(wrap_pyfunction!(release_lease, m)?)?;
+    m.add_function(wrap_pyfunction!(list_leases, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,394 @@
+//! The host-wide lease registry: the one place every manager of this user, in
+//! every process, records which port it holds. This is what makes two managers
+//! with different state files still never hand out the same port.
+//!
+//! Layout of the registry folder (mode 0700, owned by the user):
+//! - `leases.lock`: never replaced; `flock`ed around every read-modify-write.
+//! - `leases.json`: `{"version": 1, "leases": [...]}`, replaced atomically.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fsutil::{ensure_dir, write_atomic, FileId};
+use crate::holder::Holder;
+
+/// The environment variable that moves the registry (e.g. per test session).
+pub const REGISTRY_ENV: &str = "DPM_REGISTRY_DIR";
+
+/// One port held by one manager (or one `pick --pid` of the command line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub port: u16,
+    pub pid: u32,
+    pub start_time: u64,
+    /// Which manager in that process holds it (state file + instance number).
+    pub owner: String,
+    /// When it was taken (ISO-8601).
+    pub since: String,
+}
+
+impl Lease {
+    pub fn holder(&self) -> Holder {
+        Holder {
+            pid: self.pid,
+            start_time: self.start_time,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct LeaseFile {
+    version: u32,
+    leases: Vec<Lease>,
+}
+
+/// The leases as one transaction sees them. Changes are written back when the
+/// transaction ends, and only if there were any.
+#[derive(Debug, Default, Clone)]
+pub struct LeaseTable {
+    leases: Vec<Lease>,
+    dirty: bool,
+}
+
+impl LeaseTable {
+    pub fn iter(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.iter()
+    }
+
+    pub fn holder_of(&self, port: u16) -> Option<&Lease> {
+        self.leases.iter().find(|l| l.port == port)
+    }
+
+    pub fn insert(&mut self, lease: Lease) {
+        self.leases.push(lease);
+        self.dirty = true;
+    }
+
+    /// Removes the leases for which `drop` is true, and returns them.
+    pub fn remove_where(&mut self, mut drop: impl FnMut(&Lease) -> bool) -> Vec<Lease> {
+        let mut removed = Vec::new();
+        self.leases.retain(|l| {
+            if drop(l) {
+                removed.push(l.clone());
+                false
+            } else {
+                true
+            }
+        });
+        if !removed.is_empty() {
+            self.dirty = true;
+        }
+        removed
+    }
+
+    /// Removes the leases whose holder process is gone, and returns them.
+    pub fn remove_dead(&mut self) -> Vec<Lease> {
+        let mut alive: HashMap<Holder, bool> = HashMap::new();
+        self.remove_where(|l| {
+            !*alive
+                .entry(l.holder())
+                .or_insert_with(|| l.holder().is_alive())
+        })
+    }
+}
+
+struct Inner {
+    lock: fd_lock::RwLock<File>,
+    /// The table as last read or written, and the file it came from.
+    cache: Option<(FileId, Vec<Lease>)>,
+    /// A problem found while reading, for the caller to report once no lock
+    /// is held (reporting may call into Python logging).
+    notice: Option<String>,
+}
+
+pub struct Registry {
+    dir: PathBuf,
+    file: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("dir", &self.dir).finish()
+    }
+}
+
+/// The folder used when neither the caller nor `DPM_REGISTRY_DIR` names one.
+///
+/// A fixed path under /tmp rather than `$XDG_RUNTIME_DIR`: that variable is
+/// missing under cron, sudo and many service managers, and logind deletes the
+/// folder on the user's last logout; either would split one user's managers
+/// across two registries and break uniqueness.
+pub fn default_dir() -> PathBuf {
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    PathBuf::from(format!("/tmp/dynamic-port-manager-{uid}"))
+}
+
+/// The registry folder for an explicit choice, else the environment, else the default.
+pub fn resolve_dir(explicit: Option<&Path>) -> PathBuf {
+    if let Some(dir) = explicit {
+        return dir.to_path_buf();
+    }
+    match std::env::var_os(REGISTRY_ENV) {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => default_dir(),
+    }
+}
+
+impl Registry {
+    /// The registry in `dir`, shared by every manager of this process that uses
+    /// the same folder (one in-process mutex, one cache, one lock descriptor).
+    pub fn open(dir: &Path) -> Result<Arc<Registry>> {
+        static OPEN: OnceLock<Mutex<HashMap<PathBuf, Arc<Registry>>>> = OnceLock::new();
+        let dir = std::path::absolute(dir).map_err(|e| Error::registry(dir, e))?;
+        let mut open = OPEN
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(reg) = open.get(&dir) {
+            return Ok(reg.clone());
+        }
+        let reg = Arc::new(Registry::create(&dir)?);
+        open.insert(dir, reg.clone());
+        Ok(reg)
+    }
+
+    fn create(dir: &Path) -> Result<Registry> {
+        ensure_dir(dir, 0o700).map_err(|e| Error::registry(dir, e))?;
+        check_private(dir).map_err(|e| Error::registry(dir, e))?;
+        let lock_path = dir.join("leases.lock");
+        let lock_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| Error::registry(&lock_path, e))?;
+        Ok(Registry {
+            dir: dir.to_path_buf(),
+            file: dir.join("leases.json"),
+            inner: Mutex::new(Inner {
+                lock: fd_lock::RwLock::new(lock_file),
+                cache: None,
+                notice: None,
+            }),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Runs `f` on the current leases with the registry locked against every
+    /// other thread and process, then writes the table back if `f` changed it.
+    /// If the write fails, the error is returned and nothing `f` decided holds.
+    pub fn transact<R>(&self, f: impl FnOnce(&mut LeaseTable) -> R) -> Result<R> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Inner {
+            lock,
+            cache,
+            notice,
+        } = &mut *inner;
+        let _guard = lock.write().map_err(|e| Error::registry(&self.dir, e))?;
+        let (leases, read_id) = self.load(cache, notice)?;
+        let mut table = LeaseTable {
+            leases,
+            dirty: false,
+        };
+        let result = f(&mut table);
+        if !table.dirty {
+            // Unchanged: keep the table as the cache of the file it came from.
+            *cache = read_id.map(|id| (id, table.leases));
+        } else {
+            let file = LeaseFile {
+                version: 1,
+                leases: table.leases,
+            };
+            let bytes = serde_json::to_vec(&file)
+                .map_err(|e| Error::registry(&self.file, io::Error::other(e)))?;
+            // Forget the cache first: if the write fails half-way we must re-read.
+            *cache = None;
+            write_atomic(&self.file, &bytes, false).map_err(|e| Error::registry(&self.file, e))?;
+            let id = FileId::of(&self.file).map_err(|e| Error::registry(&self.file, e))?;
+            *cache = Some((id, file.leases));
+        }
+        Ok(result)
+    }
+
+    /// A copy of the current leases (taken under the lock).
+    pub fn snapshot(&self) -> Result<Vec<Lease>> {
+        self.transact(|t| t.leases.clone())
+    }
+
+    /// A problem met while reading the registry since the last call, if any.
+    pub fn take_notice(&self) -> Option<String> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .notice
+            .take()
+    }
+
+    /// Reads the lease file unless the cached copy is still the file on disk.
+    /// Takes the cached table out (no copy); `transact` puts it back.
+    fn load(
+        &self,
+        cache: &mut Option<(FileId, Vec<Lease>)>,
+        notice: &mut Option<String>,
+    ) -> Result<(Vec<Lease>, Option<FileId>)> {
+        let cached = cache.take();
+        let id = match FileId::of(&self.file) {
+            Ok(id) => id,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
+            Err(e) => return Err(Error::registry(&self.file, e)),
+        };
+        if let Some((cached_id, leases)) = cached {
+            if cached_id == id {
+                return Ok((leases, Some(id)));
+            }
+        }
+        let bytes = fs::read(&self.file).map_err(|e| Error::registry(&self.file, e))?;
+        match serde_json::from_slice::<LeaseFile>(&bytes) {
+            Ok(file) => Ok((file.leases, Some(id))),
+            Err(e) => {
+                // Our own writes are atomic, so this is outside damage. Keep the
+                // evidence and start empty: live managers re-assert their own
+                // leases at their next refresh, and bind probes still protect
+                // every port a service has already bound.
+                let aside = self.dir.join(format!(
+                    "leases.json.corrupt-{}",
+                    crate::clock::now().compact
+                ));
+                let moved = fs::rename(&self.file, &aside);
+                *notice = Some(format!(
+                    "lease registry {} was unreadable ({e}); {}; starting empty",
+                    self.file.display(),
+                    match moved {
+                        Ok(()) => format!("moved aside to {}", aside.display()),
+                        Err(m) => format!("could not move it aside ({m})"),
+                    }
+                ));
+                Ok((Vec::new(), None))
+            }
+        }
+    }
+}
+
+/// Refuses a registry folder that another user owns or could write to: such a
+/// user could plant leases, or delete ours and take our ports.
+fn check_private(dir: &Path) -> io::Result<()> {
+    let meta = fs::metadata(dir)?;
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if meta.uid() != uid {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "folder is owned by uid {}, not by this user (uid {uid})",
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.permissions().mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "folder is writable by other users (mode {:o}); chmod 700 it",
+                meta.permissions().mode() & 0o777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(port: u16, holder: Holder, owner: &str) -> Lease {
+        Lease {
+            port,
+            pid: holder.pid,
+            start_time: holder.start_time,
+            owner: owner.into(),
+            since: "now".into(),
+        }
+    }
+
+    #[test]
+    fn leases_persist_across_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::create(dir.path()).unwrap();
+        reg.transact(|t| t.insert(lease(3000, Holder::current(), "a")))
+            .unwrap();
+        // A second handle (as another process would have) sees the lease.
+        let other = Registry::create(dir.path()).unwrap();
+        let leases = other.snapshot().unwrap();
+        assert_eq!(leases.len(), 1);
+        assert_eq!(leases[0].port, 3000);
+        assert_eq!(leases[0].owner, "a");
+    }
+
+    #[test]
+    fn dead_holders_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::create(dir.path()).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let dead = Holder { pid, start_time: 1 };
+        reg.transact(|t| {
+            t.insert(lease(3000, dead, "gone"));
+            t.insert(lease(3001, Holder::current(), "me"));
+        })
+        .unwrap();
+        let removed = reg.transact(|t| t.remove_dead()).unwrap();
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].port, 3000);
+        let left = reg.snapshot().unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].port, 3001);
+    }
+
+    #[test]
+    fn a_corrupt_registry_is_moved_aside_with_a_notice() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("leases.json"), b"{not json").unwrap();
+        let reg = Registry::create(dir.path()).unwrap();
+        assert!(reg.snapshot().unwrap().is_empty());
+        let notice = reg.take_notice().unwrap();
+        assert!(notice.contains("unreadable"), "{notice}");
+        let kept = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
+        assert!(kept, "the damaged file is kept for inspection");
+    }
+
+    #[test]
+    fn a_folder_others_can_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("shared");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Registry::create(&open).unwrap_err().to_string();
+        assert!(err.contains("writable by other users"), "{err}");
+    }
+
+    #[test]
+    fn new_folders_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg_dir = dir.path().join("reg");
+        Registry::create(&reg_dir).unwrap();
+        let mode = fs::metadata(&reg_dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+}

@@ -1,0 +1,242 @@
+//! The JSON state document, field for field the layout of the original module
+//! (so files it wrote load here, and tools that read ours keep working), plus
+//! extras under keys of their own.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped when an extra key changes meaning. The SPEC keys never change.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The keys the original module always wrote. A file without any of them is
+/// the wrong shape and is treated like a corrupt one.
+pub const REQUIRED_KEYS: [&str; 10] = [
+    "current_port",
+    "free_ports",
+    "used_ports",
+    "port_usage",
+    "history",
+    "last_checked",
+    "change_count",
+    "last_error",
+    "last_error_time",
+    "settings",
+];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub current_port: Option<u16>,
+    pub free_ports: Vec<u16>,
+    pub used_ports: Vec<u16>,
+    /// Picks per port. Integer keys serialize as JSON strings ("3000").
+    pub port_usage: BTreeMap<u16, u64>,
+    pub history: VecDeque<HistoryEntry>,
+    pub last_checked: Option<String>,
+    pub change_count: u64,
+    pub last_error: Option<String>,
+    pub last_error_time: Option<String>,
+    pub settings: Settings,
+
+    // ---- extras (not in the original layout) ----
+    #[serde(default)]
+    pub schema_version: u32,
+    /// The host-wide leases inside this range, as of the last change or refresh.
+    #[serde(default)]
+    pub leases: Vec<LeaseView>,
+    #[serde(default)]
+    pub stats: Stats,
+    #[serde(default)]
+    pub options: Options,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub time: String,
+    pub prev: Option<u16>,
+    pub new: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub port_range: [u16; 2],
+    pub json_path: String,
+    pub history_max: usize,
+}
+
+/// A lease as shown in the state: who holds which port since when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseView {
+    pub port: u16,
+    pub pid: u32,
+    pub owner: String,
+    pub since: String,
+}
+
+/// Counters for monitoring (kept across restarts with the file).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub picks: u64,
+    pub releases: u64,
+    pub errors: u64,
+}
+
+/// The settings the original did not have.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Options {
+    pub refresh_interval: f64,
+    pub backup_max: usize,
+    pub durable: bool,
+    pub registry_dir: String,
+}
+
+impl State {
+    pub fn fresh(settings: Settings, options: Options) -> State {
+        State {
+            current_port: None,
+            free_ports: Vec::new(),
+            used_ports: Vec::new(),
+            port_usage: BTreeMap::new(),
+            history: VecDeque::new(),
+            last_checked: None,
+            change_count: 0,
+            last_error: None,
+            last_error_time: None,
+            settings,
+            schema_version: SCHEMA_VERSION,
+            leases: Vec::new(),
+            stats: Stats::default(),
+            options,
+        }
+    }
+
+    /// Parses a state file, insisting on the original layout's keys.
+    pub fn parse(bytes: &[u8]) -> Result<State, String> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err("the file is empty".into());
+        }
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON ({e})"))?;
+        let object = value
+            .as_object()
+            .ok_or("the top level is not a JSON object")?;
+        let missing: Vec<&str> = REQUIRED_KEYS
+            .iter()
+            .copied()
+            .filter(|k| !object.contains_key(*k))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!("missing keys: {}", missing.join(", ")));
+        }
+        serde_json::from_value(value).map_err(|e| format!("wrong shape ({e})"))
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Pretty, as the original wrote it: people read this file.
+        serde_json::to_vec_pretty(self).expect("state always serializes")
+    }
+
+    /// Records a change of the active port: history (bounded), change count,
+    /// and the usage count of the new port.
+    pub fn record_change(&mut self, time: &str, prev: Option<u16>, new: Option<u16>) {
+        self.current_port = new;
+        self.change_count += 1;
+        if let Some(port) = new {
+            *self.port_usage.entry(port).or_insert(0) += 1;
+        }
+        self.history.push_back(HistoryEntry {
+            time: time.to_string(),
+            prev,
+            new,
+        });
+        self.trim_history();
+    }
+
+    pub fn trim_history(&mut self) {
+        while self.history.len() > self.settings.history_max {
+            self.history.pop_front();
+        }
+    }
+
+    pub fn record_error(&mut self, time: &str, message: String) {
+        self.last_error = Some(message);
+        self.last_error_time = Some(time.to_string());
+        self.stats.errors += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(history_max: usize) -> Settings {
+        Settings {
+            port_range: [3000, 9000],
+            json_path: "s.json".into(),
+            history_max,
+        }
+    }
+
+    #[test]
+    fn the_original_layout_loads() {
+        let original = br#"{
+          "current_port": 3000, "free_ports": [8001, 8002, 8003], "used_ports": [3000],
+          "port_usage": {"3000": 3, "8001": 1},
+          "history": [{"time": "1403/05/01 12:00 doshanbe", "prev": null, "new": 3000}],
+          "last_checked": "1403/05/01 12:10 doshanbe", "change_count": 2,
+          "last_error": null, "last_error_time": null,
+          "settings": {"port_range": [3000, 9000], "json_path": "x.json", "history_max": 50}
+        }"#;
+        let state = State::parse(original).unwrap();
+        assert_eq!(state.current_port, Some(3000));
+        assert_eq!(state.port_usage[&3000], 3);
+        assert_eq!(state.history[0].new, Some(3000));
+        assert_eq!(state.stats, Stats::default());
+    }
+
+    #[test]
+    fn written_keys_are_the_spec_keys_plus_extras() {
+        let state = State::fresh(settings(50), Options::default());
+        let value: serde_json::Value = serde_json::from_slice(&state.to_json()).unwrap();
+        for key in REQUIRED_KEYS {
+            assert!(value.get(key).is_some(), "{key}");
+        }
+        let mut settings_keys: Vec<_> = value["settings"].as_object().unwrap().keys().collect();
+        settings_keys.sort();
+        assert_eq!(settings_keys, ["history_max", "json_path", "port_range"]);
+    }
+
+    #[test]
+    fn port_usage_keys_are_strings() {
+        let mut state = State::fresh(settings(50), Options::default());
+        state.record_change("t", None, Some(3000));
+        let value: serde_json::Value = serde_json::from_slice(&state.to_json()).unwrap();
+        assert_eq!(value["port_usage"]["3000"], 1);
+    }
+
+    #[test]
+    fn history_is_bounded_oldest_dropped() {
+        let mut state = State::fresh(settings(3), Options::default());
+        for p in 0..5u16 {
+            state.record_change("t", p.checked_sub(1), Some(p));
+        }
+        assert_eq!(state.history.len(), 3);
+        assert_eq!(state.history[0].new, Some(2));
+        assert_eq!(state.change_count, 5);
+    }
+
+    #[test]
+    fn bad_files_are_rejected_with_a_reason() {
+        assert!(State::parse(b"").unwrap_err().contains("empty"));
+        assert!(State::parse(b"{\"current_port\": 1")
+            .unwrap_err()
+            .contains("JSON"));
+        assert!(State::parse(b"[]").unwrap_err().contains("object"));
+        assert!(State::parse(b"{}").unwrap_err().contains("missing keys"));
+        let wrong = br#"{"current_port": "x", "free_ports": [], "used_ports": [],
+          "port_usage": {}, "history": [], "last_checked": null, "change_count": 0,
+          "last_error": null, "last_error_time": null,
+          "settings": {"port_range": [1, 2], "json_path": "", "history_max": 1}}"#;
+        assert!(State::parse(wrong).unwrap_err().contains("wrong shape"));
+    }
+}
