@@ -1,0 +1,310 @@
+"""Uniqueness across real processes and threads, and reclaiming a killed holder's port.
+
+Every process gets the test's private registry through ``DPM_REGISTRY_DIR``
+(set by the ``registry`` fixture, inherited by children). Ports 21500-21799.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from dynamic_port_manager import DynamicPortManager, NoFreePortError, list_leases
+
+# One child process: two managers (each with its own state file) that pick,
+# move and release in a shared range, recording every port they hold in a
+# claims folder with O_EXCL, so two holders of one port at once cannot both
+# succeed. A claim is made after pick_port() returns and dropped before the
+# next call, so a claim file always names a port its child really holds.
+CHILD = r"""
+import json, os, socket, sys, time
+from pathlib import Path
+from dynamic_port_manager import DynamicPortManager
+
+index, count, lo, hi, rounds = map(int, sys.argv[1:6])
+work = Path(sys.argv[6])
+claims, violations = work / "claims", work / "violations"
+deadline = time.monotonic() + 60
+
+def wait_for(predicate, what):
+    while not predicate():
+        if time.monotonic() > deadline:
+            sys.exit(f"child {index}: timed out waiting for {what}")
+        time.sleep(0.005)
+
+owned = {}
+
+def claim(k, port):
+    try:
+        fd = os.open(claims / str(port), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        (violations / f"{port}-by-{index}.{k}").write_text("held twice")
+        return
+    os.write(fd, f"{index}.{k}".encode())
+    os.close(fd)
+    owned[k] = port
+
+def unclaim(k):
+    port = owned.pop(k, None)
+    if port is not None:
+        os.unlink(claims / str(port))
+
+managers = [
+    DynamicPortManager(
+        lo, hi, work / f"state_{index}_{k}.json", refresh_interval=0.2, console_log=False
+    )
+    for k in range(2)
+]
+(work / "ready" / str(index)).touch()
+wait_for(lambda: len(os.listdir(work / "ready")) == count, "the others to start")
+
+for round in range(rounds):
+    for k, m in enumerate(managers):
+        unclaim(k)
+        if round == 2 and k == index % 2:
+            assert m.release_port() is True
+        else:
+            claim(k, m.pick_port())
+
+for k, m in enumerate(managers):
+    if m.active_port is None:
+        claim(k, m.pick_port())
+
+# The holder can really serve on what it holds.
+listeners = []
+for m in managers:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", m.active_port))
+    s.listen()
+    listeners.append(s)
+
+held = {"pid": os.getpid(), "ports": [m.active_port for m in managers]}
+tmp = work / "held" / f".{index}.tmp"
+tmp.write_text(json.dumps(held))
+tmp.rename(work / "held" / f"{index}.json")
+wait_for(lambda: (work / "go").exists(), "the parent's go")
+for s in listeners:
+    s.close()
+for m in managers:
+    m.stop()
+"""
+
+HOLDER = r"""
+import sys, time
+from pathlib import Path
+from dynamic_port_manager import DynamicPortManager
+
+port, state, picked = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+m = DynamicPortManager(port, port, state, refresh_interval=60, console_log=False)
+assert m.pick_port() == port
+picked.write_text(str(port))
+time.sleep(120)
+"""
+
+
+def wait_until(predicate, what: str, timeout: float = 30.0, procs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        for p in procs:
+            if p.poll() is not None and p.returncode != 0:
+                pytest.fail(f"a child exited with {p.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_eight_processes_with_different_files_never_hold_one_port_twice(
+    tmp_path: Path, registry: Path
+) -> None:
+    count, lo, hi, rounds = 8, 21500, 21529, 5
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    for sub in ("claims", "violations", "ready", "held", "logs"):
+        (tmp_path / sub).mkdir()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(count):
+            log = open(tmp_path / "logs" / f"{i}.txt", "wb")  # noqa: SIM115
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), str(i), str(count), str(lo), str(hi)]
+                    + [str(rounds), str(tmp_path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            log.close()
+        held_dir = tmp_path / "held"
+        wait_until(
+            lambda: len(list(held_dir.glob("*.json"))) == count,
+            "every child to report what it holds",
+            timeout=60,
+            procs=procs,
+        )
+        # All children are alive and holding now.
+        assert all(p.poll() is None for p in procs)
+        reports = [json.loads((held_dir / f"{i}.json").read_text()) for i in range(count)]
+        assert [r["pid"] for r in reports] == [p.pid for p in procs]
+        held = [port for r in reports for port in r["ports"]]
+        assert len(held) == 2 * count
+        assert len(set(held)) == len(held), f"a port is held twice: {sorted(held)}"
+        assert all(lo <= port <= hi for port in held)
+        assert sorted(os.listdir(tmp_path / "violations")) == []
+        assert {int(name) for name in os.listdir(tmp_path / "claims")} == set(held)
+        # The registry agrees: one live lease per held port, in its holder's name.
+        leases = list_leases()
+        assert sorted(lease["port"] for lease in leases) == sorted(held)
+        owner_pid = {port: r["pid"] for r in reports for port in r["ports"]}
+        for lease in leases:
+            assert lease["pid"] == owner_pid[lease["port"]]
+            assert lease["alive"] is True
+        (tmp_path / "go").touch()
+        for i, p in enumerate(procs):
+            rc = p.wait(timeout=30)
+            assert rc == 0, (tmp_path / "logs" / f"{i}.txt").read_text()
+        assert list_leases() == []
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+
+
+def test_a_killed_holders_port_is_reclaimed_by_the_next_refresh(
+    tmp_path: Path, registry: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dynamic_port_manager")
+    port = 21600
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    picked = tmp_path / "picked"
+    holder = subprocess.Popen(
+        [sys.executable, str(script), str(port), str(tmp_path / "holder.json"), str(picked)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    m = None
+    try:
+        wait_until(picked.exists, "the holder to pick", procs=[holder])
+        m = DynamicPortManager(
+            port, port, tmp_path / "mine.json", refresh_interval=0.1, console_log=False
+        )
+        # While the holder lives, its lease keeps the port from everyone else.
+        with pytest.raises(NoFreePortError):
+            m.pick_port()
+        assert [(lease["port"], lease["pid"]) for lease in list_leases()] == [(port, holder.pid)]
+        caplog.clear()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+
+        # No pick from here on: the background refresh alone must reclaim it.
+        def reclaimed() -> bool:
+            return list_leases() == [] and port in m.get_state()["free_ports"]
+
+        wait_until(reclaimed, "the refresh to reclaim the dead holder's lease", timeout=15)
+        notes = [r.getMessage() for r in caplog.records if r.name == "dynamic_port_manager"]
+        assert any("RECLAIM" in n and str(port) in n and str(holder.pid) in n for n in notes), notes
+        assert m.pick_port() == port
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=10)
+        if m is not None:
+            m.stop()
+
+
+def test_a_pick_in_an_exhausted_range_reclaims_a_dead_holders_port_at_once(
+    tmp_path: Path, registry: Path
+) -> None:
+    port = 21610
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    picked = tmp_path / "picked"
+    holder = subprocess.Popen(
+        [sys.executable, str(script), str(port), str(tmp_path / "holder.json"), str(picked)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    m = None
+    try:
+        wait_until(picked.exists, "the holder to pick", procs=[holder])
+        # A long interval: no refresh will come to help.
+        m = DynamicPortManager(
+            port, port, tmp_path / "mine.json", refresh_interval=3600, console_log=False
+        )
+        with pytest.raises(NoFreePortError):
+            m.pick_port()
+        holder.kill()
+        holder.wait(timeout=10)
+        assert m.pick_port() == port
+        (lease,) = list_leases()
+        assert lease["pid"] == os.getpid()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=10)
+        if m is not None:
+            m.stop()
+
+
+def test_threads_with_their_own_managers_never_hold_one_port_twice(
+    tmp_path: Path, registry: Path
+) -> None:
+    threads_n, lo, hi, rounds = 12, 21700, 21729, 6
+    managers = [
+        DynamicPortManager(
+            lo, hi, tmp_path / f"t{i}.json", refresh_interval=0.05, console_log=False
+        )
+        for i in range(threads_n)
+    ]
+    claims: dict[int, int] = {}
+    claims_lock = threading.Lock()
+    violations: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads_n, timeout=30)
+
+    def work(i: int, m: DynamicPortManager) -> None:
+        try:
+            start.wait()
+            for _ in range(rounds):
+                old = m.active_port
+                if old is not None:
+                    with claims_lock:
+                        if claims.get(old) == i:
+                            del claims[old]
+                port = m.pick_port()
+                with claims_lock:
+                    if port in claims:
+                        violations.append(f"{port}: thread {i} and thread {claims[port]}")
+                    else:
+                        claims[port] = i
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(i, m)) for i, m in enumerate(managers)]
+    try:
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in workers), "a picking thread hung"
+        assert errors == []
+        assert violations == []
+        held = [m.active_port for m in managers]
+        assert None not in held
+        assert len(set(held)) == threads_n
+        assert sorted(lease["port"] for lease in list_leases()) == sorted(held)
+        assert all(m.get_state()["change_count"] == rounds for m in managers)
+    finally:
+        for m in managers:
+            m.stop()
+    assert list_leases() == []
