@@ -13,6 +13,8 @@ pub mod probe;
 pub mod refresh;
 pub mod registry;
 pub mod scan;
+#[cfg(target_os = "linux")]
+pub mod sockdiag;
 pub mod state;
 pub mod store;
 
@@ -33,6 +35,17 @@ pub fn start_manager(config: Config) -> Result<std::sync::Arc<Manager>> {
 pub fn stop_manager(manager: &Manager) {
     manager.stop();
     refresh::unregister(manager.id());
+}
+
+/// Refreshes one manager now, as the refresh thread would: kernel scan, dead
+/// leases reclaimed, state saved.
+pub fn refresh_manager(manager: &Manager) {
+    let host = scan::kernel_tables().ok();
+    let reclaimed = manager
+        .registry()
+        .transact(registry::LeaseTable::remove_dead)
+        .unwrap_or_default();
+    manager.refresh(host.as_ref(), &reclaimed);
 }
 
 /// Removes whatever lease holds `port` in the registry (`None`: the default

@@ -7,6 +7,7 @@
 //! emitted only after the manager's mutex is released (see `events.rs`).
 
 use std::fs::{File, OpenOptions};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +32,8 @@ pub struct Manager {
     path: PathBuf,
     /// This manager's name in the registry: state file + instance number.
     owner: String,
+    /// What every lease taken through this state file's managers starts with.
+    owner_prefix: String,
     holder: Holder,
     registry: Arc<Registry>,
     sink: Sink,
@@ -47,6 +50,8 @@ struct Inner {
     lock: Option<fd_lock::RwLock<File>>,
     /// Ports other programs hold, per the last scan and failed probes.
     bound: PortSet,
+    /// Ports leased in the range, per the last registry transaction.
+    leased: PortSet,
     stopped: bool,
 }
 
@@ -68,7 +73,8 @@ impl Manager {
         let registry = Registry::open(&registry_dir)?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let holder = Holder::current();
-        let owner = format!("{}#{}.{id}", path.display(), holder.pid);
+        let owner_prefix = format!("{}#", path.display());
+        let owner = format!("{owner_prefix}{}.{id}", holder.pid);
         let store = Store::new(path.clone(), config.backup_max, config.durable);
         let lock = open_lock(&store.lock_path());
         let settings = Settings {
@@ -90,6 +96,7 @@ impl Manager {
             config,
             path,
             owner,
+            owner_prefix,
             holder,
             registry,
             inner: Mutex::new(Inner {
@@ -98,6 +105,7 @@ impl Manager {
                 store,
                 lock: lock.ok(),
                 bound: PortSet::default(),
+                leased: PortSet::default(),
                 stopped: false,
             }),
         });
@@ -153,18 +161,16 @@ impl Manager {
             inner.bound = scan::ports_in_use(self.range());
             let leases = self.leases_in_range(inner, &stamp, &mut events);
             // A current_port left by a manager that is gone is no one's port.
-            let prefix = format!("{}#", self.path.display());
             let live: Vec<u16> = leases
                 .iter()
-                .flatten()
-                .filter(|l| l.owner.starts_with(&prefix))
-                .map(|l| l.port)
+                .flat_map(|l| l.mine.iter().map(|v| v.port))
                 .collect();
             self.update_state(inner, &stamp, leases, &mut events, |state| {
                 if state.current_port.is_some_and(|p| !live.contains(&p)) {
                     state.current_port = None;
                 }
             });
+            inner.store.prime_backup_cache();
             events.push(self.event(
                 inner,
                 Kind::Start,
@@ -267,7 +273,7 @@ impl Manager {
         inner: &mut Inner,
         replacing: Option<u16>,
         lease_for: &dyn Fn(u16) -> Lease,
-    ) -> Result<Option<(u16, Vec<LeaseView>)>> {
+    ) -> Result<Option<(u16, Leased)>> {
         let bound = &mut inner.bound;
         let range = self.range();
         self.registry.transact(|table| {
@@ -288,7 +294,7 @@ impl Manager {
             if let Some(old) = replacing {
                 table.remove_where(|l| l.port == old && l.owner == self.owner);
             }
-            Some((port, views_in(table, &range)))
+            Some((port, leased_in(table, &range, &self.owner_prefix)))
         })
     }
 
@@ -318,11 +324,11 @@ impl Manager {
         result
     }
 
-    fn drop_lease(&self, port: u16) -> Result<Vec<LeaseView>> {
+    fn drop_lease(&self, port: u16) -> Result<Leased> {
         let range = self.range();
         self.registry.transact(|table| {
             table.remove_where(|l| l.port == port && l.owner == self.owner);
-            views_in(table, &range)
+            leased_in(table, &range, &self.owner_prefix)
         })
     }
 
@@ -414,7 +420,7 @@ impl Manager {
         inner: &mut Inner,
         stamp: &Stamp,
         events: &mut Vec<Event>,
-    ) -> Option<Vec<LeaseView>> {
+    ) -> Option<Leased> {
         let range = self.range();
         let active = inner.active;
         let result = self.registry.transact(|table| {
@@ -432,7 +438,7 @@ impl Manager {
                     Some(_) => {}
                 }
             }
-            (views_in(table, &range), conflict)
+            (leased_in(table, &range, &self.owner_prefix), conflict)
         });
         self.take_registry_notice(inner, stamp, events);
         match result {
@@ -493,7 +499,7 @@ impl Manager {
         &self,
         inner: &mut Inner,
         stamp: &Stamp,
-        leases: Option<Vec<LeaseView>>,
+        leases: Option<Leased>,
         events: &mut Vec<Event>,
         change: impl FnOnce(&mut State),
     ) {
@@ -502,6 +508,7 @@ impl Manager {
             store,
             lock,
             bound,
+            leased,
             ..
         } = inner;
         let mut problems: Vec<(Kind, String)> = Vec::new();
@@ -551,9 +558,10 @@ impl Manager {
         }
         change(state);
         if let Some(leases) = leases {
-            state.leases = leases;
+            state.leases = leases.mine;
+            *leased = leases.ports;
         }
-        recompute_lists(state, self.range(), bound);
+        recompute_lists(state, self.range(), leased, bound);
         state.last_checked = Some(stamp.jalali.clone());
         for (_, message) in &problems {
             state.record_error(&stamp.jalali, message.clone());
@@ -662,24 +670,38 @@ fn adopt(state: &mut State, mut disk: State) {
     *state = disk;
 }
 
-fn views_in(table: &LeaseTable, range: &std::ops::RangeInclusive<u16>) -> Vec<LeaseView> {
-    let mut views: Vec<LeaseView> = table
-        .iter()
-        .filter(|l| range.contains(&l.port))
-        .map(|l| LeaseView {
-            port: l.port,
-            pid: l.pid,
-            owner: l.owner.clone(),
-            since: l.since.clone(),
-        })
-        .collect();
-    views.sort_by_key(|v| v.port);
-    views
+/// What one registry transaction tells the state: the ports leased in the
+/// range (by anyone) and the leases taken through this state file.
+struct Leased {
+    ports: PortSet,
+    mine: Vec<LeaseView>,
+}
+
+fn leased_in(table: &LeaseTable, range: &RangeInclusive<u16>, prefix: &str) -> Leased {
+    let mut ports = PortSet::default();
+    let mut mine = Vec::new();
+    for lease in table.iter().filter(|l| range.contains(&l.port)) {
+        ports.insert(lease.port);
+        if lease.owner.starts_with(prefix) {
+            mine.push(LeaseView {
+                port: lease.port,
+                pid: lease.pid,
+                owner: lease.owner.clone(),
+                since: lease.since.clone(),
+            });
+        }
+    }
+    mine.sort_by_key(|v| v.port);
+    Leased { ports, mine }
 }
 
 /// used = leased or bound; free = the rest of the range.
-fn recompute_lists(state: &mut State, range: std::ops::RangeInclusive<u16>, bound: &PortSet) {
-    let leased: PortSet = state.leases.iter().map(|l| l.port).collect();
+fn recompute_lists(
+    state: &mut State,
+    range: RangeInclusive<u16>,
+    leased: &PortSet,
+    bound: &PortSet,
+) {
     state.free_ports.clear();
     state.used_ports.clear();
     for port in range {

@@ -148,6 +148,12 @@ impl PyManager {
         json_loads(py, record.to_string())
     }
 
+    /// Re-scans the range now (what the refresh thread does every interval).
+    fn refresh(&self, py: Python<'_>) {
+        let manager = &self.manager;
+        py.detach(|| crate::refresh_manager(manager));
+    }
+
     /// Stops refreshing and releases the active port. Idempotent.
     fn stop(&self, py: Python<'_>) {
         let manager = &self.manager;

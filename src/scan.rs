@@ -1,10 +1,12 @@
 //! Which ports of the host are taken right now, for a whole range at once.
 //!
-//! On Linux the kernel's own socket tables (`/proc/net/tcp`, `/proc/net/tcp6`)
-//! answer this for every port in one read, instead of 6,000 bind probes. A port
-//! counts as taken when any TCP socket has it as its local port, except sockets
-//! in TIME_WAIT (servers bind over those with `SO_REUSEADDR`). The answer is a
-//! snapshot: a pick still confirms its candidate with a real bind probe.
+//! On Linux the kernel's own socket tables answer this for every port at once,
+//! instead of 6,000 bind probes: first the `sock_diag` netlink dump of
+//! listening sockets (microseconds, see `sockdiag.rs`), else `/proc/net/tcp`
+//! and `/proc/net/tcp6` (every socket but TIME_WAIT ones, which servers bind
+//! over with `SO_REUSEADDR`; milliseconds on a large host), else one probe per
+//! port. The answer is a snapshot: a pick still confirms its candidate with a
+//! real bind probe, which also catches sockets that are bound but not listening.
 
 use std::fs;
 use std::io;
@@ -74,8 +76,17 @@ pub fn ports_in_use(range: RangeInclusive<u16>) -> PortSet {
     }
 }
 
-/// Reads `/proc/net/tcp` and `/proc/net/tcp6`. Fails only when neither exists.
+/// The kernel's view: netlink where it answers, else the /proc tables.
 pub fn kernel_tables() -> io::Result<PortSet> {
+    #[cfg(target_os = "linux")]
+    if let Ok(set) = crate::sockdiag::listening_ports() {
+        return Ok(set);
+    }
+    proc_tables()
+}
+
+/// Reads `/proc/net/tcp` and `/proc/net/tcp6`. Fails only when neither exists.
+pub fn proc_tables() -> io::Result<PortSet> {
     let mut set = PortSet::default();
     let mut read_any = false;
     let mut last_error = None;
@@ -153,8 +164,9 @@ mod tests {
     fn a_real_listener_shows_up_in_the_kernel_tables() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let set = ports_in_use(port..=port);
-        assert!(set.contains(port));
+        assert!(ports_in_use(port..=port).contains(port));
+        assert!(proc_tables().unwrap().contains(port));
+        assert!(probe_range(port..=port).contains(port));
     }
 
     #[test]

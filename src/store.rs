@@ -51,6 +51,10 @@ pub struct Store {
     durable: bool,
     /// The file as this store last read or wrote it.
     known: Option<FileId>,
+    /// This file's backups as of our last save. Valid while no one else has
+    /// saved the file since: backups are only taken, under the file's lock,
+    /// right before a save, so an unchanged file means an unchanged list.
+    backup_cache: Option<Vec<Backup>>,
 }
 
 impl Store {
@@ -68,6 +72,7 @@ impl Store {
             backup_max,
             durable,
             known: None,
+            backup_cache: None,
         }
     }
 
@@ -91,6 +96,7 @@ impl Store {
             Ok(id) => id,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.known = None;
+                self.backup_cache = None;
                 return Loaded::Missing;
             }
             Err(e) => return Loaded::Unreadable(e),
@@ -98,6 +104,7 @@ impl Store {
         if self.known == Some(id) {
             return Loaded::Unchanged;
         }
+        self.backup_cache = None;
         let bytes = match fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) => return Loaded::Unreadable(e),
@@ -133,6 +140,14 @@ impl Store {
         write_atomic(&self.path, &state.to_json(), self.durable)?;
         self.known = FileId::of(&self.path).ok();
         Ok(backup_problem)
+    }
+
+    /// Lists the backups once now, so the first save after start-up does not
+    /// have to (a shared backups folder can hold thousands of files).
+    pub fn prime_backup_cache(&mut self) {
+        if self.backup_cache.is_none() && self.known.is_some() {
+            self.backup_cache = Some(self.backups());
+        }
     }
 
     /// The backups of this state file, oldest first.
@@ -171,12 +186,15 @@ impl Store {
     /// Keeps the file about to be replaced under a new backup name. A hard
     /// link costs no copy: saves never modify a file in place, so the linked
     /// inode keeps the old content for good.
-    fn backup_current(&self) -> io::Result<()> {
+    fn backup_current(&mut self) -> io::Result<()> {
         if self.backup_max == 0 || !self.path.exists() {
             return Ok(());
         }
         ensure_dir(&self.backup_dir, 0o755)?;
-        let mut existing = self.backups();
+        let mut existing = match self.backup_cache.take() {
+            Some(cached) if self.known.is_some() => cached,
+            _ => self.backups(),
+        };
         let compact = clock::now().compact;
         let suffix = existing
             .iter()
@@ -199,9 +217,10 @@ impl Store {
             key: (compact, suffix),
         });
         let excess = existing.len().saturating_sub(self.backup_max);
-        for old in existing.iter().take(excess) {
+        for old in existing.drain(..excess) {
             let _ = fs::remove_file(&old.path);
         }
+        self.backup_cache = Some(existing);
         Ok(())
     }
 

@@ -91,6 +91,11 @@ class DynamicPortManager:
     def log_json(self) -> dict[str, Any]:
         """Write one JSON line (ELK/ECS fields) to stdout and return it."""
 
+    def refresh(self) -> None:
+        """Re-scan the range now, as the background thread does every
+        ``refresh_interval``: kernel socket tables, dead leases reclaimed,
+        ``free_ports``/``used_ports``/``last_checked`` updated and saved."""
+
     def stop(self) -> None:
         """Stop refreshing and release the active port. Idempotent."""
 

@@ -1,0 +1,77 @@
+//! Where a pick's time goes, piece by piece, in the core alone (no Python).
+//! Run: `cargo run --release --example bench_core` (prints medians; asserts nothing).
+
+use std::time::{Duration, Instant};
+
+use dynamic_port_manager::config::Args;
+use dynamic_port_manager::probe::probe_port;
+use dynamic_port_manager::scan;
+use dynamic_port_manager::Manager;
+
+fn median(mut samples: Vec<Duration>) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_secs_f64() * 1e6
+}
+
+fn time(label: &str, n: usize, mut f: impl FnMut()) {
+    let samples: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    println!("{label:<48} median {:>9.1} us  (n={n})", median(samples));
+}
+
+fn main() {
+    let dir = std::env::args()
+        .nth(1)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let work = dir.join(format!("dpm-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    println!("work folder: {}", work.display());
+
+    time("kernel scan: sock_diag netlink (LISTEN)", 200, || {
+        scan::kernel_tables().unwrap();
+    });
+    time("kernel scan: /proc/net/tcp + tcp6", 50, || {
+        scan::proc_tables().unwrap();
+    });
+    time("bind probe of one port (v4 + v6)", 1000, || {
+        probe_port(30999);
+    });
+
+    let config = Args {
+        start: 30000,
+        end: 36000,
+        json_path: work.join("svc.json"),
+        refresh_interval: 3600.0,
+        registry_dir: Some(work.join("registry")),
+        console_log: false,
+        ..Args::default()
+    }
+    .check()
+    .unwrap();
+    let manager = Manager::new(config).unwrap();
+    let state = manager.state();
+    time("state to pretty JSON (6,001-port range)", 500, || {
+        std::hint::black_box(state.to_json());
+    });
+    time("state to compact JSON", 500, || {
+        std::hint::black_box(serde_json::to_vec(&state).unwrap());
+    });
+    time("pick_port (one manager, moving)", 2000, || {
+        manager.pick_port(None).unwrap();
+    });
+    time("release_port + pick_port", 2000, || {
+        manager.release_port().unwrap();
+        manager.pick_port(None).unwrap();
+    });
+    time("refresh (scan + save)", 500, || {
+        manager.refresh(scan::kernel_tables().ok().as_ref(), &[]);
+    });
+    manager.stop();
+    let _ = std::fs::remove_dir_all(&work);
+}

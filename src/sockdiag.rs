@@ -1,0 +1,227 @@
+//! Linux `sock_diag` netlink: the kernel's list of listening TCP sockets, for
+//! IPv4 and IPv6, in one request each.
+//!
+//! Why not `/proc/net/tcp`: reading it walks the kernel's whole established-
+//! connection hash table, whose size follows the machine's memory, not its
+//! socket count (measured here: 3.4 ms per table on a 24 GiB host with one
+//! socket). A netlink dump restricted to LISTEN never touches that table and
+//! answers in microseconds. Sockets that are only bound or connected are not
+//! listed by either; the bind probe at pick time is what catches those.
+
+use std::io;
+use std::mem;
+
+use crate::scan::PortSet;
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 0x2;
+const NLMSG_DONE: u16 = 0x3;
+const TCP_LISTEN: u32 = 10;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NlMsgHdr {
+    len: u32,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InetDiagSockId {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    src: [u32; 4],
+    dst: [u32; 4],
+    ifindex: u32,
+    cookie: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InetDiagReqV2 {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: InetDiagSockId,
+}
+
+#[repr(C)]
+struct Request {
+    header: NlMsgHdr,
+    body: InetDiagReqV2,
+}
+
+/// The local ports of every listening TCP socket (IPv4 and IPv6) in this
+/// network namespace. Fails where netlink sock_diag is unavailable.
+pub fn listening_ports() -> io::Result<PortSet> {
+    let mut set = PortSet::default();
+    dump(libc::AF_INET as u8, &mut set)?;
+    match dump(libc::AF_INET6 as u8, &mut set) {
+        // A kernel without IPv6 has no IPv6 listeners to report.
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        other => other?,
+    }
+    Ok(set)
+}
+
+struct Fd(libc::c_int);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor came from socket() and is closed once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn dump(family: u8, set: &mut PortSet) -> io::Result<()> {
+    // SAFETY: plain socket(2); the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = Fd(raw);
+    // Never wait long for the kernel: a refresh must not hang on a scan.
+    let timeout = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: the option value is a timeval that outlives the call.
+    unsafe {
+        libc::setsockopt(
+            fd.0,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &timeout as *const libc::timeval as *const libc::c_void,
+            mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    let request = Request {
+        header: NlMsgHdr {
+            len: mem::size_of::<Request>() as u32,
+            kind: SOCK_DIAG_BY_FAMILY,
+            flags: NLM_F_REQUEST | NLM_F_DUMP,
+            seq: 1,
+            pid: 0,
+        },
+        body: InetDiagReqV2 {
+            family,
+            protocol: libc::IPPROTO_TCP as u8,
+            ext: 0,
+            pad: 0,
+            states: 1 << TCP_LISTEN,
+            // SAFETY: an all-zero socket id matches every socket.
+            id: unsafe { mem::zeroed() },
+        },
+    };
+    // SAFETY: sending the bytes of a repr(C) struct that outlives the call.
+    let sent = unsafe {
+        libc::send(
+            fd.0,
+            &request as *const Request as *const libc::c_void,
+            mem::size_of::<Request>(),
+            0,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: receiving into a buffer we own, at most its length.
+        let n = unsafe { libc::recv(fd.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        if parse_messages(&buf[..n as usize], set)? {
+            return Ok(());
+        }
+    }
+}
+
+/// Adds the source ports of one datagram's messages to `set`. Returns true at
+/// the end of the dump.
+fn parse_messages(mut data: &[u8], set: &mut PortSet) -> io::Result<bool> {
+    let header_len = mem::size_of::<NlMsgHdr>();
+    while data.len() >= header_len {
+        let len = u32::from_ne_bytes(data[0..4].try_into().expect("4 bytes")) as usize;
+        let kind = u16::from_ne_bytes(data[4..6].try_into().expect("2 bytes"));
+        if len < header_len || len > data.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "malformed netlink message",
+            ));
+        }
+        let payload = &data[header_len..len];
+        match kind {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let code = payload
+                    .get(0..4)
+                    .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                    .unwrap_or(-libc::EIO);
+                if code != 0 {
+                    return Err(io::Error::from_raw_os_error(-code));
+                }
+            }
+            SOCK_DIAG_BY_FAMILY => {
+                // inet_diag_msg: family, state, timer, retrans, then the
+                // socket id whose first field is the big-endian source port.
+                if let Some(port) = payload.get(4..6) {
+                    let port = u16::from_be_bytes([port[0], port[1]]);
+                    if port != 0 {
+                        set.insert(port);
+                    }
+                }
+            }
+            _ => {}
+        }
+        let aligned = (len + 3) & !3;
+        data = data.get(aligned..).unwrap_or(&[]);
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn lists_ipv4_and_ipv6_listeners() {
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let v4_port = v4.local_addr().unwrap().port();
+        let set = listening_ports().unwrap();
+        assert!(set.contains(v4_port));
+        if let Ok(v6) = TcpListener::bind("[::1]:0") {
+            let v6_port = v6.local_addr().unwrap().port();
+            assert!(listening_ports().unwrap().contains(v6_port));
+        }
+        drop(v4);
+        assert!(!listening_ports().unwrap().contains(v4_port));
+    }
+
+    #[test]
+    fn a_connected_client_port_is_not_a_listener() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let client_port = client.local_addr().unwrap().port();
+        assert!(!listening_ports().unwrap().contains(client_port));
+    }
+}
