@@ -8,7 +8,7 @@ use icu_calendar::types::Weekday;
 use icu_calendar::Date;
 
 /// One instant, rendered every way the project needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Stamp {
     /// `1403/05/01 12:10 doshanbe` (local time).
     pub jalali: String,
@@ -16,6 +16,8 @@ pub struct Stamp {
     pub iso: String,
     /// `YYYYMMDD_HHMMSS` (local, Gregorian): the backup-name form.
     pub compact: String,
+    /// Seconds since the Unix epoch, for machines (metrics, monitoring).
+    pub unix: f64,
 }
 
 /// The current local time.
@@ -28,6 +30,7 @@ pub fn stamp(t: DateTime<Local>) -> Stamp {
         jalali: jalali(&t.naive_local()),
         iso: t.to_rfc3339_opts(chrono::SecondsFormat::Millis, false),
         compact: t.format("%Y%m%d_%H%M%S").to_string(),
+        unix: t.timestamp_micros() as f64 / 1e6,
     }
 }
 

@@ -215,6 +215,7 @@ mod tests {
                 jalali: clock::jalali(&t),
                 iso: "2024-07-22T12:10:00.000+00:00".into(),
                 compact: "20240722_121000".into(),
+                unix: 1_721_650_200.0,
             },
             active: Some(3000),
             free: PortSummary::of(free),

@@ -8,14 +8,15 @@ use std::path::Path;
 
 /// Enough of a file's metadata to tell "the file I read before" from "a file
 /// someone has written since". Every save is a rename of a new inode, so the
-/// inode number changes with each write; times and size guard inode reuse.
+/// inode number changes with each write; mtime and size guard inode reuse.
+/// Not ctime: taking a backup hard-links the file, which changes its ctime
+/// but not its content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileId {
     dev: u64,
     ino: u64,
     size: u64,
     mtime_ns: i64,
-    ctime_ns: i64,
 }
 
 impl FileId {
@@ -26,7 +27,6 @@ impl FileId {
             ino: m.ino(),
             size: m.size(),
             mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
         })
     }
 }

@@ -563,6 +563,7 @@ impl Manager {
         }
         recompute_lists(state, self.range(), leased, bound);
         state.last_checked = Some(stamp.jalali.clone());
+        state.last_checked_unix = Some(stamp.unix);
         for (_, message) in &problems {
             state.record_error(&stamp.jalali, message.clone());
         }
@@ -633,17 +634,25 @@ impl Manager {
     }
 }
 
-impl Drop for Manager {
-    /// A manager dropped without `stop()` gives its lease back (quietly: this
-    /// may run during interpreter shutdown, when logging is no longer safe).
-    fn drop(&mut self) {
-        let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
-        if let (false, Some(port)) = (inner.stopped, inner.active) {
+impl Manager {
+    /// Gives the lease back when the last handle goes away without `stop()`,
+    /// quietly: this may run during interpreter shutdown, when logging is no
+    /// longer safe. The state file keeps the last saved state.
+    pub fn abandon(&self) {
+        let mut inner = self.lock_inner();
+        if let (false, Some(port)) = (inner.stopped, inner.active.take()) {
             let owner = &self.owner;
             let _ = self
                 .registry
                 .transact(|t| t.remove_where(|l| l.port == port && &l.owner == owner));
         }
+        inner.stopped = true;
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.abandon();
     }
 }
 

@@ -55,6 +55,46 @@ fn json_loads(py: Python<'_>, text: String) -> PyResult<Bound<'_, PyAny>> {
     py.import("json")?.call_method1("loads", (text,))
 }
 
+/// An integer argument as wide as Python allows: `None` when it does not fit
+/// an i64. Such an int is out of every range the core accepts, so it is
+/// reported as the core reports any bad value (ValueError naming the
+/// argument) instead of pyo3's OverflowError.
+#[derive(Clone)]
+enum WideInt {
+    Fits(i64),
+    TooBig,
+    NotInt(String),
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for WideInt {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        // bool is an int subclass, but `start=True` is a mistake, not port 1.
+        if obj.is_instance_of::<pyo3::types::PyBool>()
+            || !obj.is_instance_of::<pyo3::types::PyInt>()
+        {
+            return Ok(WideInt::NotInt(obj.get_type().name()?.to_string()));
+        }
+        Ok(obj.extract::<i64>().map_or(WideInt::TooBig, WideInt::Fits))
+    }
+}
+
+impl WideInt {
+    fn get(self, name: &'static str) -> PyResult<i64> {
+        match self {
+            WideInt::Fits(value) => Ok(value),
+            WideInt::TooBig => Err(to_py_err(Error::invalid(
+                name,
+                "must fit in 64 bits (far out of range)",
+            ))),
+            WideInt::NotInt(type_name) => Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "{name}: must be an int, got {type_name}"
+            ))),
+        }
+    }
+}
+
 #[pyclass(
     name = "DynamicPortManager",
     module = "dynamic_port_manager",
@@ -69,37 +109,41 @@ struct PyManager {
 impl PyManager {
     #[new]
     #[pyo3(signature = (
-        start = 3000,
-        end = 9000,
+        start = WideInt::Fits(3000),
+        end = WideInt::Fits(9000),
         json_path = None,
         refresh_interval = 10.0,
-        history_max = 50,
+        history_max = WideInt::Fits(50),
         *,
-        backup_max = 20,
+        backup_max = WideInt::Fits(20),
         durable = false,
         registry_dir = None,
         console_log = true
     ))]
+    #[pyo3(
+        text_signature = "(start=3000, end=9000, json_path=None, refresh_interval=10.0, \
+        history_max=50, *, backup_max=20, durable=False, registry_dir=None, console_log=True)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        start: i64,
-        end: i64,
+        start: WideInt,
+        end: WideInt,
         json_path: Option<PathBuf>,
         refresh_interval: f64,
-        history_max: i64,
-        backup_max: i64,
+        history_max: WideInt,
+        backup_max: WideInt,
         durable: bool,
         registry_dir: Option<PathBuf>,
         console_log: bool,
     ) -> PyResult<Self> {
         let args = Args {
-            start,
-            end,
+            start: start.get("start")?,
+            end: end.get("end")?,
             json_path: json_path.unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH)),
             refresh_interval,
-            history_max,
-            backup_max,
+            history_max: history_max.get("history_max")?,
+            backup_max: backup_max.get("backup_max")?,
             durable,
             registry_dir,
             console_log,
@@ -174,8 +218,11 @@ impl PyManager {
 
     /// The port this manager holds, or None.
     #[getter]
-    fn active_port(&self) -> Option<u16> {
-        self.manager.active_port()
+    fn active_port(&self, py: Python<'_>) -> Option<u16> {
+        // The manager's mutex may be held by the refresh thread during a save:
+        // wait for it without the GIL.
+        let manager = &self.manager;
+        py.detach(|| manager.active_port())
     }
 
     /// The absolute path of the state file.
@@ -195,8 +242,9 @@ impl PyManager {
     }
 
     #[getter]
-    fn stopped(&self) -> bool {
-        self.manager.is_stopped()
+    fn stopped(&self, py: Python<'_>) -> bool {
+        let manager = &self.manager;
+        py.detach(|| manager.is_stopped())
     }
 
     #[getter]
@@ -205,8 +253,9 @@ impl PyManager {
     }
 
     #[getter]
-    fn backup_dir(&self) -> PathBuf {
-        self.manager.backup_dir()
+    fn backup_dir(&self, py: Python<'_>) -> PathBuf {
+        let manager = &self.manager;
+        py.detach(|| manager.backup_dir())
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -219,17 +268,34 @@ impl PyManager {
         false
     }
 
-    fn __repr__(&self) -> String {
+    fn __repr__(&self, py: Python<'_>) -> String {
         let m = &self.manager;
+        let (active, stopped) = py.detach(|| (m.active_port(), m.is_stopped()));
         format!(
             "DynamicPortManager(start={}, end={}, json_path={:?}, active_port={}, stopped={})",
             m.config().start,
             m.config().end,
             m.path().display().to_string(),
-            m.active_port()
-                .map_or_else(|| "None".to_string(), |p| p.to_string()),
-            if m.is_stopped() { "True" } else { "False" }
+            active.map_or_else(|| "None".to_string(), |p| p.to_string()),
+            if stopped { "True" } else { "False" }
         )
+    }
+}
+
+impl Drop for PyManager {
+    /// A manager garbage-collected without `stop()` gives its port back. The
+    /// registry lock may be busy, so wait for it without the GIL when the
+    /// interpreter is still running (during shutdown, `try_attach` declines
+    /// and the lease is released with no GIL to give up).
+    fn drop(&mut self) {
+        let manager = &self.manager;
+        let give_back = || {
+            manager.abandon();
+            crate::refresh::unregister(manager.id());
+        };
+        if Python::try_attach(|py| py.detach(give_back)).is_none() {
+            give_back();
+        }
     }
 }
 

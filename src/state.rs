@@ -43,6 +43,10 @@ pub struct State {
     // ---- extras (not in the original layout) ----
     #[serde(default)]
     pub schema_version: u32,
+    /// `last_checked` as seconds since the Unix epoch (for metrics and tools
+    /// that should not parse Jalali dates).
+    #[serde(default)]
+    pub last_checked_unix: Option<f64>,
     /// The host-wide leases inside this range, as of the last change or refresh.
     #[serde(default)]
     pub leases: Vec<LeaseView>,
@@ -114,6 +118,7 @@ impl State {
             last_error_time: None,
             settings,
             schema_version: SCHEMA_VERSION,
+            last_checked_unix: None,
             leases: Vec::new(),
             stats: Stats::default(),
             options,

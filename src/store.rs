@@ -136,7 +136,9 @@ impl Store {
                 self.backup_dir.display()
             )),
         };
-        self.known = None;
+        // On failure the old file is still there, untouched (the write is
+        // atomic), so what we knew of it stays true: keep `known`, or the next
+        // load would adopt that older file over the newer state in memory.
         write_atomic(&self.path, &state.to_json(), self.durable)?;
         self.known = FileId::of(&self.path).ok();
         Ok(backup_problem)

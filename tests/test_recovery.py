@@ -338,12 +338,6 @@ def test_a_read_only_state_folder_does_not_crash_pick_port(
         m.stop()
 
 
-@pytest.mark.xfail(
-    reason="core bug: after a failed save the store forgets which file it knows "
-    "(known=None), so the next change re-reads the old file and adopts it, "
-    "dropping every change (and last_error) made since the folder became read-only",
-    strict=True,
-)
 def test_a_read_only_state_folder_keeps_the_record_in_memory(state_path: Path) -> None:
     m = manager(state_path, 21870, 21879)
     try:
