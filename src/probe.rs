@@ -35,8 +35,8 @@ enum Family {
     V6,
 }
 
-/// Closes the descriptor on every path out of a probe.
-struct Fd(libc::c_int);
+/// An owned socket descriptor, closed on every path out of its scope.
+pub(crate) struct Fd(pub(crate) libc::c_int);
 
 impl Drop for Fd {
     fn drop(&mut self) {

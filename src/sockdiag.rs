@@ -11,6 +11,7 @@
 use std::io;
 use std::mem;
 
+use crate::probe::Fd;
 use crate::scan::PortSet;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -70,15 +71,6 @@ pub fn listening_ports() -> io::Result<PortSet> {
         other => other?,
     }
     Ok(set)
-}
-
-struct Fd(libc::c_int);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor came from socket() and is closed once.
-        unsafe { libc::close(self.0) };
-    }
 }
 
 fn dump(family: u8, set: &mut PortSet) -> io::Result<()> {
