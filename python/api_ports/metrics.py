@@ -1,0 +1,84 @@
+"""``GET /port/metrics``: the manager's numbers in Prometheus exposition format.
+
+Each router has its own ``CollectorRegistry`` (never the process-global one,
+so two routers, or an app's own metrics, never clash), holding one collector
+that reads the state at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from .jalali import to_timestamp
+
+PREFIX = "dpm_"
+
+
+class PortCollector:
+    """Collects the free/used counts, change count, pick/release/error counters
+    and last refresh time of one manager's state."""
+
+    def __init__(self, get_state: Callable[[], dict[str, Any]]) -> None:
+        self._get_state = get_state
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only: describing must not create or touch the manager.
+        return _families(None)
+
+    def collect(self) -> Iterator[Metric]:
+        return _families(self._get_state())
+
+
+def _families(state: dict[str, Any] | None) -> Iterator[Metric]:
+    def gauge(name: str, doc: str, value: float | None) -> Metric:
+        family = GaugeMetricFamily(PREFIX + name, doc)
+        if value is not None:
+            family.add_metric([], value)
+        return family
+
+    def counter(name: str, doc: str, value: float | None) -> Metric:
+        family = CounterMetricFamily(PREFIX + name, doc)
+        if value is not None:
+            family.add_metric([], value)
+        return family
+
+    s: dict[str, Any] = state or {}
+    stats: dict[str, Any] = s.get("stats") or {}
+    known = state is not None
+    yield gauge(
+        "free_ports", "Ports of the range free now.", len(s["free_ports"]) if known else None
+    )
+    yield gauge(
+        "used_ports",
+        "Ports of the range leased or in use now.",
+        len(s["used_ports"]) if known else None,
+    )
+    yield counter(
+        "port_changes", "Changes of the active port.", s["change_count"] if known else None
+    )
+    yield counter("picks", "Ports picked.", stats.get("picks") if known else None)
+    yield counter("releases", "Ports released.", stats.get("releases") if known else None)
+    yield counter("errors", "Errors recorded.", stats.get("errors") if known else None)
+    # Left without a sample until the first refresh has a time stamp.
+    yield gauge(
+        "last_refresh_timestamp_seconds",
+        "POSIX time of the last refresh (minute precision, from last_checked).",
+        to_timestamp(s.get("last_checked")) if known else None,
+    )
+
+
+def new_registry(get_state: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PortCollector(get_state))
+    return registry
+
+
+def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The body and content type the scraper asked for (text or OpenMetrics)."""
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type

@@ -1,0 +1,154 @@
+"""The endpoints of the original ``api_ports.py``, over any manager.
+
+Every endpoint is a plain ``def``: FastAPI runs it in its threadpool, so the
+manager's blocking calls (file locks, disk, port scans) never run on the
+event loop. Errors follow FastAPI's convention, ``{"detail": ...}``: 503 when
+no port is free or the manager cannot serve, 404 for an unknown backup, 422
+for a bad query; nothing a client sends can cause a 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, Callable
+
+from dynamic_port_manager import DynamicPortManager, ManagerStoppedError, NoFreePortError
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+
+from . import models
+from .backup_file import NAME_MAX, NAME_PATTERN, attachment_header, read_backup
+from .metrics import new_registry, render
+
+ManagerSource = Callable[[], DynamicPortManager]
+
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": models.ErrorResponse,
+        "description": "No free port in the range, or the port manager cannot serve "
+        "(stopped, misconfigured, or its lease registry is unusable).",
+    }
+}
+
+
+def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRouter:
+    """A router whose endpoints use the manager ``source()`` returns."""
+    router = APIRouter(tags=["port"], responses=_UNAVAILABLE, lifespan=lifespan)
+
+    def manager() -> DynamicPortManager:
+        try:
+            return source()
+        except (ValueError, OSError) as e:  # bad DPM_* settings, unusable folders
+            raise HTTPException(503, f"the port manager could not start: {e}") from None
+
+    def state() -> dict[str, Any]:
+        with _errors():
+            return manager().get_state()
+
+    metrics_registry = new_registry(state)
+
+    @router.get("/port/state", response_model=models.PortState, summary="Full state and settings")
+    def port_state() -> dict[str, Any]:
+        return state()
+
+    @router.post("/port/pick", response_model=models.PickResponse, summary="Pick a free port")
+    def pick() -> models.PickResponse:
+        with _errors():
+            return models.PickResponse(port=manager().pick_port())
+
+    @router.post("/port/release", response_model=models.SuccessResponse, summary="Free it")
+    def release() -> models.SuccessResponse:
+        with _errors():
+            manager().release_port()
+        return models.SuccessResponse()
+
+    @router.get("/port/free", response_model=models.FreePorts, summary="Free ports")
+    def free() -> models.FreePorts:
+        return models.FreePorts(free_ports=state()["free_ports"])
+
+    @router.get("/port/used", response_model=models.UsedPorts, summary="Used ports")
+    def used() -> models.UsedPorts:
+        return models.UsedPorts(used_ports=state()["used_ports"])
+
+    @router.get("/port/history", response_model=models.History, summary="Active-port history")
+    def history() -> models.History:
+        return models.History.model_validate({"history": state()["history"]})
+
+    @router.get("/port/backup/list", response_model=models.BackupList, summary="The JSON backups")
+    def backup_list() -> models.BackupList:
+        with _errors():
+            return models.BackupList(backups=manager().backups())
+
+    @router.get(
+        "/port/backup/download",
+        response_class=Response,
+        summary="Download one backup",
+        responses={
+            200: {
+                "description": "The backup file, as an attachment.",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            404: {"model": models.ErrorResponse, "description": "No backup of that name."},
+        },
+    )
+    def backup_download(
+        filename: Annotated[
+            str,
+            Query(
+                max_length=NAME_MAX,
+                pattern=NAME_PATTERN,
+                description="A name from `backup/list`, e.g. `dynamic_ports_20240721_155445.json`.",
+            ),
+        ],
+    ) -> Response:
+        with _errors():
+            data = read_backup(manager(), filename)
+        if data is None:
+            raise HTTPException(404, f"no backup named {filename!r} for this state file")
+        return Response(
+            data,
+            media_type="application/json",
+            headers={
+                "Content-Disposition": attachment_header(filename),
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    @router.get("/port/log/json", response_model=models.OkResponse, summary="Log the state as JSON")
+    def log_json() -> models.OkResponse:
+        with _errors():
+            manager().log_json()
+        return models.OkResponse()
+
+    @router.get(
+        "/port/metrics",
+        response_class=Response,
+        summary="Prometheus metrics",
+        responses={
+            200: {
+                "description": "Prometheus text format (OpenMetrics if the scraper asks).",
+                "content": {
+                    "text/plain": {"schema": {"type": "string"}},
+                    "application/openmetrics-text": {"schema": {"type": "string"}},
+                },
+            }
+        },
+    )
+    def metrics(request: Request) -> Response:
+        body, content_type = render(metrics_registry, request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": content_type})
+
+    return router
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """The manager's exceptions as HTTP errors (never a 500)."""
+    try:
+        yield
+    except NoFreePortError as e:
+        raise HTTPException(503, str(e)) from None
+    except ManagerStoppedError as e:
+        raise HTTPException(503, str(e)) from None
+    except OSError as e:  # RegistryError and file errors: nothing was handed out
+        raise HTTPException(503, f"the port manager cannot serve: {e}") from None

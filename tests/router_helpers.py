@@ -1,0 +1,134 @@
+"""Helpers shared by the router, server and CLI tests (imported, not a conftest)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import pytest
+from dynamic_port_manager import DynamicPortManager, list_leases
+from fastapi import APIRouter, FastAPI
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV_VARS = ("DPM_START", "DPM_END", "DPM_JSON_PATH", "DPM_REFRESH_INTERVAL", "DPM_HISTORY_MAX")
+
+
+def port_block(size: int = 8) -> tuple[int, int]:
+    """A block of ports below the ephemeral range, random so that test runs
+    sharing this host (each with its own registry) rarely meet."""
+    start = random.randrange(20000, 30000 - size)
+    return start, start + size - 1
+
+
+def new_manager(state_path: Path, start: int, end: int, **options: Any) -> DynamicPortManager:
+    return DynamicPortManager(start, end, state_path, console_log=False, **options)
+
+
+def app_with(router: APIRouter, **kwargs: Any) -> FastAPI:
+    app = FastAPI(**kwargs)
+    app.include_router(router, prefix="/api/v1")
+    return app
+
+
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No DPM_* setting of the developer's shell leaks into a test."""
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def cli_path() -> str:
+    """The installed console script, next to the interpreter running the tests."""
+    script = Path(sys.executable).parent / "dynamic-port-manager"
+    found = str(script) if script.exists() else shutil.which("dynamic-port-manager")
+    assert found, "the dynamic-port-manager console script is not installed"
+    return found
+
+
+def cli(*args: str, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [cli_path(), *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Polls ``predicate`` until it holds or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+class LineReader:
+    """Reads a child's output on a thread, so a test can wait for a line with a deadline."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.put(line)
+
+    def wait_for(self, needle: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line with {needle!r} in {timeout}s; got {self.seen}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if needle in line:
+                return line
+
+
+@contextmanager
+def listening(port: int = 0) -> Iterator[socket.socket]:
+    """A real listening socket on 127.0.0.1 (another program holding a port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(1)
+        yield sock
+    finally:
+        sock.close()
+
+
+def can_bind(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def lease_on(port: int, registry: Path) -> dict[str, Any] | None:
+    """The registry's lease on ``port``, if any."""
+    leases = list_leases(registry_dir=registry)
+    return next((lease for lease in leases if lease["port"] == port), None)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
