@@ -39,10 +39,13 @@ def read_backup(manager: DynamicPortManager, name: str) -> bytes | None:
         return None
     finally:
         os.close(folder)
-    with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            return None
-        return file.read()
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # a folder or FIFO: not even opened as a file object
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            return file.read()
+    finally:
+        os.close(fd)
 
 
 def attachment_header(name: str) -> str:
