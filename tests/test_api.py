@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import gc
 import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -747,3 +750,139 @@ def test_list_and_release_lease(make: Factory) -> None:
     assert dynamic_port_manager.release_lease(port) is True
     assert dynamic_port_manager.release_lease(port) is False
     assert list_leases() == []
+
+
+def test_a_lease_names_its_holder_by_pid_and_start_time(make: Factory) -> None:
+    m = make(21340, 21349)
+    m.pick_port()
+    (lease,) = list_leases()
+    stat = Path(f"/proc/{os.getpid()}/stat").read_text()
+    start_time = int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22
+    assert lease["pid"] == os.getpid()
+    assert lease["start_time"] == start_time
+
+
+def test_an_explicit_registry_dir_is_used_instead_of_the_environment(
+    make: Factory, tmp_path: Path, registry: Path
+) -> None:
+    own = tmp_path / "own-registry"
+    m = make(21350, 21359, registry_dir=own)
+    assert m.registry_dir == own
+    port = m.pick_port()
+    assert [lease["port"] for lease in list_leases(registry_dir=own)] == [port]
+    assert list_leases() == []
+    assert m.get_state()["options"]["registry_dir"] == str(own)
+
+
+def test_pick_for_another_pid_leases_the_port_to_that_process(
+    make: Factory, tmp_path: Path
+) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        m = make(21360, 21369)
+        port = m.pick_port(pid=child.pid)
+        assert port == 21360
+        assert m.active_port is None
+        (lease,) = list_leases()
+        assert (lease["port"], lease["pid"], lease["alive"]) == (port, child.pid, True)
+        # The manager's own pick gets another port; the pid's lease stays.
+        assert m.pick_port() == 21361
+        assert sorted(lease["port"] for lease in list_leases()) == [21360, 21361]
+        assert m.release_port() is True
+        assert [lease["port"] for lease in list_leases()] == [port]
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    # The process is gone: its lease is dead and the port goes out again.
+    other = make(21360, 21360, json_path=tmp_path / "other.json")
+    assert other.pick_port() == port
+
+
+def test_pick_for_a_pid_that_does_not_exist_names_the_argument(make: Factory) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=30)
+    m = make(21370, 21379)
+    with pytest.raises(ValueError, match="pid"):
+        m.pick_port(pid=gone.pid)
+    assert list_leases() == []
+
+
+def test_two_state_files_in_one_folder_keep_their_own_backups(
+    make: Factory, tmp_path: Path
+) -> None:
+    folder = tmp_path / "shared"
+    a = make(21380, 21389, json_path=folder / "dynamic_ports.json", backup_max=2)
+    b = make(21380, 21389, json_path=folder / "dynamic_ports_service1.json", backup_max=3)
+    for _ in range(5):
+        a.pick_port()
+        b.pick_port()
+    assert a.backup_dir == b.backup_dir
+    assert len(a.backups()) == 2 and len(b.backups()) == 3
+    assert all(BACKUP_RE.match(n)["stem"] == "dynamic_ports" for n in a.backups())
+    assert all(BACKUP_RE.match(n)["stem"] == "dynamic_ports_service1" for n in b.backups())
+    assert sorted(a.backups() + b.backups()) == sorted(p.name for p in a.backup_dir.iterdir())
+    assert set(a.backups()).isdisjoint(b.backups())
+
+
+def test_a_manager_dropped_without_stop_gives_its_lease_back(
+    registry: Path, tmp_path: Path
+) -> None:
+    m = DynamicPortManager(21390, 21399, tmp_path / "s.json", console_log=False)
+    port = m.pick_port()
+    assert leased_ports() == {port}
+    del m
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while leased_ports():
+        assert time.monotonic() < deadline, list_leases()
+        time.sleep(0.01)
+
+
+TZ_CHILD = """
+import datetime as dt, json, sys
+from dynamic_port_manager import DynamicPortManager
+
+m = DynamicPortManager(int(sys.argv[2]), int(sys.argv[2]) + 9, sys.argv[1], console_log=False)
+before = dt.datetime.now()
+m.pick_port()
+state = m.get_state()
+record = m.log_json()
+after = dt.datetime.now()
+m.stop()
+print(json.dumps({
+    "before": before.isoformat(), "after": after.isoformat(),
+    "offset": dt.datetime.now().astimezone().strftime("%z"),
+    "time": state["history"][-1]["time"], "last_checked": state["last_checked"],
+    "jalali": record["jalali_time"], "timestamp": record["@timestamp"],
+}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("tz", "base"), [("Asia/Tehran", 21400), ("Pacific/Kiritimati", 21410), ("UTC", 21420)]
+)
+def test_times_follow_the_local_time_zone(
+    registry: Path, tmp_path: Path, tz: str, base: int
+) -> None:
+    if not Path("/usr/share/zoneinfo", tz).exists():
+        pytest.skip(f"no zoneinfo for {tz} here")
+    env = {**os.environ, "TZ": tz}
+    result = subprocess.run(
+        [sys.executable, "-c", TZ_CHILD, str(tmp_path / "s.json"), str(base)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.splitlines()[-1])
+    minutes = {
+        jalali_of(dt.datetime.fromisoformat(out["before"])),
+        jalali_of(dt.datetime.fromisoformat(out["after"])),
+    }
+    assert out["time"] in minutes
+    assert out["last_checked"] in minutes
+    assert out["jalali"] in minutes
+    stamp = dt.datetime.fromisoformat(out["timestamp"])
+    offset = stamp.strftime("%z")
+    assert offset == out["offset"], (out["timestamp"], out["offset"])

@@ -308,3 +308,104 @@ def test_threads_with_their_own_managers_never_hold_one_port_twice(
         for m in managers:
             m.stop()
     assert list_leases() == []
+
+
+SHARED_FILE_CHILD = r"""
+import os, sys, time
+from pathlib import Path
+from dynamic_port_manager import DynamicPortManager
+
+index, count, lo, hi, picks = map(int, sys.argv[1:6])
+path, ready = sys.argv[6], Path(sys.argv[7])
+m = DynamicPortManager(lo, hi, path, history_max=1000, console_log=False)
+(ready / str(index)).touch()
+deadline = time.monotonic() + 60
+while len(os.listdir(ready)) < count:
+    assert time.monotonic() < deadline, "the others never started"
+    time.sleep(0.005)
+for _ in range(picks):
+    m.pick_port()
+m.stop()
+"""
+
+
+def test_processes_sharing_one_state_file_lose_no_update(tmp_path: Path, registry: Path) -> None:
+    count, lo, hi, picks = 4, 21620, 21639, 10
+    script = tmp_path / "shared.py"
+    script.write_text(SHARED_FILE_CHILD)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    path = tmp_path / "state" / "shared.json"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(count), str(lo), str(hi), str(picks)]
+            + [str(path), str(ready)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(count)
+    ]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err.decode()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    state = json.loads(path.read_text())
+    # Every pick and every release at stop is in the shared record, none lost.
+    assert state["change_count"] == count * (picks + 1)
+    assert len(state["history"]) == count * (picks + 1)
+    assert sum(state["port_usage"].values()) == count * picks
+    assert sum(1 for h in state["history"] if h["new"] is None) == count
+    assert state["last_error"] is None
+    assert list_leases() == []
+
+
+def test_threads_sharing_one_manager_hold_at_most_one_port(tmp_path: Path, registry: Path) -> None:
+    threads_n, rounds = 8, 10
+    m = DynamicPortManager(
+        21640, 21659, tmp_path / "one.json", refresh_interval=0.05, console_log=False
+    )
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads_n, timeout=30)
+    counts = {"picks": 0, "releases": 0}
+    counts_lock = threading.Lock()
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            for r in range(rounds):
+                if (i + r) % 3 == 0:
+                    released = m.release_port()
+                    with counts_lock:
+                        counts["releases"] += int(released)
+                else:
+                    m.pick_port()
+                    with counts_lock:
+                        counts["picks"] += 1
+                held = [lease["port"] for lease in list_leases()]
+                assert len(held) <= 1, held
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads_n)]
+    try:
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in workers), "a thread hung"
+        assert errors == []
+        leases = list_leases()
+        assert [lease["port"] for lease in leases] == (
+            [] if m.active_port is None else [m.active_port]
+        )
+        state = m.get_state()
+        assert state["change_count"] == counts["picks"] + counts["releases"]
+        assert state["stats"]["picks"] == counts["picks"]
+    finally:
+        m.stop()
+    assert list_leases() == []

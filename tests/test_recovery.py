@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -417,5 +418,40 @@ def test_an_unwritable_registry_raises_registry_error_and_keeps_the_held_port(
             assert m.active_port == held
             assert [lease["port"] for lease in list_leases()] == [held]
         assert m.pick_port() != held
+    finally:
+        m.stop()
+
+
+def test_a_damaged_registry_is_set_aside_and_live_leases_are_reasserted(
+    tmp_path: Path, registry: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    m = manager(tmp_path / "s.json", 21910, 21919, refresh_interval=0.05)
+    try:
+        held = m.pick_port()
+        leases_file = registry / "leases.json"
+        damaged = b'{"version": 1, "leases": [{"port": '
+        leases_file.write_bytes(damaged)
+        # The next refresh notices, keeps the evidence, and re-records the lease.
+        deadline = time.monotonic() + 15
+        while not (
+            list(registry.glob("leases.json.corrupt-*"))
+            and [lease["port"] for lease in list_leases()] == [held]
+        ):
+            assert time.monotonic() < deadline, list(registry.iterdir())
+            time.sleep(0.01)
+        (aside,) = registry.glob("leases.json.corrupt-*")
+        assert aside.read_bytes() == damaged
+        (lease,) = list_leases()
+        assert lease["pid"] == os.getpid()
+        # The held port is still this manager's: nobody else gets it.
+        other = manager(tmp_path / "other.json", 21910, 21919)
+        try:
+            assert other.pick_port() != held
+        finally:
+            other.stop()
+        assert m.active_port == held
+        messages = [r.getMessage() for r in core_messages(caplog)]
+        assert any("registry" in msg and "ERROR" in msg for msg in messages), messages
     finally:
         m.stop()
