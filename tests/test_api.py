@@ -886,3 +886,49 @@ def test_times_follow_the_local_time_zone(
     stamp = dt.datetime.fromisoformat(out["timestamp"])
     offset = stamp.strftime("%z")
     assert offset == out["offset"], (out["timestamp"], out["offset"])
+
+
+def bound_only(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", port))  # bound, never listening: a server about to start
+    return s
+
+
+def dual_stack(port: int) -> socket.socket:
+    return socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
+
+
+def v6_only_wildcard(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind(("::", port))
+    s.listen()
+    return s
+
+
+def v4_wildcard(port: int) -> socket.socket:
+    return socket.create_server(("0.0.0.0", port))
+
+
+NEEDS_V6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 here")
+
+
+@pytest.mark.parametrize(
+    ("opener", "base"),
+    [
+        (bound_only, 21430),
+        (v4_wildcard, 21435),
+        pytest.param(dual_stack, 21440, marks=NEEDS_V6),
+        pytest.param(v6_only_wildcard, 21445, marks=NEEDS_V6),
+    ],
+    ids=["bound-not-listening", "0.0.0.0", "dual-stack-[::]", "v6only-[::]"],
+)
+def test_a_port_taken_by_any_socket_is_never_picked(
+    make: Factory, opener: Callable[[int], socket.socket], base: int
+) -> None:
+    m = make(base, base + 1)
+    with opener(base):
+        assert m.pick_port() == base + 1
+        lonely = make(base, base, json_path=m.json_path.with_name("lonely.json"))
+        with pytest.raises(NoFreePortError):
+            lonely.pick_port()

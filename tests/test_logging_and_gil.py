@@ -513,3 +513,33 @@ def test_stop_and_shutdown_return_without_waiting_for_the_interval(
     assert result.stdout.strip() == "ok"
     no_crash(result.stderr)
     assert list_leases() == []
+
+
+CLOSED_STDERR_CHILD = """
+import json, sys, time
+from dynamic_port_manager import DynamicPortManager, list_leases
+
+assert sys.stderr is None  # the interpreter started with descriptor 2 closed
+m = DynamicPortManager(22170, 22179, sys.argv[1], refresh_interval=0.05)
+ports = [m.pick_port() for _ in range(20)]
+time.sleep(0.2)
+m.release_port()
+m.stop()
+print(json.dumps(ports))
+"""
+
+
+def test_a_closed_stderr_does_not_take_the_program_down(tmp_path: Path, registry: Path) -> None:
+    path = tmp_path / "s.json"
+    result = subprocess.run(
+        [sys.executable, "-c", CLOSED_STDERR_CHILD, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.close(2),
+    )
+    assert result.returncode == 0
+    assert len(json.loads(result.stdout)) == 20
+    state = json.loads(path.read_text())
+    assert state["change_count"] == 21
+    assert list_leases() == []

@@ -455,3 +455,18 @@ def test_a_damaged_registry_is_set_aside_and_live_leases_are_reasserted(
         assert any("registry" in msg and "ERROR" in msg for msg in messages), messages
     finally:
         m.stop()
+
+
+def test_an_unusable_registry_folder_fails_at_construction(tmp_path: Path, registry: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RegistryError):
+        manager(tmp_path / "s.json", 21920, 21929, registry_dir=blocker / "registry")
+
+
+def test_a_registry_folder_other_users_can_write_is_refused(tmp_path: Path, registry: Path) -> None:
+    shared = tmp_path / "shared-registry"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(RegistryError, match="other users"):
+        manager(tmp_path / "s.json", 21930, 21939, registry_dir=shared)
