@@ -10,15 +10,13 @@
 ``DPM_END``, ``DPM_JSON_PATH``, ``DPM_REFRESH_INTERVAL`` and
 ``DPM_HISTORY_MAX`` when it is first needed, and stopped at app shutdown.
 ``create_router(manager)`` serves a manager the app made (and stops) itself.
+``get_manager()``/``close_manager()`` reach the manager behind ``router``.
 """
 
 from __future__ import annotations
 
-from dynamic_port_manager import DynamicPortManager
-from fastapi import APIRouter
+from typing import TYPE_CHECKING, Any
 
-from .default import default_router, shared
-from .routes import build_router
 from .settings import ENV_VARS, ManagerSettings
 
 __all__ = [
@@ -30,20 +28,21 @@ __all__ = [
     "router",
 ]
 
+# FastAPI loads on first use of these, not on `import api_ports.settings`: the
+# command line reads its settings from here and starts in a tenth of the time.
+_ROUTING = frozenset({"close_manager", "create_router", "get_manager", "router"})
 
-def create_router(manager: DynamicPortManager) -> APIRouter:
-    """The port endpoints over ``manager``. The router never stops it: its owner does."""
-    return build_router(lambda: manager)
-
-
-def get_manager() -> DynamicPortManager:
-    """The manager behind ``router`` (created now from ``DPM_*`` if there is none)."""
-    return shared.get()
+if TYPE_CHECKING:
+    from .default import close_manager, create_router, get_manager, router
 
 
-def close_manager() -> None:
-    """Stop the manager behind ``router``, as app shutdown does; the next use makes a new one."""
-    shared.close()
+def __getattr__(name: str) -> Any:
+    if name in _ROUTING:
+        from . import default
+
+        return getattr(default, name)
+    raise AttributeError(f"module 'api_ports' has no attribute {name!r}")
 
 
-router: APIRouter = default_router()
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_ROUTING})

@@ -1,4 +1,5 @@
-"""The drop-in ``router``: one manager per process, created on first use from
+"""The routers: ``create_router(manager)`` over an app's own manager, and the
+drop-in ``router`` over one manager per process, created on first use from
 the ``DPM_*`` environment variables and stopped when the app shuts down.
 
 Created lazily (not at import, not at startup) so that importing or including
@@ -56,5 +57,19 @@ async def _lifespan(app: Any) -> AsyncIterator[None]:
         await run_in_threadpool(shared.close)
 
 
-def default_router() -> APIRouter:
-    return build_router(shared.get, lifespan=_lifespan)
+def create_router(manager: DynamicPortManager) -> APIRouter:
+    """The port endpoints over ``manager``. The router never stops it: its owner does."""
+    return build_router(lambda: manager)
+
+
+def get_manager() -> DynamicPortManager:
+    """The manager behind ``router`` (created now from ``DPM_*`` if there is none)."""
+    return shared.get()
+
+
+def close_manager() -> None:
+    """Stop the manager behind ``router``, as app shutdown does; the next use makes a new one."""
+    shared.close()
+
+
+router: APIRouter = build_router(shared.get, lifespan=_lifespan)

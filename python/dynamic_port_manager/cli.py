@@ -1,0 +1,301 @@
+"""The ``dynamic-port-manager`` command line: pick, run, inspect, release, serve.
+
+Exit status: 0 success, 1 the operation failed (no free port, unusable
+registry, nothing to release), 2 bad usage or input; ``run`` exits with its
+command's status (128+N if a signal N ended it, 127/126 if it cannot start).
+Errors go to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+from api_ports.settings import ManagerSettings
+
+from . import DynamicPortManager, __version__, release_lease
+
+PROG = "dynamic-port-manager"
+
+# Signals `run` passes on to its command. SIGCHLD tells it the command ended.
+FORWARDED = (
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+class UsageError(Exception):
+    """Bad input from the user: exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (UsageError, ValueError) as e:
+        # ValueError: the core's checks of range, pid and the DPM_* variables.
+        return _fail(f"error: {e}", 2)
+    except (RuntimeError, OSError) as e:
+        # NoFreePortError, ManagerStoppedError, RegistryError, file errors.
+        return _fail(f"error: {e}", 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return status
+
+
+# ---- arguments -------------------------------------------------------------
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition("-")
+    try:
+        first = int(start)
+        last = int(end) if sep else first
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected START-END (e.g. 3000-9000) or one port, got {text!r}"
+        ) from None
+    if not 1 <= first <= last <= 65535:
+        raise argparse.ArgumentTypeError(f"expected 1 <= START <= END <= 65535, got {text!r}")
+    return first, last
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (1-65535), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Common options are accepted before or after the subcommand; SUPPRESS keeps
+    # a subcommand's unset copy from overwriting the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("manager options")
+    group.add_argument(
+        "--range",
+        metavar="START-END",
+        type=_port_range,
+        default=argparse.SUPPRESS,
+        help="port range, inclusive (default: $DPM_START-$DPM_END, else 3000-9000)",
+    )
+    group.add_argument(
+        "--state",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="state file (default: $DPM_JSON_PATH, else "
+        "$XDG_STATE_HOME/dynamic-port-manager/dynamic_ports.json)",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the manager's event lines on stderr",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        parents=[common],
+        description="Hands out free TCP ports of one host, never the same port twice.",
+        epilog="Environment: DPM_START, DPM_END, DPM_JSON_PATH, DPM_REFRESH_INTERVAL, "
+        "DPM_HISTORY_MAX, DPM_REGISTRY_DIR.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], text: str) -> Any:
+        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command(
+        "pick",
+        cmd_pick,
+        "Print a free port, held for as long as a process lives "
+        "(default: the calling shell), so PORT=$(dynamic-port-manager pick) is safe.",
+    )
+    p.add_argument(
+        "--pid",
+        type=_positive,
+        help="the process that holds the port (default: the parent process)",
+    )
+
+    p = command(
+        "run",
+        cmd_run,
+        "Run a command with a free port in $PORT and in place of {port} in its "
+        "arguments, held while it runs; signals are passed on, its exit status returned.",
+    )
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    for name, key, text in (
+        ("state", None, "Print the full state as JSON."),
+        ("free", "free_ports", "Print the free ports as JSON."),
+        ("used", "used_ports", "Print the used ports as JSON."),
+        ("history", "history", "Print the active-port history as JSON."),
+    ):
+        command(name, _state_printer(key), text)
+    command("backups", cmd_backups, "Print the state file's backups as JSON.")
+
+    p = command("release", cmd_release, "Release the lease on PORT (whoever holds it).")
+    p.add_argument("port", type=_port, metavar="PORT")
+
+    p = command(
+        "serve",
+        cmd_serve,
+        "Serve the port API (/api/v1/port/..., docs at /docs) on a port it picks itself.",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+        help="uvicorn's log level (default: %(default)s)",
+    )
+    return parser
+
+
+def default_state_path() -> Path:
+    """Per user, not per directory: a CLI call must not litter the current folder."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "dynamic-port-manager" / "dynamic_ports.json"
+
+
+def settings_for(args: argparse.Namespace) -> ManagerSettings:
+    env = ManagerSettings.from_env()
+    start, end = getattr(args, "range", (env.start, env.end))
+    json_path = getattr(args, "state", None) or env.json_path or str(default_state_path())
+    return ManagerSettings(start, end, json_path, env.refresh_interval, env.history_max)
+
+
+def open_manager(args: argparse.Namespace, *, console_log: bool = False) -> DynamicPortManager:
+    verbose: bool = getattr(args, "verbose", False)
+    return settings_for(args).create(console_log=console_log or verbose)
+
+
+def print_json(value: Any) -> None:
+    """Pretty for a person at a terminal, one line for a pipe."""
+    print(json.dumps(value, indent=2 if sys.stdout.isatty() else None))
+
+
+# ---- commands --------------------------------------------------------------
+
+
+def cmd_pick(args: argparse.Namespace) -> int:
+    pid: int = args.pid if args.pid is not None else os.getppid()
+    with open_manager(args) as manager:
+        port = manager.pick_port(pid=pid)
+    print(port)
+    return 0
+
+
+def _state_printer(key: str | None) -> Callable[[argparse.Namespace], int]:
+    def show(args: argparse.Namespace) -> int:
+        with open_manager(args) as manager:
+            state = manager.get_state()
+        print_json(state if key is None else {key: state[key]})
+        return 0
+
+    return show
+
+
+def cmd_backups(args: argparse.Namespace) -> int:
+    with open_manager(args) as manager:
+        print_json({"backups": manager.backups()})
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    if not release_lease(args.port):
+        return _fail(f"no lease on port {args.port}", 1)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve  # FastAPI and uvicorn load only for this command
+
+    with open_manager(args, console_log=True) as manager:
+        serve(manager, host=args.host, log_level=args.log_level)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv: list[str] = list(args.argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("run: no command given (usage: run -- CMD [ARGS...])")
+    # Blocked before the manager starts its threads, which inherit the mask:
+    # every forwarded signal then waits for sigwaitinfo below, in this thread.
+    watched: set[int] = {*FORWARDED, signal.SIGCHLD}
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    try:
+        manager = open_manager(args)
+        try:
+            port = manager.pick_port()
+            env = {**os.environ, "PORT": str(port)}
+            argv = [arg.replace("{port}", str(port)) for arg in argv]
+            return _run_child(argv, env, unblocked, watched)
+        finally:
+            manager.stop()  # releases the port once the command has ended
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+
+
+def _run_child(
+    argv: list[str], env: dict[str, str], child_mask: set[int], watched: set[int]
+) -> int:
+    try:
+        # Python ignores SIGPIPE and SIGXFSZ; the command gets the defaults back.
+        pid = os.posix_spawnp(
+            argv[0],
+            argv,
+            env,
+            setsigmask=child_mask,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        )
+    except FileNotFoundError:
+        return _fail(f"run: command not found: {argv[0]}", 127)
+    except PermissionError:
+        return _fail(f"run: permission denied: {argv[0]}", 126)
+    while True:
+        info = signal.sigwaitinfo(watched)
+        if info.si_signo == signal.SIGCHLD:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+                return code if code >= 0 else 128 - code
+        elif info.si_code <= 0:
+            # Sent by a process (kill, a supervisor): pass it on. A positive
+            # code means the kernel sent it (a terminal's ^C or hangup) to the
+            # whole foreground process group, the command included.
+            os.kill(pid, info.si_signo)

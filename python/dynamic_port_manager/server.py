@@ -1,0 +1,134 @@
+"""``dynamic-port-manager serve``: the port API on a port the manager picks itself.
+
+The server's own port is leased to this process (``pick_port(pid=...)``), so
+the API's ``pick``/``release`` move the manager's active port without ever
+touching the port the server listens on. The socket is bound here, before
+uvicorn starts, so no other program can take the port in between.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import uvicorn
+from api_ports import create_router
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+
+from . import DynamicPortManager, __version__, release_lease
+
+# A pick can lose a race to a program that binds the port without asking the
+# manager; a few more picks then find another port.
+BIND_ATTEMPTS = 5
+
+
+def create_app(manager: DynamicPortManager) -> FastAPI:
+    """The monitoring app: the port router at ``/api/v1``, docs at ``/docs``."""
+    app = FastAPI(
+        title="dynamic-port-manager",
+        version=__version__,
+        description=f"Ports {manager.start}-{manager.end}, state file `{manager.json_path}`.",
+    )
+    app.include_router(create_router(manager), prefix="/api/v1")
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    return app
+
+
+def listen(manager: DynamicPortManager, host: str) -> tuple[socket.socket, int]:
+    """A listening socket on ``host`` and a port leased to this process."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r}: {e.strerror}") from None
+    for _ in range(BIND_ATTEMPTS):
+        port = manager.pick_port(pid=os.getpid())
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address[0], port, *address[2:]))
+            sock.listen(socket.SOMAXCONN)
+            return sock, port
+        except OSError as e:
+            sock.close()
+            release_lease(port, registry_dir=manager.registry_dir)
+            if e.errno != errno.EADDRINUSE:
+                message = f"cannot listen on {host} port {port}: {e.strerror}"
+                raise OSError(e.errno, message) from None
+    message = f"every port picked was taken by another program before it was bound on {host}"
+    raise OSError(errno.EADDRINUSE, message)
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class _Server(uvicorn.Server):
+    """Announces the URL once the app has started and the server accepts."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            self._on_started()
+
+
+class _Stop(Exception):
+    """SIGINT or SIGTERM, after uvicorn's graceful shutdown."""
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the
+    # signal to the handler it found: this one, so the lease is released and
+    # the manager stopped before the process exits (status 0).
+    def stop(signum: int, frame: Any) -> None:
+        # Once: a second signal must not cut the clean-up short.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Stop(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except _Stop:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve(manager: DynamicPortManager, host: str = "127.0.0.1", log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM, then release the port and stop ``manager``."""
+    with _stop_on_signals():
+        sock, port = listen(manager, host)
+        try:
+            url = url_of(host, port)
+
+            def announce() -> None:
+                print(f"Serving on {url}", flush=True)
+                print(f"API: {url}/api/v1/port/state  Docs: {url}/docs", flush=True)
+
+            config = uvicorn.Config(create_app(manager), log_level=log_level, lifespan="on")
+            try:
+                _Server(config, announce).run(sockets=[sock])
+            except SystemExit as e:  # uvicorn's exit when the app fails to start
+                raise RuntimeError(f"the server failed to start (status {e.code})") from None
+        finally:
+            sock.close()
+            release_lease(port, registry_dir=manager.registry_dir)
+            manager.stop()
