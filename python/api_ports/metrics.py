@@ -14,8 +14,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from .jalali import to_timestamp
-
 PREFIX = "dpm_"
 
 
@@ -67,8 +65,8 @@ def _families(state: dict[str, Any] | None) -> Iterator[Metric]:
     # Left without a sample until the first refresh has a time stamp.
     yield gauge(
         "last_refresh_timestamp_seconds",
-        "POSIX time of the last refresh (minute precision, from last_checked).",
-        to_timestamp(s.get("last_checked")) if known else None,
+        "POSIX time of the last refresh (last_checked).",
+        s.get("last_checked_unix"),
     )
 
 

@@ -59,6 +59,9 @@ class PortState(BaseModel):
     last_error_time: Optional[str]
     settings: Settings
     schema_version: int
+    last_checked_unix: Optional[float] = Field(
+        description="`last_checked` as seconds since the Unix epoch."
+    )
     leases: list[Lease]
     stats: Stats
     options: Options

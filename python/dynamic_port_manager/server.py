@@ -120,8 +120,11 @@ def serve(manager: DynamicPortManager, host: str = "127.0.0.1", log_level: str =
             url = url_of(host, port)
 
             def announce() -> None:
-                print(f"Serving on {url}", flush=True)
-                print(f"API: {url}/api/v1/port/state  Docs: {url}/docs", flush=True)
+                try:
+                    print(f"Serving on {url}", flush=True)
+                    print(f"API: {url}/api/v1/port/state  Docs: {url}/docs", flush=True)
+                except OSError:
+                    pass  # stdout closed (`serve | head -1`): keep serving regardless
 
             config = uvicorn.Config(create_app(manager), log_level=log_level, lifespan="on")
             try:
