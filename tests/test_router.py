@@ -216,21 +216,25 @@ def test_two_routers_keep_their_own_metrics(tmp_path: Path, registry: Path) -> N
         assert _samples(client.get("/b/port/metrics").text)["dpm_picks_total"] == 0
 
 
+ENDPOINTS = {
+    ("get", "state"),
+    ("post", "pick"),
+    ("post", "release"),
+    ("get", "free"),
+    ("get", "used"),
+    ("get", "history"),
+    ("get", "backup/list"),
+    ("get", "backup/download"),
+    ("get", "log/json"),
+    ("get", "metrics"),
+}
+DOWNLOAD_PARAMS = {"filename": "dynamic_ports_service1_20240721_155445.json"}
+
+
 def test_openapi_documents_every_endpoint_and_its_errors(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    expected = {
-        ("get", "state"),
-        ("post", "pick"),
-        ("post", "release"),
-        ("get", "free"),
-        ("get", "used"),
-        ("get", "history"),
-        ("get", "backup/list"),
-        ("get", "backup/download"),
-        ("get", "log/json"),
-        ("get", "metrics"),
-    }
-    assert {(m, p.removeprefix("/api/v1/port/")) for p, ms in paths.items() for m in ms} == expected
+    documented = {(m, p.removeprefix("/api/v1/port/")) for p, ms in paths.items() for m in ms}
+    assert documented == ENDPOINTS
     for methods in paths.values():
         for operation in methods.values():
             ok = operation["responses"]["200"]["content"]
@@ -378,7 +382,7 @@ def test_bad_settings_answer_503_naming_the_setting(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     client = TestClient(app_with(api_ports.router))
-    for method, path in (("get", "state"), ("post", "pick"), ("get", "metrics")):
-        response = client.request(method, f"/api/v1/port/{path}")
-        assert response.status_code == 503
+    for method, path in ENDPOINTS:
+        response = client.request(method, f"/api/v1/port/{path}", params=DOWNLOAD_PARAMS)
+        assert response.status_code == 503, path
         assert named in response.json()["detail"]
