@@ -543,3 +543,53 @@ def test_a_closed_stderr_does_not_take_the_program_down(tmp_path: Path, registry
     state = json.loads(path.read_text())
     assert state["change_count"] == 21
     assert list_leases() == []
+
+
+RAISING_FILTER_CHILD = """
+import json, logging, sys
+from dynamic_port_manager import DynamicPortManager, list_leases
+
+class Boom(logging.Filter):
+    def filter(self, record):
+        raise RuntimeError("a filter that fails")
+
+log = logging.getLogger("dynamic_port_manager")
+log.setLevel(logging.INFO)
+m = DynamicPortManager(22180, 22189, sys.argv[1], refresh_interval=3600, console_log=False)
+log.addFilter(Boom())
+out = {}
+try:
+    out["picked"] = m.pick_port()
+except BaseException as e:
+    out["pick_error"] = type(e).__name__
+out["active"] = m.active_port
+out["leases"] = [lease["port"] for lease in list_leases()]
+try:
+    m.stop()
+except BaseException as e:
+    out["stop_error"] = type(e).__name__
+out["stopped"] = m.stopped
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.xfail(
+    reason="core bug: an exception raised by a logging filter during an event is left set "
+    "by the logging bridge, so pick_port()/stop() fail with SystemError ('returned a "
+    "result with an exception set') although the pick happened and the port is held",
+    strict=True,
+)
+def test_a_failing_logging_filter_never_leaves_a_pick_half_done(
+    tmp_path: Path, registry: Path
+) -> None:
+    result = run_child(RAISING_FILTER_CHILD, tmp_path / "s.json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert out.get("pick_error") != "SystemError", out
+    assert out.get("stop_error") != "SystemError", out
+    if "pick_error" in out:
+        # The pick failed as a whole: no port is held.
+        assert out["active"] is None and out["leases"] == [], out
+    else:
+        assert out["active"] == out["picked"] and out["leases"] == [out["picked"]], out
+    assert out["stopped"] is True
