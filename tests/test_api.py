@@ -932,3 +932,23 @@ def test_a_port_taken_by_any_socket_is_never_picked(
         lonely = make(base, base, json_path=m.json_path.with_name("lonely.json"))
         with pytest.raises(NoFreePortError):
             lonely.pick_port()
+
+
+def test_a_relative_json_path_stays_where_it_was_when_the_cwd_changes(
+    registry: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "service"
+    elsewhere = tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(home)
+    m = DynamicPortManager(21450, 21459, "state/ports.json", console_log=False)
+    try:
+        assert m.json_path == home / "state" / "ports.json"
+        monkeypatch.chdir(elsewhere)
+        port = m.pick_port()
+        assert json.loads((home / "state" / "ports.json").read_text())["current_port"] == port
+        assert list(elsewhere.iterdir()) == []
+        assert m.get_state()["settings"]["json_path"] == "state/ports.json"
+    finally:
+        m.stop()
