@@ -7,6 +7,7 @@
 //! GIL, and a thread holding the GIL may be waiting for those very locks.
 
 use std::io::{IsTerminal, Write};
+use std::sync::OnceLock;
 
 use serde_json::json;
 
@@ -38,8 +39,10 @@ impl Kind {
         }
     }
 
+    /// Logged at ERROR level: failures, and recoveries from damage (which
+    /// mean something outside went wrong).
     pub fn is_error(self) -> bool {
-        matches!(self, Kind::Error)
+        matches!(self, Kind::Error | Kind::Recover)
     }
 
     /// ANSI colour of the event name on a terminal.
@@ -162,6 +165,37 @@ impl Event {
     }
 }
 
+/// Where console lines are written. The default is the process's stderr;
+/// the Python binding installs one that writes through `sys.stderr`, so
+/// redirection and capture work and a closed fd 2 is never written to.
+pub trait Console: Send + Sync {
+    /// Writes one line; `render(colour)` makes it, `colour` being whether the
+    /// destination is a terminal (NO_COLOR is applied by the caller).
+    fn write_line(&self, render: &dyn Fn(bool) -> String);
+}
+
+struct ProcessStderr;
+
+impl Console for ProcessStderr {
+    fn write_line(&self, render: &dyn Fn(bool) -> String) {
+        let stderr = std::io::stderr();
+        let line = render(stderr.is_terminal());
+        // A closed or full stderr must never take the host program down.
+        let _ = writeln!(stderr.lock(), "{line}");
+    }
+}
+
+static CONSOLE: OnceLock<Box<dyn Console>> = OnceLock::new();
+
+/// Sets where console lines go, once per process (later calls are ignored).
+pub fn set_console(console: Box<dyn Console>) {
+    let _ = CONSOLE.set(console);
+}
+
+fn console() -> &'static dyn Console {
+    CONSOLE.get().map_or(&ProcessStderr, |c| c.as_ref())
+}
+
 /// Where events go.
 #[derive(Debug, Clone, Copy)]
 pub struct Sink {
@@ -184,10 +218,7 @@ impl Sink {
             tracing::info!(target: "dynamic_port_manager", "{message}");
         }
         if self.console {
-            let stderr = std::io::stderr();
-            let line = event.console_line(use_colour(stderr.is_terminal()));
-            // A closed or full stderr must never take the host program down.
-            let _ = writeln!(stderr.lock(), "{line}");
+            console().write_line(&|terminal| event.console_line(use_colour(terminal)));
         }
     }
 }

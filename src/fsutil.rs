@@ -3,7 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 /// Enough of a file's metadata to tell "the file I read before" from "a file
@@ -29,6 +29,23 @@ impl FileId {
             mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
         })
     }
+}
+
+/// The change counter kept in the first 8 bytes of a lock file (which is
+/// never replaced). Every writer bumps it under the lock before replacing the
+/// data file, so "same counter and same `FileId`" means "unchanged" even when
+/// the file system reuses an inode within one timestamp tick. A short or
+/// unreadable lock file reads as 0: the caller then re-reads, which is safe.
+pub fn read_generation(lock: &File) -> u64 {
+    let mut bytes = [0u8; 8];
+    match lock.read_exact_at(&mut bytes, 0) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => 0,
+    }
+}
+
+pub fn write_generation(lock: &File, generation: u64) -> io::Result<()> {
+    lock.write_all_at(&generation.to_le_bytes(), 0)
 }
 
 /// Creates `dir` (and parents) if missing, new folders with `mode`.
@@ -93,6 +110,22 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"two!");
         assert_ne!(FileId::of(&path).unwrap(), first);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn generation_round_trips_and_starts_at_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.path().join("x.lock"))
+            .unwrap();
+        assert_eq!(read_generation(&file), 0);
+        write_generation(&file, 41).unwrap();
+        write_generation(&file, 42).unwrap();
+        assert_eq!(read_generation(&file), 42);
     }
 
     #[test]

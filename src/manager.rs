@@ -16,6 +16,7 @@ use crate::clock::{self, Stamp};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::{Event, Kind, PortSummary, Sink};
+use crate::fsutil::{read_generation, write_generation};
 use crate::holder::Holder;
 use crate::probe::{probe_port, Probe};
 use crate::registry::{self, Lease, LeaseTable, Registry};
@@ -48,6 +49,9 @@ struct Inner {
     /// The state file's lock file; `None` when it cannot be opened (read-only
     /// folder), in which case the manager works unlocked from memory.
     lock: Option<fd_lock::RwLock<File>>,
+    /// The process that opened `lock` (a forked child must open its own: the
+    /// flock belongs to the open file description it would share).
+    lock_pid: u32,
     /// Ports other programs hold, per the last scan and failed probes.
     bound: PortSet,
     /// Ports leased in the range, per the last registry transaction.
@@ -104,6 +108,7 @@ impl Manager {
                 active: None,
                 store,
                 lock: lock.ok(),
+                lock_pid: std::process::id(),
                 bound: PortSet::default(),
                 leased: PortSet::default(),
                 stopped: false,
@@ -198,6 +203,8 @@ impl Manager {
             return Err(Error::Stopped(self.path.clone()));
         }
         let holder = match for_pid {
+            // In a forked child the manager's port must be the child's lease.
+            None if self.holder.pid != std::process::id() => Holder::current(),
             None => self.holder,
             Some(pid) => Holder::of_pid(pid).ok_or_else(|| {
                 Error::invalid("pid", format!("no running process has pid {pid}"))
@@ -246,11 +253,14 @@ impl Manager {
         };
         let new_active = if moving { Some(port) } else { prev };
         inner.active = new_active;
+        // Every pick is recorded. A pick on behalf of another pid is not a
+        // change of this manager's active port: its entry has no `prev` and
+        // `current_port` stays this manager's.
         self.update_state(inner, &stamp, Some(leases), events, |state| {
-            state.record_change(&stamp.jalali, prev, Some(port));
-            if !moving {
-                // The manager still holds what it held; the picked port is the pid's.
-                state.current_port = new_active;
+            if moving {
+                state.record_change(&stamp.jalali, prev, Some(port));
+            } else {
+                state.record_handout(&stamp.jalali, port);
             }
             state.stats.picks += 1;
         });
@@ -259,9 +269,7 @@ impl Manager {
             (true, Some(old)) => format!("moved from {old} to {port}"),
             (true, None) => format!("picked {port}"),
         };
-        let mut event = self.event(inner, Kind::Pick, &stamp, note);
-        event.active = Some(port);
-        events.push(event);
+        events.push(self.event(inner, Kind::Pick, &stamp, note));
         Ok(port)
     }
 
@@ -503,6 +511,10 @@ impl Manager {
         events: &mut Vec<Event>,
         change: impl FnOnce(&mut State),
     ) {
+        if inner.lock_pid != std::process::id() {
+            inner.lock = open_lock(&inner.store.lock_path()).ok();
+            inner.lock_pid = std::process::id();
+        }
         let Inner {
             state,
             store,
@@ -523,7 +535,8 @@ impl Manager {
             }
             None => None,
         };
-        match store.load() {
+        let generation = guard.as_ref().map_or(0, |g| read_generation(g));
+        match store.load(generation) {
             Loaded::Missing | Loaded::Unchanged => {}
             Loaded::Valid(disk) => adopt(state, *disk),
             Loaded::Corrupt { reason, moved_to } => {
@@ -567,7 +580,14 @@ impl Manager {
         for (_, message) in &problems {
             state.record_error(&stamp.jalali, message.clone());
         }
-        match store.save(state) {
+        // Bump the lock file's counter before replacing the state file, so a
+        // reader never pairs the new file with the old counter.
+        let generation = match &guard {
+            Some(g) => write_generation(g, generation.wrapping_add(1))
+                .map_or(generation, |()| generation.wrapping_add(1)),
+            None => generation,
+        };
+        match store.save(state, generation) {
             Ok(None) => {}
             Ok(Some(backup_problem)) => {
                 state.record_error(&stamp.jalali, backup_problem.clone());

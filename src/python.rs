@@ -263,9 +263,9 @@ impl PyManager {
     }
 
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) {
+        // Returns None: an exception in the block is never swallowed.
         self.stop(py);
-        false
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
@@ -339,14 +339,77 @@ fn list_leases(py: Python<'_>, registry_dir: Option<PathBuf>) -> PyResult<Bound<
     json_loads(py, serde_json::Value::from(records).to_string())
 }
 
+/// Routes `log`/`tracing` records to Python's `logging` (through pyo3-log),
+/// so that a failing handler or filter can never break the call that logged:
+/// pyo3-log leaves such an exception set on the thread, where it would turn
+/// the caller's successful result into a SystemError. Here it is reported
+/// like any exception Python cannot raise (`sys.unraisablehook`) and cleared.
+struct ContainedLogger(pyo3_log::Logger);
+
+impl log::Log for ContainedLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        // try_attach declines during interpreter shutdown: the record is dropped.
+        Python::try_attach(|py| {
+            let callers_error = PyErr::take(py);
+            self.0.log(record);
+            if let Some(logging_error) = PyErr::take(py) {
+                logging_error.write_unraisable(py, None);
+            }
+            if let Some(error) = callers_error {
+                error.restore(py);
+            }
+        });
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
+}
+
+/// Console lines through Python's `sys.stderr`: redirection and capture see
+/// them, and a closed or replaced stderr is Python's business, not fd 2's.
+struct PythonStderr;
+
+impl crate::events::Console for PythonStderr {
+    fn write_line(&self, render: &dyn Fn(bool) -> String) {
+        Python::try_attach(|py| {
+            let callers_error = PyErr::take(py);
+            let written = (|| -> PyResult<()> {
+                let stderr = py.import("sys")?.getattr("stderr")?;
+                if stderr.is_none() {
+                    return Ok(()); // pythonw, or stderr set to None
+                }
+                let terminal = stderr
+                    .call_method0("isatty")
+                    .and_then(|t| t.is_truthy())
+                    .unwrap_or(false);
+                stderr.call_method1("write", (render(terminal) + "\n",))?;
+                stderr.call_method0("flush")?;
+                Ok(())
+            })();
+            // A broken stderr must never break the call that logged.
+            drop(written);
+            if let Some(error) = callers_error {
+                error.restore(py);
+            }
+        });
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // Route `log`/`tracing` records to Python's `logging`. No caching of
-    // logger levels: a level set after import must take effect (the cost is
-    // one `isEnabledFor` call per event, a few per pick).
+    // No caching of logger levels: a level set after import must take effect
+    // (the cost is one `isEnabledFor` call per event, a few per pick).
     let py = m.py();
     let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::Nothing)?;
-    let _ = logger.install();
+    if log::set_boxed_logger(Box::new(ContainedLogger(logger))).is_ok() {
+        log::set_max_level(log::LevelFilter::Trace);
+    }
+    crate::events::set_console(Box::new(PythonStderr));
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyManager>()?;
     m.add("NoFreePortError", py.get_type::<NoFreePortError>())?;

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::manager::Manager;
 use crate::registry::{Lease, LeaseTable, Registry};
@@ -23,6 +23,9 @@ struct Entry {
 struct Schedule {
     entries: Vec<Entry>,
     stop: bool,
+    /// Set by the thread itself as it ends, so `shutdown` can wait for it
+    /// with a time limit.
+    ended: bool,
 }
 
 struct Refresher {
@@ -72,18 +75,46 @@ pub fn unregister(id: u64) {
     r.wake.notify_all();
 }
 
+/// How long interpreter exit waits for a refresh in progress to finish.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
 /// Stops the thread and waits for it (interpreter exit). Returns promptly: the
-/// thread sleeps on a condition variable, not in a fixed sleep.
+/// thread sleeps on a condition variable, not in a fixed sleep. A refresh
+/// stuck on a lock another process holds does not hang the exit: after
+/// `SHUTDOWN_WAIT` the thread is left behind.
 pub fn shutdown() {
     let r = refresher();
-    lock(&r.schedule).stop = true;
-    r.wake.notify_all();
     let handle = lock(&r.thread).take();
-    if let Some((pid, handle)) = handle {
-        if pid == std::process::id() {
-            let _ = handle.join();
-        }
+    let mut schedule = lock(&r.schedule);
+    schedule.stop = true;
+    r.wake.notify_all();
+    let Some((pid, handle)) = handle else {
+        return;
+    };
+    if pid != std::process::id() {
+        forget_inherited(handle);
+        return;
     }
+    let deadline = Instant::now() + SHUTDOWN_WAIT;
+    while !schedule.ended {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            return; // leave it: dropping the handle detaches it
+        };
+        schedule = match r.wake.wait_timeout(schedule, left) {
+            Ok((guard, _)) => guard,
+            Err(poisoned) => poisoned.into_inner().0,
+        };
+    }
+    drop(schedule);
+    let _ = handle.join();
+}
+
+/// A handle inherited through fork names a thread of the parent. Dropping it
+/// would pthread_detach that pthread_t, which glibc may already have reused
+/// for one of the child's own threads (the refresh thread the child starts),
+/// making it unjoinable; so it is leaked instead.
+fn forget_inherited(handle: JoinHandle<()>) {
+    std::mem::forget(handle);
 }
 
 /// Is the refresh thread of this process running? (For tests and `repr`.)
@@ -100,6 +131,14 @@ fn ensure_thread(r: &Arc<Refresher>) {
     if alive {
         return;
     }
+    match thread.take() {
+        Some((pid, handle)) if pid == std::process::id() => {
+            let _ = handle.join(); // it has finished: reap it
+        }
+        Some((_, inherited)) => forget_inherited(inherited),
+        None => {}
+    }
+    lock(&r.schedule).ended = false;
     let worker = r.clone();
     let spawned = std::thread::Builder::new()
         .name("dynamic-port-manager-refresh".into())
@@ -112,6 +151,12 @@ fn ensure_thread(r: &Arc<Refresher>) {
 }
 
 fn run(r: &Refresher) {
+    refresh_until_stopped(r);
+    lock(&r.schedule).ended = true;
+    r.wake.notify_all();
+}
+
+fn refresh_until_stopped(r: &Refresher) {
     while let Some(due) = next_due(r) {
         // One scan of the kernel tables for every due manager; where there are
         // no tables each manager probes its own range.

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fsutil::{ensure_dir, write_atomic, FileId};
+use crate::fsutil::{ensure_dir, read_generation, write_atomic, write_generation, FileId};
 use crate::holder::Holder;
 
 /// The environment variable that moves the registry (e.g. per test session).
@@ -101,8 +101,13 @@ impl LeaseTable {
 
 struct Inner {
     lock: fd_lock::RwLock<File>,
-    /// The table as last read or written, and the file it came from.
-    cache: Option<(FileId, Vec<Lease>)>,
+    /// The process that opened `lock`. flock belongs to the open file
+    /// description, which a forked child shares with its parent: the child
+    /// must open its own, or the lock would not exclude the two.
+    lock_pid: u32,
+    /// The table as last read or written, the file it came from and the
+    /// lock file's change counter at that moment.
+    cache: Option<(FileId, u64, Vec<Lease>)>,
     /// A problem found while reading, for the caller to report once no lock
     /// is held (reporting may call into Python logging).
     notice: Option<String>,
@@ -164,19 +169,12 @@ impl Registry {
     fn create(dir: &Path) -> Result<Registry> {
         ensure_dir(dir, 0o700).map_err(|e| Error::registry(dir, e))?;
         check_private(dir).map_err(|e| Error::registry(dir, e))?;
-        let lock_path = dir.join("leases.lock");
-        let lock_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(|e| Error::registry(&lock_path, e))?;
         Ok(Registry {
             dir: dir.to_path_buf(),
             file: dir.join("leases.json"),
             inner: Mutex::new(Inner {
-                lock: fd_lock::RwLock::new(lock_file),
+                lock: open_lock(dir)?,
+                lock_pid: std::process::id(),
                 cache: None,
                 notice: None,
             }),
@@ -192,13 +190,19 @@ impl Registry {
     /// If the write fails, the error is returned and nothing `f` decided holds.
     pub fn transact<R>(&self, f: impl FnOnce(&mut LeaseTable) -> R) -> Result<R> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.lock_pid != std::process::id() {
+            inner.lock = open_lock(&self.dir)?;
+            inner.lock_pid = std::process::id();
+        }
         let Inner {
             lock,
             cache,
             notice,
+            ..
         } = &mut *inner;
-        let _guard = lock.write().map_err(|e| Error::registry(&self.dir, e))?;
-        let (leases, read_id) = self.load(cache, notice)?;
+        let guard = lock.write().map_err(|e| Error::registry(&self.dir, e))?;
+        let generation = read_generation(&guard);
+        let (leases, read_id) = self.load(cache, notice, generation)?;
         let mut table = LeaseTable {
             leases,
             dirty: false,
@@ -206,7 +210,7 @@ impl Registry {
         let result = f(&mut table);
         if !table.dirty {
             // Unchanged: keep the table as the cache of the file it came from.
-            *cache = read_id.map(|id| (id, table.leases));
+            *cache = read_id.map(|id| (id, generation, table.leases));
         } else {
             let file = LeaseFile {
                 version: 1,
@@ -216,9 +220,13 @@ impl Registry {
                 .map_err(|e| Error::registry(&self.file, io::Error::other(e)))?;
             // Forget the cache first: if the write fails half-way we must re-read.
             *cache = None;
+            // Bump the counter before replacing the file, so that no reader can
+            // pair the new file with the old counter.
+            let generation = generation.wrapping_add(1);
+            write_generation(&guard, generation).map_err(|e| Error::registry(&self.dir, e))?;
             write_atomic(&self.file, &bytes, false).map_err(|e| Error::registry(&self.file, e))?;
             let id = FileId::of(&self.file).map_err(|e| Error::registry(&self.file, e))?;
-            *cache = Some((id, file.leases));
+            *cache = Some((id, generation, file.leases));
         }
         Ok(result)
     }
@@ -241,8 +249,9 @@ impl Registry {
     /// Takes the cached table out (no copy); `transact` puts it back.
     fn load(
         &self,
-        cache: &mut Option<(FileId, Vec<Lease>)>,
+        cache: &mut Option<(FileId, u64, Vec<Lease>)>,
         notice: &mut Option<String>,
+        generation: u64,
     ) -> Result<(Vec<Lease>, Option<FileId>)> {
         let cached = cache.take();
         let id = match FileId::of(&self.file) {
@@ -250,8 +259,8 @@ impl Registry {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
             Err(e) => return Err(Error::registry(&self.file, e)),
         };
-        if let Some((cached_id, leases)) = cached {
-            if cached_id == id {
+        if let Some((cached_id, cached_generation, leases)) = cached {
+            if cached_id == id && cached_generation == generation {
                 return Ok((leases, Some(id)));
             }
         }
@@ -280,6 +289,18 @@ impl Registry {
             }
         }
     }
+}
+
+fn open_lock(dir: &Path) -> Result<fd_lock::RwLock<File>> {
+    let path = dir.join("leases.lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::registry(&path, e))?;
+    Ok(fd_lock::RwLock::new(file))
 }
 
 /// Refuses a registry folder that another user owns or could write to: such a
@@ -335,6 +356,35 @@ mod tests {
         assert_eq!(leases.len(), 1);
         assert_eq!(leases[0].port, 3000);
         assert_eq!(leases[0].owner, "a");
+    }
+
+    #[test]
+    fn a_change_that_keeps_inode_size_and_mtime_is_still_seen() {
+        // ext4 reuses inodes at once and coarse clocks repeat mtimes: the
+        // lock file's counter, not the file's metadata, must decide.
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::create(dir.path()).unwrap();
+        reg.transact(|t| t.insert(lease(3000, Holder::current(), "a")))
+            .unwrap();
+        assert_eq!(reg.snapshot().unwrap()[0].port, 3000); // cached now
+        let path = dir.path().join("leases.json");
+        let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+        let text = fs::read_to_string(&path).unwrap().replace("3000", "3001");
+        fs::write(&path, text).unwrap();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let lock = File::options()
+            .read(true)
+            .write(true)
+            .open(dir.path().join("leases.lock"))
+            .unwrap();
+        let generation = read_generation(&lock);
+        write_generation(&lock, generation + 1).unwrap();
+        assert_eq!(reg.snapshot().unwrap()[0].port, 3001);
     }
 
     #[test]

@@ -167,6 +167,15 @@ impl State {
         self.trim_history();
     }
 
+    /// Records a port handed to another process (`pick_port(pid=...)`): in
+    /// the history (with no `prev`), counts and usage, but not as this
+    /// manager's `current_port`.
+    pub fn record_handout(&mut self, time: &str, port: u16) {
+        let current = self.current_port;
+        self.record_change(time, None, Some(port));
+        self.current_port = current;
+    }
+
     pub fn trim_history(&mut self) {
         while self.history.len() > self.settings.history_max {
             self.history.pop_front();

@@ -49,8 +49,9 @@ pub struct Store {
     stem: String,
     backup_max: usize,
     durable: bool,
-    /// The file as this store last read or wrote it.
-    known: Option<FileId>,
+    /// The file as this store last read or wrote it, with the lock file's
+    /// change counter then (see `fsutil::read_generation`).
+    known: Option<(FileId, u64)>,
     /// This file's backups as of our last save. Valid while no one else has
     /// saved the file since: backups are only taken, under the file's lock,
     /// right before a save, so an unchanged file means an unchanged list.
@@ -90,8 +91,9 @@ impl Store {
         PathBuf::from(name)
     }
 
-    /// Reads the state file, setting a damaged one aside.
-    pub fn load(&mut self) -> Loaded {
+    /// Reads the state file, setting a damaged one aside. `generation` is the
+    /// lock file's change counter (0 without a lock).
+    pub fn load(&mut self, generation: u64) -> Loaded {
         let id = match FileId::of(&self.path) {
             Ok(id) => id,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -101,7 +103,7 @@ impl Store {
             }
             Err(e) => return Loaded::Unreadable(e),
         };
-        if self.known == Some(id) {
+        if self.known == Some((id, generation)) {
             return Loaded::Unchanged;
         }
         self.backup_cache = None;
@@ -111,7 +113,7 @@ impl Store {
         };
         match State::parse(&bytes) {
             Ok(state) => {
-                self.known = Some(id);
+                self.known = Some((id, generation));
                 Loaded::Valid(Box::new(state))
             }
             Err(reason) => {
@@ -125,7 +127,8 @@ impl Store {
     /// Saves `state`: the current file becomes a backup, then the new content
     /// replaces it atomically. Returns a non-fatal backup problem, if any,
     /// alongside success; a failed write is an error.
-    pub fn save(&mut self, state: &State) -> io::Result<Option<String>> {
+    /// `generation` is the lock file's counter as bumped for this save.
+    pub fn save(&mut self, state: &State, generation: u64) -> io::Result<Option<String>> {
         if let Some(dir) = self.path.parent() {
             ensure_dir(dir, 0o755)?;
         }
@@ -139,8 +142,12 @@ impl Store {
         // On failure the old file is still there, untouched (the write is
         // atomic), so what we knew of it stays true: keep `known`, or the next
         // load would adopt that older file over the newer state in memory.
-        write_atomic(&self.path, &state.to_json(), self.durable)?;
-        self.known = FileId::of(&self.path).ok();
+        if let Err(e) = write_atomic(&self.path, &state.to_json(), self.durable) {
+            // Only the counter moved (we bumped it for this save).
+            self.known = self.known.map(|(id, _)| (id, generation));
+            return Err(e);
+        }
+        self.known = FileId::of(&self.path).ok().map(|id| (id, generation));
         Ok(backup_problem)
     }
 
@@ -325,7 +332,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::new(dir.path().join("svc.json"), 3, false);
         for n in 0..6 {
-            assert_eq!(store.save(&state(n)).unwrap(), None);
+            assert_eq!(store.save(&state(n), 0).unwrap(), None);
         }
         let backups = store.backups();
         assert_eq!(backups.len(), 3, "{backups:?}");
@@ -341,10 +348,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("svc.json");
         let mut store = Store::new(path.clone(), 5, false);
-        store.save(&state(1)).unwrap();
-        store.save(&state(2)).unwrap();
+        store.save(&state(1), 0).unwrap();
+        store.save(&state(2), 0).unwrap();
         fs::write(&path, b"{\"current_port\": 30").unwrap();
-        match store.load() {
+        match store.load(0) {
             Loaded::Corrupt { reason, moved_to } => {
                 assert!(reason.contains("JSON"), "{reason}");
                 let moved_to = moved_to.unwrap();
@@ -362,12 +369,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("svc.json");
         let mut mine = Store::new(path.clone(), 5, false);
-        assert!(matches!(mine.load(), Loaded::Missing));
-        mine.save(&state(1)).unwrap();
-        assert!(matches!(mine.load(), Loaded::Unchanged));
+        assert!(matches!(mine.load(0), Loaded::Missing));
+        mine.save(&state(1), 0).unwrap();
+        assert!(matches!(mine.load(0), Loaded::Unchanged));
         let mut theirs = Store::new(path, 5, false);
-        theirs.save(&state(7)).unwrap();
-        match mine.load() {
+        theirs.save(&state(7), 1).unwrap();
+        match mine.load(1) {
             Loaded::Valid(s) => assert_eq!(s.change_count, 7),
             other => panic!("{other:?}"),
         }

@@ -573,12 +573,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.xfail(
-    reason="core bug: an exception raised by a logging filter during an event is left set "
-    "by the logging bridge, so pick_port()/stop() fail with SystemError ('returned a "
-    "result with an exception set') although the pick happened and the port is held",
-    strict=True,
-)
 def test_a_failing_logging_filter_never_leaves_a_pick_half_done(
     tmp_path: Path, registry: Path
 ) -> None:

@@ -139,7 +139,7 @@ class DynamicPortManager:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool: ...
+    ) -> None: ...
 
 def _shutdown() -> None:
     """Stop the refresh thread and wait for it (registered with atexit)."""
