@@ -3,20 +3,26 @@
 //! with different state files still never hand out the same port.
 //!
 //! Layout of the registry folder (mode 0700, owned by the user):
-//! - `leases.lock`: never replaced; `flock`ed around every read-modify-write.
-//! - `leases.json`: `{"version": 1, "leases": [...]}`, replaced atomically.
+//! - `leases.lock`: never replaced; `flock`ed around every read-modify-write,
+//!   and holding the change counter (`fsutil::read_generation`).
+//! - `leases-0.json`, `leases-1.json`: `{"version": 1, "leases": [...]}`, two
+//!   slots; the counter's parity names the current one. A change writes the
+//!   other slot in place and only then bumps the counter, so a crash mid-write
+//!   leaves the current table untouched, as a rename would, but without
+//!   creating and freeing an inode per pick (which ext4 makes slow when it
+//!   happens thousands of times a second).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fsutil::{ensure_dir, read_generation, write_atomic, write_generation, FileId};
+use crate::fsutil::{ensure_dir, read_generation, write_generation, FileId};
 use crate::holder::Holder;
 
 /// The environment variable that moves the registry (e.g. per test session).
@@ -105,7 +111,11 @@ struct Inner {
     /// description, which a forked child shares with its parent: the child
     /// must open its own, or the lock would not exclude the two.
     lock_pid: u32,
-    /// The table as last read or written, the file it came from and the
+    /// (device, inode) of `lock` when opened: if the path no longer names it
+    /// (a /tmp cleaner deleted the folder's files), managers that lock the old
+    /// inode and managers that lock the new one would not exclude each other.
+    lock_id: (u64, u64),
+    /// The table as last read or written, the slot file it came from and the
     /// lock file's change counter at that moment.
     cache: Option<(FileId, u64, Vec<Lease>)>,
     /// A problem found while reading, for the caller to report once no lock
@@ -115,7 +125,6 @@ struct Inner {
 
 pub struct Registry {
     dir: PathBuf,
-    file: PathBuf,
     inner: Mutex<Inner>,
 }
 
@@ -171,12 +180,15 @@ impl Registry {
         check_private(dir).map_err(|e| Error::registry(dir, e))?;
         Ok(Registry {
             dir: dir.to_path_buf(),
-            file: dir.join("leases.json"),
-            inner: Mutex::new(Inner {
-                lock: open_lock(dir)?,
-                lock_pid: std::process::id(),
-                cache: None,
-                notice: None,
+            inner: Mutex::new({
+                let (lock, lock_id) = open_lock(dir)?;
+                Inner {
+                    lock,
+                    lock_id,
+                    lock_pid: std::process::id(),
+                    cache: None,
+                    notice: None,
+                }
             }),
         })
     }
@@ -190,9 +202,12 @@ impl Registry {
     /// If the write fails, the error is returned and nothing `f` decided holds.
     pub fn transact<R>(&self, f: impl FnOnce(&mut LeaseTable) -> R) -> Result<R> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if inner.lock_pid != std::process::id() {
-            inner.lock = open_lock(&self.dir)?;
+        let lock_path = self.dir.join(LOCK_FILE);
+        let current_id = fs::metadata(&lock_path).map(|m| (m.dev(), m.ino())).ok();
+        if inner.lock_pid != std::process::id() || current_id != Some(inner.lock_id) {
+            (inner.lock, inner.lock_id) = open_lock(&self.dir)?;
             inner.lock_pid = std::process::id();
+            inner.cache = None;
         }
         let Inner {
             lock,
@@ -209,26 +224,31 @@ impl Registry {
         };
         let result = f(&mut table);
         if !table.dirty {
-            // Unchanged: keep the table as the cache of the file it came from.
+            // Unchanged: keep the table as the cache of the slot it came from.
             *cache = read_id.map(|id| (id, generation, table.leases));
-        } else {
-            let file = LeaseFile {
-                version: 1,
-                leases: table.leases,
-            };
-            let bytes = serde_json::to_vec(&file)
-                .map_err(|e| Error::registry(&self.file, io::Error::other(e)))?;
-            // Forget the cache first: if the write fails half-way we must re-read.
-            *cache = None;
-            // Bump the counter before replacing the file, so that no reader can
-            // pair the new file with the old counter.
-            let generation = generation.wrapping_add(1);
-            write_generation(&guard, generation).map_err(|e| Error::registry(&self.dir, e))?;
-            write_atomic(&self.file, &bytes, false).map_err(|e| Error::registry(&self.file, e))?;
-            let id = FileId::of(&self.file).map_err(|e| Error::registry(&self.file, e))?;
-            *cache = Some((id, generation, file.leases));
+            return Ok(result);
         }
+        let file = LeaseFile {
+            version: 1,
+            leases: table.leases,
+        };
+        let bytes = serde_json::to_vec(&file)
+            .map_err(|e| Error::registry(&self.dir, io::Error::other(e)))?;
+        // Forget the cache first: if the write fails we must re-read.
+        *cache = None;
+        let next = generation.wrapping_add(1);
+        let slot = self.slot(next);
+        write_in_place(&slot, &bytes).map_err(|e| Error::registry(&slot, e))?;
+        // The new table exists in full; now make it the current one.
+        write_generation(&guard, next).map_err(|e| Error::registry(&self.dir, e))?;
+        let id = FileId::of(&slot).map_err(|e| Error::registry(&slot, e))?;
+        *cache = Some((id, next, file.leases));
         Ok(result)
+    }
+
+    /// The slot file that holds the table of change number `generation`.
+    fn slot(&self, generation: u64) -> PathBuf {
+        self.dir.join(format!("leases-{}.json", generation % 2))
     }
 
     /// A copy of the current leases (taken under the lock).
@@ -245,8 +265,8 @@ impl Registry {
             .take()
     }
 
-    /// Reads the lease file unless the cached copy is still the file on disk.
-    /// Takes the cached table out (no copy); `transact` puts it back.
+    /// Reads the current slot unless the cached table is still it. Takes the
+    /// cached table out (no copy); `transact` puts it back.
     fn load(
         &self,
         cache: &mut Option<(FileId, u64, Vec<Lease>)>,
@@ -254,32 +274,33 @@ impl Registry {
         generation: u64,
     ) -> Result<(Vec<Lease>, Option<FileId>)> {
         let cached = cache.take();
-        let id = match FileId::of(&self.file) {
+        let slot = self.slot(generation);
+        let id = match FileId::of(&slot) {
             Ok(id) => id,
+            // Nothing written yet (or the folder was emptied): no leases.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
-            Err(e) => return Err(Error::registry(&self.file, e)),
+            Err(e) => return Err(Error::registry(&slot, e)),
         };
         if let Some((cached_id, cached_generation, leases)) = cached {
             if cached_id == id && cached_generation == generation {
                 return Ok((leases, Some(id)));
             }
         }
-        let bytes = fs::read(&self.file).map_err(|e| Error::registry(&self.file, e))?;
+        let bytes = fs::read(&slot).map_err(|e| Error::registry(&slot, e))?;
         match serde_json::from_slice::<LeaseFile>(&bytes) {
             Ok(file) => Ok((file.leases, Some(id))),
             Err(e) => {
-                // Our own writes are atomic, so this is outside damage. Keep the
-                // evidence and start empty: live managers re-assert their own
-                // leases at their next refresh, and bind probes still protect
-                // every port a service has already bound.
-                let aside = self.dir.join(format!(
-                    "leases.json.corrupt-{}",
-                    crate::clock::now().compact
-                ));
-                let moved = fs::rename(&self.file, &aside);
+                // Slots are complete before they become current, so this is
+                // outside damage. Keep the evidence and start empty: live
+                // managers re-assert their own leases at their next refresh,
+                // and bind probes still protect every port already bound.
+                let mut aside = slot.clone().into_os_string();
+                aside.push(format!(".corrupt-{}", crate::clock::now().compact));
+                let aside = PathBuf::from(aside);
+                let moved = fs::rename(&slot, &aside);
                 *notice = Some(format!(
                     "lease registry {} was unreadable ({e}); {}; starting empty",
-                    self.file.display(),
+                    slot.display(),
                     match moved {
                         Ok(()) => format!("moved aside to {}", aside.display()),
                         Err(m) => format!("could not move it aside ({m})"),
@@ -291,16 +312,34 @@ impl Registry {
     }
 }
 
-fn open_lock(dir: &Path) -> Result<fd_lock::RwLock<File>> {
-    let path = dir.join("leases.lock");
+/// Overwrites `path` with `bytes` in place (creating it if needed): the same
+/// inode every time. Only for a slot that is not current, so no reader can
+/// see it half-written.
+fn write_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.set_len(bytes.len() as u64)
+}
+
+const LOCK_FILE: &str = "leases.lock";
+
+fn open_lock(dir: &Path) -> Result<(fd_lock::RwLock<File>, (u64, u64))> {
+    let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| Error::registry(&path, e))?;
-    Ok(fd_lock::RwLock::new(file))
+    let meta = file.metadata().map_err(|e| Error::registry(&path, e))?;
+    Ok((fd_lock::RwLock::new(file), (meta.dev(), meta.ino())))
 }
 
 /// Refuses a registry folder that another user owns or could write to: such a
@@ -367,7 +406,7 @@ mod tests {
         reg.transact(|t| t.insert(lease(3000, Holder::current(), "a")))
             .unwrap();
         assert_eq!(reg.snapshot().unwrap()[0].port, 3000); // cached now
-        let path = dir.path().join("leases.json");
+        let path = dir.path().join("leases-1.json");
         let mtime = fs::metadata(&path).unwrap().modified().unwrap();
         let text = fs::read_to_string(&path).unwrap().replace("3000", "3001");
         fs::write(&path, text).unwrap();
@@ -383,8 +422,58 @@ mod tests {
             .open(dir.path().join("leases.lock"))
             .unwrap();
         let generation = read_generation(&lock);
-        write_generation(&lock, generation + 1).unwrap();
+        assert_eq!(generation, 1);
+        write_generation(&lock, generation + 2).unwrap(); // same slot, new change
         assert_eq!(reg.snapshot().unwrap()[0].port, 3001);
+    }
+
+    #[test]
+    fn changes_alternate_between_two_slots_and_reuse_their_inodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::create(dir.path()).unwrap();
+        for port in 3000..3004 {
+            reg.transact(|t| t.insert(lease(port, Holder::current(), "a")))
+                .unwrap();
+        }
+        let inode = |name: &str| fs::metadata(dir.path().join(name)).unwrap().ino();
+        let (slot0, slot1) = (inode("leases-0.json"), inode("leases-1.json"));
+        reg.transact(|t| t.remove_where(|l| l.port == 3000))
+            .unwrap();
+        reg.transact(|t| t.remove_where(|l| l.port == 3001))
+            .unwrap();
+        assert_eq!(
+            (inode("leases-0.json"), inode("leases-1.json")),
+            (slot0, slot1)
+        );
+        let other = Registry::create(dir.path()).unwrap();
+        let ports: Vec<u16> = other.snapshot().unwrap().iter().map(|l| l.port).collect();
+        assert_eq!(ports, vec![3002, 3003]);
+    }
+
+    #[test]
+    fn a_deleted_lock_file_is_replaced_not_kept_locked_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::create(dir.path()).unwrap();
+        reg.transact(|t| t.insert(lease(3000, Holder::current(), "a")))
+            .unwrap();
+        // A /tmp cleaner empties the folder.
+        for entry in fs::read_dir(dir.path()).unwrap() {
+            fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        reg.transact(|t| t.insert(lease(3001, Holder::current(), "a")))
+            .unwrap();
+        // A newcomer locks the same (new) lock file and sees the same table.
+        let newcomer = Registry::create(dir.path()).unwrap();
+        let ports: Vec<u16> = newcomer
+            .snapshot()
+            .unwrap()
+            .iter()
+            .map(|l| l.port)
+            .collect();
+        assert_eq!(ports, vec![3001]);
+        let inner = reg.inner.lock().unwrap();
+        let on_disk = fs::metadata(dir.path().join(LOCK_FILE)).unwrap();
+        assert_eq!(inner.lock_id, (on_disk.dev(), on_disk.ino()));
     }
 
     #[test]
@@ -411,7 +500,7 @@ mod tests {
     #[test]
     fn a_corrupt_registry_is_moved_aside_with_a_notice() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("leases.json"), b"{not json").unwrap();
+        fs::write(dir.path().join("leases-0.json"), b"{not json").unwrap();
         let reg = Registry::create(dir.path()).unwrap();
         assert!(reg.snapshot().unwrap().is_empty());
         let notice = reg.take_notice().unwrap();

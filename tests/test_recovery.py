@@ -429,18 +429,19 @@ def test_a_damaged_registry_is_set_aside_and_live_leases_are_reasserted(
     m = manager(tmp_path / "s.json", 21910, 21919, refresh_interval=0.05)
     try:
         held = m.pick_port()
-        leases_file = registry / "leases.json"
         damaged = b'{"version": 1, "leases": [{"port": '
-        leases_file.write_bytes(damaged)
+        # Damage every slot of the table (which one is current is the core's business).
+        for leases_file in registry.glob("leases-*.json"):
+            leases_file.write_bytes(damaged)
         # The next refresh notices, keeps the evidence, and re-records the lease.
         deadline = time.monotonic() + 15
         while not (
-            list(registry.glob("leases.json.corrupt-*"))
+            list(registry.glob("leases-*.json.corrupt-*"))
             and [lease["port"] for lease in list_leases()] == [held]
         ):
             assert time.monotonic() < deadline, list(registry.iterdir())
             time.sleep(0.01)
-        (aside,) = registry.glob("leases.json.corrupt-*")
+        (aside,) = registry.glob("leases-*.json.corrupt-*")
         assert aside.read_bytes() == damaged
         (lease,) = list_leases()
         assert lease["pid"] == os.getpid()
