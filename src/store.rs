@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::clock;
-use crate::fsutil::{ensure_dir, write_atomic, FileId};
+use crate::fsutil::{ensure_dir, write_atomic_reusing, FileId};
 use crate::state::State;
 
 /// What reading the state file found.
@@ -132,17 +132,30 @@ impl Store {
         if let Some(dir) = self.path.parent() {
             ensure_dir(dir, 0o755)?;
         }
-        let backup_problem = match self.backup_current() {
-            Ok(()) => None,
-            Err(e) => Some(format!(
-                "backup before save failed in {}: {e}",
-                self.backup_dir.display()
-            )),
+        let (backup_problem, recycle) = match self.backup_current() {
+            Ok(recycle) => (None, recycle),
+            Err(e) => (
+                Some(format!(
+                    "backup before save failed in {}: {e}",
+                    self.backup_dir.display()
+                )),
+                None,
+            ),
         };
         // On failure the old file is still there, untouched (the write is
         // atomic), so what we knew of it stays true: keep `known`, or the next
         // load would adopt that older file over the newer state in memory.
-        if let Err(e) = write_atomic(&self.path, &state.to_json(), self.durable) {
+        let written = write_atomic_reusing(
+            &self.path,
+            &state.to_json(),
+            self.durable,
+            recycle.as_deref(),
+        );
+        if let Some(old) = recycle {
+            // Not recycled (declined, or the write failed): still past backup_max.
+            let _ = fs::remove_file(old);
+        }
+        if let Err(e) = written {
             // Only the counter moved (we bumped it for this save).
             self.known = self.known.map(|(id, _)| (id, generation));
             return Err(e);
@@ -195,9 +208,11 @@ impl Store {
     /// Keeps the file about to be replaced under a new backup name. A hard
     /// link costs no copy: saves never modify a file in place, so the linked
     /// inode keeps the old content for good.
-    fn backup_current(&mut self) -> io::Result<()> {
+    /// Returns the oldest backup past `backup_max`, left for the caller to
+    /// recycle as the next temporary file (the others past it are deleted).
+    fn backup_current(&mut self) -> io::Result<Option<PathBuf>> {
         if self.backup_max == 0 || !self.path.exists() {
-            return Ok(());
+            return Ok(None);
         }
         ensure_dir(&self.backup_dir, 0o755)?;
         let mut existing = match self.backup_cache.take() {
@@ -226,11 +241,13 @@ impl Store {
             key: (compact, suffix),
         });
         let excess = existing.len().saturating_sub(self.backup_max);
-        for old in existing.drain(..excess) {
+        let mut dropped: Vec<Backup> = existing.drain(..excess).collect();
+        let recycle = dropped.pop().map(|b| b.path);
+        for old in dropped {
             let _ = fs::remove_file(&old.path);
         }
         self.backup_cache = Some(existing);
-        Ok(())
+        Ok(recycle)
     }
 
     /// Moves a damaged state file aside under a name that is never reused.
