@@ -36,16 +36,24 @@ def read_backup(manager: DynamicPortManager, name: str) -> bytes | None:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         fd = os.open(name, flags, dir_fd=folder)
     except OSError:
-        return None
-    finally:
         os.close(folder)
+        return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
             return None  # a folder or FIFO: not even opened as a file object
         with os.fdopen(fd, "rb", closefd=False) as file:
-            return file.read()
+            data = file.read()
+        # The core recycles the backup it prunes as its next temporary file:
+        # if this one was pruned while we read, what we read may be torn.
+        try:
+            still = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        except OSError:
+            return None
+        return data if still.st_ino == opened.st_ino else None
     finally:
         os.close(fd)
+        os.close(folder)
 
 
 def attachment_header(name: str) -> str:
