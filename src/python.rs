@@ -312,6 +312,55 @@ fn _refresh_thread_running() -> bool {
     crate::refresh::is_running()
 }
 
+/// The state a manager with these settings would show now, without writing
+/// anything (no lease, no save, no backup).
+#[pyfunction]
+#[pyo3(signature = (
+    start = WideInt::Fits(3000),
+    end = WideInt::Fits(9000),
+    json_path = None,
+    history_max = WideInt::Fits(50),
+    *,
+    registry_dir = None
+))]
+#[pyo3(
+    text_signature = "(start=3000, end=9000, json_path=None, history_max=50, *, registry_dir=None)"
+)]
+fn read_state(
+    py: Python<'_>,
+    start: WideInt,
+    end: WideInt,
+    json_path: Option<PathBuf>,
+    history_max: WideInt,
+    registry_dir: Option<PathBuf>,
+) -> PyResult<Bound<'_, PyAny>> {
+    let config = Args {
+        start: start.get("start")?,
+        end: end.get("end")?,
+        json_path: json_path.unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH)),
+        history_max: history_max.get("history_max")?,
+        registry_dir,
+        ..Args::default()
+    }
+    .check()
+    .map_err(to_py_err)?;
+    let text = py
+        .detach(|| crate::manager::read_state(&config).map(|s| serde_json::to_string(&s)))
+        .map_err(to_py_err)?
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    json_loads(py, text)
+}
+
+/// Names of the backups of the state file `json_path`, oldest first.
+#[pyfunction]
+#[pyo3(signature = (json_path = None))]
+fn list_backups(py: Python<'_>, json_path: Option<PathBuf>) -> PyResult<Vec<String>> {
+    let path = json_path.unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH));
+    py.detach(|| crate::manager::list_backups(&path))
+        .map(|backups| backups.into_iter().map(|b| b.name).collect())
+        .map_err(to_py_err)
+}
+
 /// Removes the lease on `port` from the registry; True if there was one.
 #[pyfunction]
 #[pyo3(signature = (port, *, registry_dir = None))]
@@ -419,5 +468,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_refresh_thread_running, m)?)?;
     m.add_function(wrap_pyfunction!(release_lease, m)?)?;
     m.add_function(wrap_pyfunction!(list_leases, m)?)?;
+    m.add_function(wrap_pyfunction!(read_state, m)?)?;
+    m.add_function(wrap_pyfunction!(list_backups, m)?)?;
     Ok(())
 }

@@ -124,6 +124,16 @@ impl Store {
         }
     }
 
+    /// Reads and parses the state file without touching anything: `None` when
+    /// it does not exist, else the state or why it does not parse.
+    pub fn peek(&self) -> io::Result<Option<Result<State, String>>> {
+        match fs::read(&self.path) {
+            Ok(bytes) => Ok(Some(State::parse(&bytes))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Saves `state`: the current file becomes a backup, then the new content
     /// replaces it atomically. Returns a non-fatal backup problem, if any,
     /// alongside success; a failed write is an error.

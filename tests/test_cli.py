@@ -199,6 +199,20 @@ def test_inspection_commands_print_json(block: str, tmp_path: Path) -> None:
     assert backups and set(backups) <= {p.name for p in (tmp_path / "backups").iterdir()}
 
 
+def test_inspection_commands_write_nothing(block: str, tmp_path: Path) -> None:
+    state_file = tmp_path / "svc.json"
+    common = ["--range", block, "--state", str(state_file)]
+    port = int(cli("pick", *common).stdout)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    saved = state_file.read_bytes()
+    for command in ("state", "free", "used", "history", "backups"):
+        cli(command, *common)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert state_file.read_bytes() == saved
+    # ...and still show the world as it is now: the picked port is in use.
+    assert port in json.loads(cli("used", *common).stdout)["used_ports"]
+
+
 def test_json_is_one_line_in_a_pipe_and_pretty_on_a_terminal(block: str) -> None:
     piped = cli("free", "--range", block).stdout
     assert piped.count("\n") == 1

@@ -16,7 +16,9 @@ from ._core import (
     RegistryError,
     __version__,
     _shutdown,
+    list_backups,
     list_leases,
+    read_state,
     release_lease,
 )
 
@@ -26,7 +28,9 @@ __all__ = [
     "NoFreePortError",
     "RegistryError",
     "__version__",
+    "list_backups",
     "list_leases",
+    "read_state",
     "release_lease",
 ]
 

@@ -17,6 +17,8 @@ __all__ = [
     "_refresh_thread_running",
     "release_lease",
     "list_leases",
+    "read_state",
+    "list_backups",
 ]
 
 __version__: str
@@ -152,3 +154,19 @@ def release_lease(port: int, *, registry_dir: _Path | None = None) -> bool:
 
 def list_leases(*, registry_dir: _Path | None = None) -> list[dict[str, Any]]:
     """Every lease in the registry: port, pid, start_time, owner, since, alive."""
+
+def read_state(
+    start: int = 3000,
+    end: int = 9000,
+    json_path: _Path | None = None,
+    history_max: int = 50,
+    *,
+    registry_dir: _Path | None = None,
+) -> dict[str, Any]:
+    """The state a manager with these settings would show now (the file's record,
+    current leases, a fresh scan) without writing anything: no lease, no save,
+    no backup. A damaged file is reported in ``last_error`` and shown from its
+    newest valid backup."""
+
+def list_backups(json_path: _Path | None = None) -> list[str]:
+    """Names of the backups of the state file ``json_path``, oldest first."""

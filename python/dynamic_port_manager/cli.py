@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from api_ports.settings import ManagerSettings
 
-from . import DynamicPortManager, __version__, release_lease
+from . import DynamicPortManager, __version__, list_backups, read_state, release_lease
 
 PROG = "dynamic-port-manager"
 
@@ -220,8 +220,9 @@ def cmd_pick(args: argparse.Namespace) -> int:
 
 def _state_printer(key: str | None) -> Callable[[argparse.Namespace], int]:
     def show(args: argparse.Namespace) -> int:
-        with open_manager(args) as manager:
-            state = manager.get_state()
+        # Looking must not write: no save, no backup, no lease.
+        s = settings_for(args)
+        state = read_state(s.start, s.end, s.json_path, s.history_max)
         print_json(state if key is None else {key: state[key]})
         return 0
 
@@ -229,8 +230,7 @@ def _state_printer(key: str | None) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_backups(args: argparse.Namespace) -> int:
-    with open_manager(args) as manager:
-        print_json({"backups": manager.backups()})
+    print_json({"backups": list_backups(settings_for(args).json_path)})
     return 0
 
 
