@@ -6,6 +6,7 @@ Every process gets the test's private registry through ``DPM_REGISTRY_DIR``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -179,11 +181,12 @@ def test_eight_processes_with_different_files_never_hold_one_port_twice(
                 p.wait(timeout=10)
 
 
-def test_a_killed_holders_port_is_reclaimed_by_the_next_refresh(
-    tmp_path: Path, registry: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="dynamic_port_manager")
-    port = 21600
+@contextlib.contextmanager
+def holder_of(
+    port: int, tmp_path: Path, refresh_interval: float
+) -> Iterator[tuple[subprocess.Popen[bytes], DynamicPortManager]]:
+    """A child process that picks `port` and holds it, and a manager of our own
+    whose range is that one port; both cleaned up afterwards."""
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
     picked = tmp_path / "picked"
@@ -196,8 +199,23 @@ def test_a_killed_holders_port_is_reclaimed_by_the_next_refresh(
     try:
         wait_until(picked.exists, "the holder to pick", procs=[holder])
         m = DynamicPortManager(
-            port, port, tmp_path / "mine.json", refresh_interval=0.1, console_log=False
+            port, port, tmp_path / "mine.json", refresh_interval=refresh_interval, console_log=False
         )
+        yield holder, m
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=10)
+        if m is not None:
+            m.stop()
+
+
+def test_a_killed_holders_port_is_reclaimed_by_the_next_refresh(
+    tmp_path: Path, registry: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dynamic_port_manager")
+    port = 21600
+    with holder_of(port, tmp_path, refresh_interval=0.1) as (holder, m):
         # While the holder lives, its lease keeps the port from everyone else.
         with pytest.raises(NoFreePortError):
             m.pick_port()
@@ -214,33 +232,14 @@ def test_a_killed_holders_port_is_reclaimed_by_the_next_refresh(
         notes = [r.getMessage() for r in caplog.records if r.name == "dynamic_port_manager"]
         assert any("RECLAIM" in n and str(port) in n and str(holder.pid) in n for n in notes), notes
         assert m.pick_port() == port
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait(timeout=10)
-        if m is not None:
-            m.stop()
 
 
 def test_a_pick_in_an_exhausted_range_reclaims_a_dead_holders_port_at_once(
     tmp_path: Path, registry: Path
 ) -> None:
     port = 21610
-    script = tmp_path / "holder.py"
-    script.write_text(HOLDER)
-    picked = tmp_path / "picked"
-    holder = subprocess.Popen(
-        [sys.executable, str(script), str(port), str(tmp_path / "holder.json"), str(picked)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    m = None
-    try:
-        wait_until(picked.exists, "the holder to pick", procs=[holder])
-        # A long interval: no refresh will come to help.
-        m = DynamicPortManager(
-            port, port, tmp_path / "mine.json", refresh_interval=3600, console_log=False
-        )
+    # A long interval: no refresh will come to help.
+    with holder_of(port, tmp_path, refresh_interval=3600) as (holder, m):
         with pytest.raises(NoFreePortError):
             m.pick_port()
         holder.kill()
@@ -248,12 +247,6 @@ def test_a_pick_in_an_exhausted_range_reclaims_a_dead_holders_port_at_once(
         assert m.pick_port() == port
         (lease,) = list_leases()
         assert lease["pid"] == os.getpid()
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait(timeout=10)
-        if m is not None:
-            m.stop()
 
 
 def test_threads_with_their_own_managers_never_hold_one_port_twice(

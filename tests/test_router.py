@@ -25,19 +25,7 @@ from router_helpers import (
     new_manager,
     port_block,
 )
-
-SPEC_KEYS = [
-    "current_port",
-    "free_ports",
-    "used_ports",
-    "port_usage",
-    "history",
-    "last_checked",
-    "change_count",
-    "last_error",
-    "last_error_time",
-    "settings",
-]
+from spec_layout import SPEC_KEYS
 
 
 @pytest.fixture
