@@ -16,7 +16,7 @@ use crate::clock::{self, Stamp};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::{Event, Kind, PortSummary, Sink};
-use crate::fsutil::{read_generation, write_generation};
+use crate::fsutil::{lock_within, read_generation, write_generation, LOCK_WAIT};
 use crate::holder::Holder;
 use crate::probe::{probe_port, Probe};
 use crate::registry::{self, Lease, LeaseTable, Registry};
@@ -514,7 +514,7 @@ impl Manager {
             ..
         } = inner;
         let mut problems: Vec<(Kind, String)> = Vec::new();
-        let guard = match lock.as_mut().map(|l| l.write()) {
+        let guard = match lock.as_mut().map(|l| lock_within(l, LOCK_WAIT)) {
             Some(Ok(guard)) => Some(guard),
             Some(Err(e)) => {
                 problems.push((

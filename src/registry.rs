@@ -22,7 +22,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fsutil::{ensure_dir, read_generation, write_generation, FileId};
+use crate::fsutil::{
+    ensure_dir, lock_within, read_generation, write_generation, FileId, LOCK_WAIT,
+};
 use crate::holder::Holder;
 
 /// The environment variable that moves the registry (e.g. per test session).
@@ -215,7 +217,7 @@ impl Registry {
             notice,
             ..
         } = &mut *inner;
-        let guard = lock.write().map_err(|e| Error::registry(&self.dir, e))?;
+        let guard = lock_within(lock, LOCK_WAIT).map_err(|e| Error::registry(&self.dir, e))?;
         let generation = read_generation(&guard);
         let (leases, read_id) = self.load(cache, notice, generation)?;
         let mut table = LeaseTable {
