@@ -178,7 +178,7 @@ impl Manager {
 
     /// Picks the lowest free port of the range and makes it the active port
     /// (releasing the previous one). With `for_pid`, the lease is held by that
-    /// process instead and this manager keeps no active port.
+    /// process until it exits, and this manager's active port is unchanged.
     pub fn pick_port(&self, for_pid: Option<u32>) -> Result<u16> {
         let mut events = Vec::new();
         let result = self.pick_locked(for_pid, &mut events);
@@ -392,12 +392,7 @@ impl Manager {
                 inner.state.used_ports.clone(),
             );
             self.update_state(inner, &stamp, leases, &mut events, |_| {});
-            if before
-                != (
-                    inner.state.free_ports.clone(),
-                    inner.state.used_ports.clone(),
-                )
-            {
+            if before.0 != inner.state.free_ports || before.1 != inner.state.used_ports {
                 let note = format!(
                     "free {} -> {}, used {} -> {}",
                     before.0.len(),
