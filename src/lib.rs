@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod fsutil;
 pub mod holder;
+pub mod inspect;
 pub mod manager;
 pub mod probe;
 pub mod refresh;

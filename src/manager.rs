@@ -662,7 +662,7 @@ impl Drop for Manager {
 }
 
 /// The state before anything is read: this configuration's settings and options.
-fn initial_state(config: &Config, registry: &Registry) -> State {
+pub(crate) fn initial_state(config: &Config, registry: &Registry) -> State {
     let settings = Settings {
         port_range: [config.start, config.end],
         json_path: config.json_path.to_string_lossy().into_owned(),
@@ -675,58 +675,6 @@ fn initial_state(config: &Config, registry: &Registry) -> State {
         registry_dir: registry.dir().to_string_lossy().into_owned(),
     };
     State::fresh(settings, options)
-}
-
-/// The state a manager with `config` would show right now (the file's record,
-/// today's leases and a fresh scan), without writing anything: no lease, no
-/// save, no backup, no damaged file moved. For inspection (the CLI's `state`,
-/// `free`, `used`, `history`). A damaged file is reported in `last_error` and
-/// shown from its newest valid backup.
-pub fn read_state(config: &Config) -> Result<State> {
-    let path = std::path::absolute(&config.json_path)
-        .map_err(|e| Error::io(format!("json_path {:?}", config.json_path), e))?;
-    let registry = Registry::open(&registry::resolve_dir(config.registry_dir.as_deref()))?;
-    let store = Store::new(path.clone(), config.backup_max, false);
-    let stamp = clock::now();
-    let mut state = initial_state(config, &registry);
-    match store.peek() {
-        Ok(None) => {}
-        Ok(Some(Ok(disk))) => adopt(&mut state, disk),
-        Ok(Some(Err(reason))) => {
-            let shown = match store.newest_valid_backup() {
-                Some((backup, recovered)) => {
-                    adopt(&mut state, recovered);
-                    format!("shown from backup {}", backup.name)
-                }
-                None => "no valid backup".to_string(),
-            };
-            let message = format!(
-                "state file {} is damaged ({reason}); {shown}",
-                path.display()
-            );
-            state.record_error(&stamp.jalali, message);
-        }
-        Err(e) => {
-            let message = format!("cannot read state file {}: {e}", path.display());
-            state.record_error(&stamp.jalali, message);
-        }
-    }
-    let range = config.start..=config.end;
-    let prefix = format!("{}#", path.display());
-    let leased = registry.transact(|t| leased_in(t, &range, &prefix))?;
-    let bound = scan::ports_in_use(range.clone());
-    state.leases = leased.mine;
-    recompute_lists(&mut state, range, &leased.ports, &bound);
-    state.last_checked = Some(stamp.jalali.clone());
-    state.last_checked_unix = Some(stamp.unix);
-    Ok(state)
-}
-
-/// The backups of the state file `json_path`, oldest first (nothing written).
-pub fn list_backups(json_path: &Path) -> Result<Vec<Backup>> {
-    let path = std::path::absolute(json_path)
-        .map_err(|e| Error::io(format!("json_path {json_path:?}"), e))?;
-    Ok(Store::new(path, 0, false).backups())
 }
 
 fn open_lock(path: &Path) -> std::io::Result<fd_lock::RwLock<File>> {
@@ -744,7 +692,7 @@ fn open_lock(path: &Path) -> std::io::Result<fd_lock::RwLock<File>> {
 }
 
 /// Takes another manager's saved state as ours, keeping our own settings.
-fn adopt(state: &mut State, mut disk: State) {
+pub(crate) fn adopt(state: &mut State, mut disk: State) {
     disk.settings = state.settings.clone();
     disk.options = state.options.clone();
     disk.schema_version = state.schema_version;
@@ -754,12 +702,12 @@ fn adopt(state: &mut State, mut disk: State) {
 
 /// What one registry transaction tells the state: the ports leased in the
 /// range (by anyone) and the leases taken through this state file.
-struct Leased {
-    ports: PortSet,
-    mine: Vec<LeaseView>,
+pub(crate) struct Leased {
+    pub(crate) ports: PortSet,
+    pub(crate) mine: Vec<LeaseView>,
 }
 
-fn leased_in(table: &LeaseTable, range: &RangeInclusive<u16>, prefix: &str) -> Leased {
+pub(crate) fn leased_in(table: &LeaseTable, range: &RangeInclusive<u16>, prefix: &str) -> Leased {
     let mut ports = PortSet::default();
     let mut mine = Vec::new();
     for lease in table.iter().filter(|l| range.contains(&l.port)) {
@@ -778,7 +726,7 @@ fn leased_in(table: &LeaseTable, range: &RangeInclusive<u16>, prefix: &str) -> L
 }
 
 /// used = leased or bound; free = the rest of the range.
-fn recompute_lists(
+pub(crate) fn recompute_lists(
     state: &mut State,
     range: RangeInclusive<u16>,
     leased: &PortSet,

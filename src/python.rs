@@ -55,10 +55,10 @@ fn json_loads(py: Python<'_>, text: String) -> PyResult<Bound<'_, PyAny>> {
     py.import("json")?.call_method1("loads", (text,))
 }
 
-/// An integer argument as wide as Python allows: `None` when it does not fit
-/// an i64. Such an int is out of every range the core accepts, so it is
-/// reported as the core reports any bad value (ValueError naming the
-/// argument) instead of pyo3's OverflowError.
+/// An integer argument as wide as Python allows. One that does not fit an i64
+/// is out of every range the core accepts, so it is reported as the core
+/// reports any bad value (ValueError naming the argument) instead of pyo3's
+/// OverflowError; a non-int gets a TypeError naming the argument.
 #[derive(Clone)]
 enum WideInt {
     Fits(i64),
@@ -345,7 +345,7 @@ fn read_state(
     .check()
     .map_err(to_py_err)?;
     let text = py
-        .detach(|| crate::manager::read_state(&config).map(|s| serde_json::to_string(&s)))
+        .detach(|| crate::inspect::read_state(&config).map(|s| serde_json::to_string(&s)))
         .map_err(to_py_err)?
         .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     json_loads(py, text)
@@ -356,7 +356,7 @@ fn read_state(
 #[pyo3(signature = (json_path = None))]
 fn list_backups(py: Python<'_>, json_path: Option<PathBuf>) -> PyResult<Vec<String>> {
     let path = json_path.unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH));
-    py.detach(|| crate::manager::list_backups(&path))
+    py.detach(|| crate::inspect::list_backups(&path))
         .map(|backups| backups.into_iter().map(|b| b.name).collect())
         .map_err(to_py_err)
 }
