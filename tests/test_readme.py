@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,3 +45,25 @@ def test_quick_start_runs_and_records_the_pick(tmp_path: Path, registry: Path) -
 def test_the_example_script_is_the_quick_start() -> None:
     (block,) = python_blocks("Quick start")
     assert block.strip() in (ROOT / "examples/quickstart.py").read_text()
+
+
+def test_router_examples_serve_the_state(
+    tmp_path: Path, registry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DPM_START", "24300")
+    monkeypatch.setenv("DPM_END", "24309")
+    blocks = python_blocks("The FastAPI router")
+    assert len(blocks) == 2
+    for block in blocks:
+        namespace: dict[str, object] = {}
+        exec(compile(block, "README.md", "exec"), namespace)
+        with TestClient(namespace["app"]) as client:  # type: ignore[arg-type]
+            picked = client.post("/api/v1/port/pick").json()
+            assert picked["status"] == "success"
+            state = client.get("/api/v1/port/state").json()
+            assert state["current_port"] == picked["port"]
+        if "pm" in namespace:
+            assert namespace["pm"].stopped  # type: ignore[attr-defined]
