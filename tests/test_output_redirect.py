@@ -1,0 +1,35 @@
+"""Console lines and log_json() go through sys.stderr / sys.stdout, so Python-level
+redirection (contextlib, pytest's capsys, a web framework's capture) sees them."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+from dynamic_port_manager import DynamicPortManager
+
+
+def test_console_lines_follow_a_redirected_sys_stderr(tmp_path: Path, registry: Path) -> None:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        m = DynamicPortManager(24400, 24409, tmp_path / "s.json", refresh_interval=3600)
+        port = m.pick_port()
+        m.stop()
+    lines = err.getvalue().splitlines()
+    assert [line.split(" | ")[1].strip() for line in lines] == ["START", "PICK", "STOP"]
+    assert f"Active:{port}" in lines[1]
+    assert "\x1b" not in err.getvalue()  # a StringIO is no terminal
+
+
+def test_log_json_follows_a_redirected_sys_stdout(tmp_path: Path, registry: Path) -> None:
+    m = DynamicPortManager(24410, 24419, tmp_path / "s.json", console_log=False)
+    try:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            record = m.log_json()
+        assert json.loads(out.getvalue()) == record
+        assert record["state_file"] == str(tmp_path / "s.json")
+    finally:
+        m.stop()
