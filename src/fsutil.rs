@@ -4,7 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Enough of a file's metadata to tell "the file I read before" from "a file
@@ -70,6 +70,75 @@ pub fn lock_within(
         }
         std::thread::sleep(pause.min(deadline - now));
         pause = (pause * 2).min(Duration::from_millis(1));
+    }
+}
+
+/// A lock file that stays this process's own. flock belongs to the open file
+/// description, which a forked child shares with its parent, so after a fork
+/// the child opens its own; and if the path no longer names the file we hold
+/// (a /tmp cleaner deleted it), we open the new one, or processes locking the
+/// old inode and the new one would not exclude each other. Used by the
+/// registry and by every state file.
+pub struct LockFile {
+    path: PathBuf,
+    /// `None` until it could be opened (a read-only folder, say).
+    held: Option<HeldLock>,
+}
+
+struct HeldLock {
+    lock: fd_lock::RwLock<File>,
+    pid: u32,
+    id: (u64, u64),
+}
+
+impl LockFile {
+    /// Opens (creating) `path` now if it can; `acquire` retries otherwise.
+    pub fn new(path: PathBuf) -> LockFile {
+        let mut lock = LockFile { path, held: None };
+        let _ = lock.reopen_if_stale();
+        lock
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes the lock exclusively within `wait` (see `lock_within`). The flag
+    /// says whether the file was (re)opened for this call: whatever was cached
+    /// under the old one is not to be trusted.
+    pub fn acquire(
+        &mut self,
+        wait: Duration,
+    ) -> io::Result<(fd_lock::RwLockWriteGuard<'_, File>, bool)> {
+        let reopened = self.reopen_if_stale()?;
+        let held = self.held.as_mut().expect("reopen_if_stale opened it");
+        Ok((lock_within(&mut held.lock, wait)?, reopened))
+    }
+
+    fn reopen_if_stale(&mut self) -> io::Result<bool> {
+        let on_disk = fs::metadata(&self.path).map(|m| (m.dev(), m.ino())).ok();
+        if let Some(held) = &self.held {
+            if held.pid == std::process::id() && on_disk == Some(held.id) {
+                return Ok(false);
+            }
+        }
+        self.held = None;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.path)
+            // An existing lock file we may not write still locks (flock
+            // needs no write access); only the change counter stays at 0.
+            .or_else(|_| File::open(&self.path))?;
+        let meta = file.metadata()?;
+        self.held = Some(HeldLock {
+            lock: fd_lock::RwLock::new(file),
+            pid: std::process::id(),
+            id: (meta.dev(), meta.ino()),
+        });
+        Ok(true)
     }
 }
 
@@ -216,6 +285,20 @@ mod tests {
         assert!(err.to_string().contains("held by another process"), "{err}");
         drop(_held);
         assert!(lock_within(&mut waiter, Duration::from_millis(50)).is_ok());
+    }
+
+    #[test]
+    fn a_lock_file_deleted_under_us_is_reopened_so_locks_still_exclude() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        let mut ours = LockFile::new(path.clone());
+        assert!(!ours.acquire(Duration::from_millis(50)).unwrap().1);
+        fs::remove_file(&path).unwrap(); // a /tmp cleaner
+        let mut theirs = LockFile::new(path.clone()); // creates a new file
+        let (_held, _) = theirs.acquire(Duration::from_millis(50)).unwrap();
+        // Locking the old, deleted inode would "succeed" and exclude nobody.
+        let err = ours.acquire(Duration::from_millis(50)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 
     #[test]

@@ -6,7 +6,6 @@
 //! never both the registry lock and the state-file lock at once. Events are
 //! emitted only after the manager's mutex is released (see `events.rs`).
 
-use std::fs::{File, OpenOptions};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +15,7 @@ use crate::clock::{self, Stamp};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::{Event, Kind, PortSummary, Sink};
-use crate::fsutil::{lock_within, read_generation, write_generation, LOCK_WAIT};
+use crate::fsutil::{read_generation, write_generation, LockFile, LOCK_WAIT};
 use crate::holder::Holder;
 use crate::probe::{probe_port, Probe};
 use crate::registry::{self, Lease, LeaseTable, Registry};
@@ -46,12 +45,9 @@ struct Inner {
     /// The port this manager holds a lease on.
     active: Option<u16>,
     store: Store,
-    /// The state file's lock file; `None` when it cannot be opened (read-only
-    /// folder), in which case the manager works unlocked from memory.
-    lock: Option<fd_lock::RwLock<File>>,
-    /// The process that opened `lock` (a forked child must open its own: the
-    /// flock belongs to the open file description it would share).
-    lock_pid: u32,
+    /// The state file's lock file. While it cannot be opened (read-only
+    /// folder), the manager works unlocked from memory.
+    lock: LockFile,
     /// Ports other programs hold, per the last scan and failed probes.
     bound: PortSet,
     /// Ports leased in the range, per the last registry transaction.
@@ -80,7 +76,11 @@ impl Manager {
         let owner_prefix = format!("{}#", path.display());
         let owner = format!("{owner_prefix}{}.{id}", holder.pid);
         let store = Store::new(path.clone(), config.backup_max, config.durable);
-        let lock = open_lock(&store.lock_path());
+        // The folder is made now so the lock can be; a failure shows at the first save.
+        if let Some(dir) = path.parent() {
+            let _ = crate::fsutil::ensure_dir(dir, 0o755);
+        }
+        let lock = LockFile::new(store.lock_path());
         let state = initial_state(&config, &registry);
         let manager = Arc::new(Manager {
             id,
@@ -97,8 +97,7 @@ impl Manager {
                 state,
                 active: None,
                 store,
-                lock: lock.ok(),
-                lock_pid: std::process::id(),
+                lock,
                 bound: PortSet::default(),
                 leased: PortSet::default(),
                 stopped: false,
@@ -496,10 +495,6 @@ impl Manager {
         events: &mut Vec<Event>,
         change: impl FnOnce(&mut State),
     ) {
-        if inner.lock_pid != std::process::id() {
-            inner.lock = open_lock(&inner.store.lock_path()).ok();
-            inner.lock_pid = std::process::id();
-        }
         let Inner {
             state,
             store,
@@ -509,16 +504,17 @@ impl Manager {
             ..
         } = inner;
         let mut problems: Vec<(Kind, String)> = Vec::new();
-        let guard = match lock.as_mut().map(|l| lock_within(l, LOCK_WAIT)) {
-            Some(Ok(guard)) => Some(guard),
-            Some(Err(e)) => {
+        let guard = match lock.acquire(LOCK_WAIT) {
+            Ok((guard, _)) => Some(guard),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 problems.push((
                     Kind::Error,
                     format!("cannot lock {}: {e}", store.lock_path().display()),
                 ));
                 None
             }
-            None => None,
+            // No lock file can be made (read-only folder): the save reports it.
+            Err(_) => None,
         };
         let generation = guard.as_ref().map_or(0, |g| read_generation(g));
         match store.load(generation) {
@@ -610,9 +606,9 @@ impl Manager {
     pub fn json_record(&self) -> serde_json::Value {
         let inner = self.lock_inner();
         let note = "state snapshot".to_string();
-        let mut event = self.event(&inner, Kind::Refresh, &clock::now(), note);
-        event.active = inner.active;
-        let mut record = event.json();
+        let mut record = self
+            .event(&inner, Kind::Refresh, &clock::now(), note)
+            .json();
         record["event.action"] = "log_json".into();
         record["current_port"] = inner.state.current_port.into();
         record["change_count"] = inner.state.change_count.into();
@@ -675,20 +671,6 @@ pub(crate) fn initial_state(config: &Config, registry: &Registry) -> State {
         registry_dir: registry.dir().to_string_lossy().into_owned(),
     };
     State::fresh(settings, options)
-}
-
-fn open_lock(path: &Path) -> std::io::Result<fd_lock::RwLock<File>> {
-    if let Some(dir) = path.parent() {
-        crate::fsutil::ensure_dir(dir, 0o755)?;
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .or_else(|_| File::open(path))?;
-    Ok(fd_lock::RwLock::new(file))
 }
 
 /// Takes another manager's saved state as ours, keeping our own settings.

@@ -13,7 +13,7 @@
 //!   happens thousands of times a second).
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -22,9 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fsutil::{
-    ensure_dir, lock_within, read_generation, write_generation, FileId, LOCK_WAIT,
-};
+use crate::fsutil::{ensure_dir, read_generation, write_generation, FileId, LockFile, LOCK_WAIT};
 use crate::holder::Holder;
 
 /// The environment variable that moves the registry (e.g. per test session).
@@ -108,15 +106,7 @@ impl LeaseTable {
 }
 
 struct Inner {
-    lock: fd_lock::RwLock<File>,
-    /// The process that opened `lock`. flock belongs to the open file
-    /// description, which a forked child shares with its parent: the child
-    /// must open its own, or the lock would not exclude the two.
-    lock_pid: u32,
-    /// (device, inode) of `lock` when opened: if the path no longer names it
-    /// (a /tmp cleaner deleted the folder's files), managers that lock the old
-    /// inode and managers that lock the new one would not exclude each other.
-    lock_id: (u64, u64),
+    lock: LockFile,
     /// The table as last read or written, the slot file it came from and the
     /// lock file's change counter at that moment.
     cache: Option<(FileId, u64, Vec<Lease>)>,
@@ -182,15 +172,10 @@ impl Registry {
         check_private(dir).map_err(|e| Error::registry(dir, e))?;
         Ok(Registry {
             dir: dir.to_path_buf(),
-            inner: Mutex::new({
-                let (lock, lock_id) = open_lock(dir)?;
-                Inner {
-                    lock,
-                    lock_id,
-                    lock_pid: std::process::id(),
-                    cache: None,
-                    notice: None,
-                }
+            inner: Mutex::new(Inner {
+                lock: LockFile::new(dir.join(LOCK_FILE)),
+                cache: None,
+                notice: None,
             }),
         })
     }
@@ -204,20 +189,17 @@ impl Registry {
     /// If the write fails, the error is returned and nothing `f` decided holds.
     pub fn transact<R>(&self, f: impl FnOnce(&mut LeaseTable) -> R) -> Result<R> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let lock_path = self.dir.join(LOCK_FILE);
-        let current_id = fs::metadata(&lock_path).map(|m| (m.dev(), m.ino())).ok();
-        if inner.lock_pid != std::process::id() || current_id != Some(inner.lock_id) {
-            (inner.lock, inner.lock_id) = open_lock(&self.dir)?;
-            inner.lock_pid = std::process::id();
-            inner.cache = None;
-        }
         let Inner {
             lock,
             cache,
             notice,
-            ..
         } = &mut *inner;
-        let guard = lock_within(lock, LOCK_WAIT).map_err(|e| Error::registry(&self.dir, e))?;
+        let (guard, reopened) = lock
+            .acquire(LOCK_WAIT)
+            .map_err(|e| Error::registry(self.dir.join(LOCK_FILE), e))?;
+        if reopened {
+            *cache = None;
+        }
         let generation = read_generation(&guard);
         let (leases, read_id) = self.load(cache, notice, generation)?;
         let mut table = LeaseTable {
@@ -330,20 +312,6 @@ fn write_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 const LOCK_FILE: &str = "leases.lock";
 
-fn open_lock(dir: &Path) -> Result<(fd_lock::RwLock<File>, (u64, u64))> {
-    let path = dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| Error::registry(&path, e))?;
-    let meta = file.metadata().map_err(|e| Error::registry(&path, e))?;
-    Ok((fd_lock::RwLock::new(file), (meta.dev(), meta.ino())))
-}
-
 /// Refuses a registry folder that another user owns or could write to: such a
 /// user could plant leases, or delete ours and take our ports.
 fn check_private(dir: &Path) -> io::Result<()> {
@@ -374,6 +342,7 @@ fn check_private(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
 
     fn lease(port: u16, holder: Holder, owner: &str) -> Lease {
         Lease {
@@ -473,9 +442,12 @@ mod tests {
             .map(|l| l.port)
             .collect();
         assert_eq!(ports, vec![3001]);
-        let inner = reg.inner.lock().unwrap();
-        let on_disk = fs::metadata(dir.path().join(LOCK_FILE)).unwrap();
-        assert_eq!(inner.lock_id, (on_disk.dev(), on_disk.ino()));
+        // ...and the two go on sharing one table: both lock the new file.
+        newcomer
+            .transact(|t| t.insert(lease(3002, Holder::current(), "b")))
+            .unwrap();
+        let ports: Vec<u16> = reg.snapshot().unwrap().iter().map(|l| l.port).collect();
+        assert_eq!(ports, vec![3001, 3002]);
     }
 
     #[test]
