@@ -46,7 +46,7 @@ impl Holder {
     }
 }
 
-fn pid_exists(pid: u32) -> bool {
+pub fn pid_exists(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };

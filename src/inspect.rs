@@ -7,9 +7,9 @@ use std::path::Path;
 use crate::clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::manager::{adopt, initial_state, leased_in, recompute_lists};
 use crate::registry::{self, Registry};
 use crate::scan;
+use crate::shared::{adopt, initial_state, leased_in, recompute_lists};
 use crate::state::State;
 use crate::store::{Backup, Store};
 
@@ -22,19 +22,20 @@ pub fn read_state(config: &Config) -> Result<State> {
     let path = std::path::absolute(&config.json_path)
         .map_err(|e| Error::io(format!("json_path {:?}", config.json_path), e))?;
     let registry = Registry::open(&registry::resolve_dir(config.registry_dir.as_deref()))?;
-    let store = Store::new(path.clone(), config.backup_max, false);
+    let mut store = Store::new(path.clone(), config.backup_max, false);
     let stamp = clock::now();
     let mut state = initial_state(config, &registry);
     match store.peek() {
         Ok(None) => {}
         Ok(Some(Ok(disk))) => adopt(&mut state, disk),
         Ok(Some(Err(reason))) => {
-            let shown = match store.newest_valid_backup() {
-                Some((backup, recovered)) => {
+            let shown = match store.best_backup() {
+                Ok(Some((backup, recovered))) => {
                     adopt(&mut state, recovered);
                     format!("shown from backup {}", backup.name)
                 }
-                None => "no valid backup".to_string(),
+                Ok(None) => "no valid backup".to_string(),
+                Err(e) => format!("backups not used: {e}"),
             };
             let message = format!(
                 "state file {} is damaged ({reason}); {shown}",
@@ -62,7 +63,9 @@ pub fn read_state(config: &Config) -> Result<State> {
 pub fn list_backups(json_path: &Path) -> Result<Vec<Backup>> {
     let path = std::path::absolute(json_path)
         .map_err(|e| Error::io(format!("json_path {json_path:?}"), e))?;
-    Ok(Store::new(path, 0, false).backups())
+    Store::new(path.clone(), 0, false)
+        .backups()
+        .map_err(|e| Error::io(format!("backups of {}", path.display()), e))
 }
 
 #[cfg(test)]

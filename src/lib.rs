@@ -10,10 +10,12 @@ pub mod fsutil;
 pub mod holder;
 pub mod inspect;
 pub mod manager;
+pub mod per_process;
 pub mod probe;
 pub mod refresh;
 pub mod registry;
 pub mod scan;
+pub mod shared;
 #[cfg(target_os = "linux")]
 pub mod sockdiag;
 pub mod state;
@@ -25,28 +27,36 @@ pub use config::{Args, Config};
 pub use error::{Error, Result};
 pub use manager::Manager;
 
-/// Creates a manager and puts it on the refresh thread's schedule.
+/// Creates a manager (which puts itself on this process's refresh schedule).
 pub fn start_manager(config: Config) -> Result<std::sync::Arc<Manager>> {
-    let manager = Manager::new(config)?;
-    refresh::register(&manager);
-    Ok(manager)
+    Manager::new(config)
 }
 
 /// Stops a manager and takes it off the refresh schedule.
 pub fn stop_manager(manager: &Manager) {
     manager.stop();
-    refresh::unregister(manager.id());
 }
 
 /// Refreshes one manager now, as the refresh thread would: kernel scan, dead
-/// leases reclaimed, state saved.
+/// leases reclaimed, state saved if what it shows changed.
 pub fn refresh_manager(manager: &Manager) {
     let host = scan::kernel_tables().ok();
     let reclaimed = manager
         .registry()
-        .transact(registry::LeaseTable::remove_dead)
+        .map(|r| manager::sweep_dead(&r))
         .unwrap_or_default();
     manager.refresh(host.as_ref(), &reclaimed);
+}
+
+/// At interpreter exit: stops the refresh thread (waiting a moment at most)
+/// and gives back every lease this process holds, in every registry it used,
+/// whatever other threads are doing. Each wait is bounded by `wait`.
+pub fn release_at_exit(wait: std::time::Duration) {
+    refresh::shutdown();
+    let me = holder::Holder::current();
+    for registry in registry::Registry::all_open() {
+        let _ = registry.release_process(me, wait);
+    }
 }
 
 /// Removes whatever lease holds `port` in the registry (`None`: the default

@@ -1,58 +1,60 @@
 //! The manager: picks, releases and refreshes, composing the registry (who holds
 //! which port, host-wide), the probe and scan (what the kernel says), and the
-//! store (the state file with its history).
+//! state file's shared view (`shared.rs`).
 //!
-//! Locking order, always: the manager's mutex, then the registry lock, and
-//! never both the registry lock and the state-file lock at once. Events are
-//! emitted only after the manager's mutex is released (see `events.rs`).
+//! A manager belongs to the process that uses it: everything that names this
+//! process (the lease owner, the active port) or holds a lock lives in a
+//! per-process part, so a forked child's manager holds no port of the parent,
+//! never touches the parent's leases, and inherits no lock.
+//!
+//! Locking order, always: the manager's mutex, then the file view's, then the
+//! registry's, and never the registry lock and a state-file lock at once.
+//! Events are emitted only after every lock is released (see `events.rs`).
 
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::clock::{self, Stamp};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::{Event, Kind, PortSummary, Sink};
-use crate::fsutil::{read_generation, write_generation, LockFile, LOCK_WAIT};
 use crate::holder::Holder;
+use crate::per_process::PerProcess;
 use crate::probe::{probe_port, Probe};
 use crate::registry::{self, Lease, LeaseTable, Registry};
 use crate::scan::{self, PortSet};
-use crate::state::{LeaseView, Options, Settings, State};
-use crate::store::{Backup, Loaded, Store};
+use crate::shared::{leased_in, FileView, Leased, Save, SharedFile};
+use crate::state::State;
+use crate::store::Backup;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 pub struct Manager {
     id: u64,
+    me: Weak<Manager>,
     config: Config,
     /// The state file, absolute (fixed at construction, whatever `chdir` follows).
     path: PathBuf,
-    /// This manager's name in the registry: state file + instance number.
-    owner: String,
-    /// What every lease taken through this state file's managers starts with.
-    owner_prefix: String,
-    holder: Holder,
-    registry: Arc<Registry>,
-    sink: Sink,
-    inner: Mutex<Inner>,
+    registry_dir: PathBuf,
+    stopped: AtomicBool,
+    local: PerProcess<std::result::Result<Local, String>>,
 }
 
-struct Inner {
-    state: State,
-    /// The port this manager holds a lease on.
+/// The manager as one process sees it.
+struct Local {
+    holder: Holder,
+    /// This manager's name in the registry: state file, pid, instance number.
+    owner: String,
+    registry: Arc<Registry>,
+    file: Arc<SharedFile>,
+    mine: Mutex<Mine>,
+}
+
+struct Mine {
+    /// The port this manager holds a lease on, in this process.
     active: Option<u16>,
-    store: Store,
-    /// The state file's lock file. While it cannot be opened (read-only
-    /// folder), the manager works unlocked from memory.
-    lock: LockFile,
-    /// Ports other programs hold, per the last scan and failed probes.
-    bound: PortSet,
-    /// Ports leased in the range, per the last registry transaction.
-    leased: PortSet,
-    stopped: bool,
 }
 
 impl std::fmt::Debug for Manager {
@@ -64,47 +66,65 @@ impl std::fmt::Debug for Manager {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not make every later call panic too.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Manager {
     /// Opens (or creates) the state file and joins the host registry. Emits START.
     pub fn new(config: Config) -> Result<Arc<Manager>> {
         let path = std::path::absolute(&config.json_path)
             .map_err(|e| Error::io(format!("json_path {:?}", config.json_path), e))?;
-        let registry_dir = registry::resolve_dir(config.registry_dir.as_deref());
-        let registry = Registry::open(&registry_dir)?;
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let holder = Holder::current();
-        let owner_prefix = format!("{}#", path.display());
-        let owner = format!("{owner_prefix}{}.{id}", holder.pid);
-        let store = Store::new(path.clone(), config.backup_max, config.durable);
-        // The folder is made now so the lock can be; a failure shows at the first save.
-        if let Some(dir) = path.parent() {
-            let _ = crate::fsutil::ensure_dir(dir, 0o755);
-        }
-        let lock = LockFile::new(store.lock_path());
-        let state = initial_state(&config, &registry);
-        let manager = Arc::new(Manager {
-            id,
-            sink: Sink {
-                console: config.console_log,
-            },
+        let registry_dir =
+            std::path::absolute(registry::resolve_dir(config.registry_dir.as_deref()))
+                .map_err(|e| Error::io("registry_dir", e))?;
+        let manager = Arc::new_cyclic(|me| Manager {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            me: me.clone(),
             config,
             path,
-            owner,
-            owner_prefix,
-            holder,
-            registry,
-            inner: Mutex::new(Inner {
-                state,
-                active: None,
-                store,
-                lock,
-                bound: PortSet::default(),
-                leased: PortSet::default(),
-                stopped: false,
-            }),
+            registry_dir,
+            stopped: AtomicBool::new(false),
+            local: PerProcess::new(),
         });
-        manager.start();
+        let local = manager.local()?;
+        if let Err(what) = local.file.lock().check_path() {
+            return Err(Error::invalid(
+                "json_path",
+                format!(
+                    "{} {what}; only a regular file can be a state file",
+                    manager.path.display()
+                ),
+            ));
+        }
+        manager.start(local);
         Ok(manager)
+    }
+
+    /// This process's part, made on first use in each process (a forked
+    /// child's manager starts with no port, under the child's own name).
+    fn local(&self) -> Result<&Local> {
+        let made = self.local.get_or_init(|| {
+            let registry = Registry::open(&self.registry_dir).map_err(|e| e.to_string())?;
+            let holder = Holder::current();
+            let file = SharedFile::open(&self.path, &self.config, &registry);
+            // Refreshed in every process that uses it (a forked child's
+            // schedule starts empty).
+            if !self.is_stopped() {
+                crate::refresh::register(self.id, self.me.clone(), self.config.refresh_interval);
+            }
+            Ok(Local {
+                owner: format!("{}{}.{}", file.owner_prefix(), holder.pid, self.id),
+                holder,
+                registry,
+                file,
+                mine: Mutex::new(Mine { active: None }),
+            })
+        });
+        made.as_ref().map_err(|message| {
+            Error::registry(&self.registry_dir, std::io::Error::other(message.clone()))
+        })
     }
 
     pub fn id(&self) -> u64 {
@@ -119,60 +139,90 @@ impl Manager {
         &self.path
     }
 
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+    pub fn registry_dir(&self) -> &Path {
+        &self.registry_dir
+    }
+
+    /// This process's registry handle.
+    pub fn registry(&self) -> Result<Arc<Registry>> {
+        Ok(self.local()?.registry.clone())
     }
 
     pub fn active_port(&self) -> Option<u16> {
-        self.lock_inner().active
+        self.local
+            .current()
+            .and_then(|l| l.as_ref().ok())
+            .and_then(|l| lock(&l.mine).active)
     }
 
     pub fn is_stopped(&self) -> bool {
-        self.lock_inner().stopped
+        self.stopped.load(Ordering::SeqCst)
     }
 
-    /// A copy of the state as last computed (what `get_state()` returns).
+    /// The state as last computed (what `get_state()` returns), with this
+    /// manager's own active port as `current_port`.
     pub fn state(&self) -> State {
-        self.lock_inner().state.clone()
+        match self.local() {
+            Ok(local) => {
+                let mine = lock(&local.mine);
+                let mut state = local.file.lock().state.clone();
+                state.current_port = mine.active;
+                state
+            }
+            Err(_) => {
+                let settings = crate::state::Settings {
+                    port_range: [self.config.start, self.config.end],
+                    json_path: self.config.json_path.to_string_lossy().into_owned(),
+                    history_max: self.config.history_max,
+                };
+                State::fresh(settings, Default::default())
+            }
+        }
     }
 
-    fn lock_inner(&self) -> MutexGuard<'_, Inner> {
-        // A panic elsewhere must not make every later call panic too.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn range(&self) -> std::ops::RangeInclusive<u16> {
+    fn range(&self) -> RangeInclusive<u16> {
         self.config.start..=self.config.end
     }
 
-    /// Loads or recovers the state, takes a first scan, saves. Emits START.
-    fn start(&self) {
+    fn sink(&self) -> Sink {
+        Sink {
+            console: self.config.console_log,
+        }
+    }
+
+    /// Loads or recovers the state (once per file view), takes a first scan,
+    /// saves. Emits START.
+    fn start(&self, local: &Local) {
         let stamp = clock::now();
         let mut events = Vec::new();
         {
-            let mut guard = self.lock_inner();
-            let inner = &mut *guard;
-            inner.bound = scan::ports_in_use(self.range());
-            let leases = self.leases_in_range(inner, &stamp, &mut events);
+            let mine = lock(&local.mine);
+            let mut file = local.file.lock();
+            let first = !file.started;
+            if first {
+                file.bound = scan::ports_in_use(self.range());
+                file.tidy();
+            }
+            let (leases, problems) = self.leases_in_range(local, &mine, &stamp);
             // A current_port left by a manager that is gone is no one's port.
             let live: Vec<u16> = leases
                 .iter()
                 .flat_map(|l| l.mine.iter().map(|v| v.port))
                 .collect();
-            self.update_state(inner, &stamp, leases, &mut events, |state| {
-                if state.current_port.is_some_and(|p| !live.contains(&p)) {
-                    state.current_port = None;
+            let problems = file.update(self.range(), &stamp, leases, Save::Always, problems, |s| {
+                if s.current_port.is_some_and(|p| !live.contains(&p)) {
+                    s.current_port = None;
                 }
             });
-            inner.store.prime_backup_cache();
-            events.push(self.event(
-                inner,
-                Kind::Start,
-                &stamp,
-                "DynamicPortManager started.".into(),
-            ));
+            if first {
+                file.store.prime_backup_cache();
+                file.started = true;
+            }
+            self.push_problems(&mut events, &mine, &file, &stamp, problems);
+            let note = "DynamicPortManager started.".to_string();
+            events.push(self.event(&mine, &file, Kind::Start, &stamp, note));
         }
-        self.sink.emit(&events);
+        self.sink().emit(&events);
     }
 
     /// Picks the lowest free port of the range and makes it the active port
@@ -181,117 +231,137 @@ impl Manager {
     pub fn pick_port(&self, for_pid: Option<u32>) -> Result<u16> {
         let mut events = Vec::new();
         let result = self.pick_locked(for_pid, &mut events);
-        self.sink.emit(&events);
+        self.sink().emit(&events);
         result
     }
 
     fn pick_locked(&self, for_pid: Option<u32>, events: &mut Vec<Event>) -> Result<u16> {
-        let mut guard = self.lock_inner();
-        let inner = &mut *guard;
-        if inner.stopped {
+        if self.is_stopped() {
             return Err(Error::Stopped(self.path.clone()));
         }
+        let local = self.local()?;
+        crate::refresh::ensure_running();
+        let mut mine = lock(&local.mine);
         let holder = match for_pid {
-            // In a forked child the manager's port must be the child's lease.
-            None if self.holder.pid != std::process::id() => Holder::current(),
-            None => self.holder,
+            None => local.holder,
             Some(pid) => Holder::of_pid(pid).ok_or_else(|| {
                 Error::invalid("pid", format!("no running process has pid {pid}"))
             })?,
         };
+        let mut file = local.file.lock();
         let stamp = clock::now();
-        let prev = inner.active;
+        let prev = mine.active;
         let moving = for_pid.is_none();
-        let lease_for = |port| Lease {
+        let owner = if moving {
+            local.owner.clone()
+        } else {
+            format!("{}pid", local.file.owner_prefix())
+        };
+        let lease = |port| Lease {
             port,
             pid: holder.pid,
             start_time: holder.start_time,
-            owner: if moving {
-                self.owner.clone()
-            } else {
-                format!("{}#pid", self.path.display())
-            },
+            owner: owner.clone(),
             since: stamp.iso.clone(),
         };
-        let mut picked = self.try_pick(inner, moving.then_some(prev).flatten(), &lease_for)?;
-        if picked.is_none() {
-            // Exhausted as far as we knew: reclaim leases of dead processes and
-            // look at the kernel afresh before giving up.
-            let reclaimed = self.registry.transact(LeaseTable::remove_dead)?;
-            inner.bound = scan::ports_in_use(self.range());
-            self.reclaim_events(inner, &reclaimed, &stamp, events);
-            picked = self.try_pick(inner, moving.then_some(prev).flatten(), &lease_for)?;
+        let replacing = moving.then_some(prev).flatten();
+        let mut picked = self.try_pick(local, &mut file, replacing, &lease)?;
+        if picked.0.is_none() {
+            // Exhausted as far as we knew: look at the kernel afresh.
+            file.bound = scan::ports_in_use(self.range());
+            let again = self.try_pick(local, &mut file, replacing, &lease)?;
+            picked.0 = again.0;
+            picked.1.extend(again.1);
         }
-        self.take_registry_notice(inner, &stamp, events);
-        let Some((port, leases)) = picked else {
-            let leases = self.registry.snapshot()?;
-            let leased = leases
-                .iter()
-                .filter(|l| self.range().contains(&l.port))
-                .count();
+        let (found, reclaimed) = picked;
+        let mut problems = self.registry_notice(local);
+        let reclaimed_here = self.reclaim_events(local, &mine, &file, &reclaimed, &stamp, events);
+        let Some((port, leases)) = found else {
+            let leased = file.leased.count_in(self.range());
             let err = Error::NoFreePort {
                 start: self.config.start,
                 end: self.config.end,
                 leased,
-                bound: inner.bound.count_in(self.range()),
+                bound: file.bound.count_in(self.range()),
             };
-            let message = err.to_string();
-            inner.state.record_error(&stamp.jalali, message.clone());
-            events.push(self.event(inner, Kind::Error, &stamp, message));
+            problems.push((Kind::Error, err.to_string()));
+            let problems = file.update(self.range(), &stamp, None, Save::Always, problems, |s| {
+                for port in reclaimed_here {
+                    s.record_reclaim(&stamp.jalali, port);
+                }
+            });
+            self.push_problems(events, &mine, &file, &stamp, problems);
             return Err(err);
         };
-        let new_active = if moving { Some(port) } else { prev };
-        inner.active = new_active;
+        if moving {
+            mine.active = Some(port);
+        }
         // Every pick is recorded. A pick on behalf of another pid is not a
-        // change of this manager's active port: its entry has no `prev` and
-        // `current_port` stays this manager's.
-        self.update_state(inner, &stamp, Some(leases), events, |state| {
-            if moving {
-                state.record_change(&stamp.jalali, prev, Some(port));
-            } else {
-                state.record_handout(&stamp.jalali, port);
-            }
-            state.stats.picks += 1;
-        });
+        // change of this manager's active port: its entry has no `prev`.
+        let problems = file.update(
+            self.range(),
+            &stamp,
+            Some(leases),
+            Save::Always,
+            problems,
+            |s| {
+                for old in reclaimed_here {
+                    s.record_reclaim(&stamp.jalali, old);
+                }
+                if moving {
+                    s.record_change(&stamp.jalali, prev, Some(port));
+                } else {
+                    s.record_handout(&stamp.jalali, port);
+                }
+                s.stats.picks += 1;
+            },
+        );
+        self.push_problems(events, &mine, &file, &stamp, problems);
         let note = match (moving, prev) {
             (false, _) => format!("picked {port} for pid {}", holder.pid),
             (true, Some(old)) => format!("moved from {old} to {port}"),
             (true, None) => format!("picked {port}"),
         };
-        events.push(self.event(inner, Kind::Pick, &stamp, note));
+        events.push(self.event(&mine, &file, Kind::Pick, &stamp, note));
         Ok(port)
     }
 
     /// One pass over the range under the registry lock: the lowest port that
-    /// no lease names, no scan saw in use, and a bind probe confirms. Records
-    /// the lease (and drops `replacing`'s) in the same transaction.
+    /// no live holder's lease names, no scan saw in use, and a bind probe
+    /// confirms. Leases of dead holders below it are taken back on the way
+    /// (returned), so the lowest free port is never kept by a process that
+    /// exited. Records the lease (and drops `replacing`'s) in the same
+    /// transaction.
     fn try_pick(
         &self,
-        inner: &mut Inner,
+        local: &Local,
+        file: &mut FileView,
         replacing: Option<u16>,
-        lease_for: &dyn Fn(u16) -> Lease,
-    ) -> Result<Option<(u16, Leased)>> {
-        let bound = &mut inner.bound;
+        lease: &dyn Fn(u16) -> Lease,
+    ) -> Result<Picked> {
+        let bound = &mut file.bound;
         let range = self.range();
-        self.registry.transact(|table| {
-            let leased: PortSet = table.iter().map(|l| l.port).collect();
-            let port = range.clone().find(|&port| {
-                if leased.contains(port) || bound.contains(port) {
-                    return false;
+        let owner = &local.owner;
+        let prefix = local.file.owner_prefix();
+        local.registry.transact_seeing(|table, seen| {
+            let mut reclaimed = Vec::new();
+            let port = loop {
+                let leased: PortSet = table.iter().map(|l| l.port).collect();
+                let found = lowest_free(range.clone(), &leased, bound);
+                let dead = table.remove_dead_below(&range, found, seen);
+                if dead.is_empty() {
+                    break found;
                 }
-                match probe_port(port) {
-                    Probe::Free => true,
-                    Probe::InUse | Probe::Unusable => {
-                        bound.insert(port);
-                        false
-                    }
-                }
-            })?;
-            table.insert(lease_for(port));
+                reclaimed.extend(dead);
+            };
+            let Some(port) = port else {
+                return (None, reclaimed);
+            };
+            table.insert(lease(port));
             if let Some(old) = replacing {
-                table.remove_where(|l| l.port == old && l.owner == self.owner);
+                table.remove_where(|l| l.port == old && &l.owner == owner);
             }
-            Some((port, leased_in(table, &range, &self.owner_prefix)))
+            (Some((port, leased_in(table, &range, prefix))), reclaimed)
         })
     }
 
@@ -299,304 +369,276 @@ impl Manager {
     pub fn release_port(&self) -> Result<bool> {
         let mut events = Vec::new();
         let result = (|| {
-            let mut guard = self.lock_inner();
-            let inner = &mut *guard;
-            if inner.stopped {
+            if self.is_stopped() {
                 return Err(Error::Stopped(self.path.clone()));
             }
-            let Some(port) = inner.active else {
+            let local = self.local()?;
+            let mut mine = lock(&local.mine);
+            let Some(port) = mine.active else {
                 return Ok(false);
             };
+            let mut file = local.file.lock();
             let stamp = clock::now();
-            let leases = self.drop_lease(port)?;
-            inner.active = None;
-            self.update_state(inner, &stamp, Some(leases), &mut events, |state| {
-                state.record_change(&stamp.jalali, Some(port), None);
-                state.stats.releases += 1;
-            });
-            events.push(self.event(inner, Kind::Release, &stamp, format!("released {port}")));
+            let leases = self.drop_lease(local, port)?;
+            mine.active = None;
+            // The holder has usually closed its listener by now: look again,
+            // so the state shows the port free at once.
+            if probe_port(port) == Probe::Free {
+                file.bound.remove(port);
+            }
+            let problems = self.registry_notice(local);
+            let problems = file.update(
+                self.range(),
+                &stamp,
+                Some(leases),
+                Save::Always,
+                problems,
+                |s| {
+                    s.record_change(&stamp.jalali, Some(port), None);
+                    s.stats.releases += 1;
+                },
+            );
+            self.push_problems(&mut events, &mine, &file, &stamp, problems);
+            let note = format!("released {port}");
+            events.push(self.event(&mine, &file, Kind::Release, &stamp, note));
             Ok(true)
         })();
-        self.sink.emit(&events);
+        self.sink().emit(&events);
         result
     }
 
-    fn drop_lease(&self, port: u16) -> Result<Leased> {
+    fn drop_lease(&self, local: &Local, port: u16) -> Result<Leased> {
         let range = self.range();
-        self.registry.transact(|table| {
-            table.remove_where(|l| l.port == port && l.owner == self.owner);
-            leased_in(table, &range, &self.owner_prefix)
+        local.registry.transact(|table| {
+            table.remove_where(|l| l.port == port && l.owner == local.owner);
+            leased_in(table, &range, local.file.owner_prefix())
         })
     }
 
     /// Stops the manager: releases the active port and emits STOP. Idempotent.
+    /// Needs no new file descriptor to give the port back.
     pub fn stop(&self) {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        crate::refresh::unregister(self.id);
+        // In a process that never used this manager there is nothing of it here.
+        let Some(Ok(local)) = self.local.current() else {
+            return;
+        };
         let mut events = Vec::new();
         {
-            let mut guard = self.lock_inner();
-            let inner = &mut *guard;
-            if inner.stopped {
-                return;
-            }
-            inner.stopped = true;
+            let mut mine = lock(&local.mine);
+            let mut file = local.file.lock();
             let stamp = clock::now();
-            let note = match inner.active.take() {
-                Some(port) => match self.drop_lease(port) {
-                    Ok(leases) => {
-                        self.update_state(inner, &stamp, Some(leases), &mut events, |state| {
-                            state.record_change(&stamp.jalali, Some(port), None);
-                            state.stats.releases += 1;
-                        });
-                        format!("DynamicPortManager stopped; released {port}.")
-                    }
-                    Err(e) => {
+            let released_port = mine.active.take();
+            let (leases, mut problems, note) = match released_port {
+                Some(port) => match self.drop_lease(local, port) {
+                    Ok(leases) => (
+                        Some(leases),
+                        Vec::new(),
+                        format!("DynamicPortManager stopped; released {port}."),
+                    ),
+                    Err(e) => (
+                        None,
                         // The registry is unreachable: the lease stays until
-                        // this process exits, when the next refresh reclaims it.
-                        let message = format!("stop could not release {port}: {e}");
-                        inner.state.record_error(&stamp.jalali, message.clone());
-                        events.push(self.event(inner, Kind::Error, &stamp, message));
-                        format!("DynamicPortManager stopped; {port} left to be reclaimed.")
-                    }
+                        // this process exits, and is reclaimed then.
+                        vec![(Kind::Error, format!("stop could not release {port}: {e}"))],
+                        format!("DynamicPortManager stopped; {port} left to be reclaimed."),
+                    ),
                 },
-                None => {
-                    self.save_only(inner, &stamp, &mut events);
-                    "DynamicPortManager stopped.".into()
-                }
+                None => (None, Vec::new(), "DynamicPortManager stopped.".into()),
             };
-            events.push(self.event(inner, Kind::Stop, &stamp, note));
+            let released = leases.as_ref().and(released_port);
+            problems.extend(self.registry_notice(local));
+            let save = if released.is_some() {
+                Save::Always
+            } else {
+                Save::IfChanged
+            };
+            let problems = file.update(self.range(), &stamp, leases, save, problems, |s| {
+                if let Some(port) = released {
+                    s.record_change(&stamp.jalali, Some(port), None);
+                    s.stats.releases += 1;
+                }
+            });
+            self.push_problems(&mut events, &mine, &file, &stamp, problems);
+            events.push(self.event(&mine, &file, Kind::Stop, &stamp, note));
         }
-        self.sink.emit(&events);
+        self.sink().emit(&events);
     }
 
-    /// One refresh: the kernel's view of the range (`host` is a whole-host scan
-    /// from the refresher, `None` where there is none), leases re-asserted,
-    /// state saved. `reclaimed` are dead leases the refresher just removed.
+    /// One refresh: this manager's lease re-asserted, and (once per file and
+    /// interval, whichever manager of the file comes first) the kernel's view
+    /// of the range, with the state saved if what it shows changed. `host` is
+    /// a whole-host scan from the refresher (`None` where there is none);
+    /// `reclaimed` are dead leases the refresher just removed.
     pub fn refresh(&self, host: Option<&PortSet>, reclaimed: &[Lease]) {
+        if self.is_stopped() {
+            return;
+        }
+        let Ok(local) = self.local() else {
+            return;
+        };
         let mut events = Vec::new();
         {
-            let mut guard = self.lock_inner();
-            let inner = &mut *guard;
-            if inner.stopped {
+            let mine = lock(&local.mine);
+            let mut file = local.file.lock();
+            let stamp = clock::now();
+            let due = file
+                .refreshed
+                .is_none_or(|at| at.elapsed() >= self.config.refresh_interval / 2);
+            let (leases, problems) = self.leases_in_range(local, &mine, &stamp);
+            let reclaimed_here =
+                self.reclaim_events(local, &mine, &file, reclaimed, &stamp, &mut events);
+            if !due && problems.is_empty() && reclaimed_here.is_empty() {
                 return;
             }
-            let stamp = clock::now();
-            inner.bound = match host {
+            file.refreshed = Some(std::time::Instant::now());
+            file.bound = match host {
                 Some(set) => set.clone(),
                 None => scan::ports_in_use(self.range()),
             };
-            self.reclaim_events(inner, reclaimed, &stamp, &mut events);
-            let leases = self.leases_in_range(inner, &stamp, &mut events);
-            let before = (
-                inner.state.free_ports.clone(),
-                inner.state.used_ports.clone(),
+            file.tidy();
+            let before = (file.state.free_ports.len(), file.state.used_ports.len());
+            let problems = file.update(
+                self.range(),
+                &stamp,
+                leases,
+                Save::IfChanged,
+                problems,
+                |s| {
+                    for port in reclaimed_here {
+                        s.record_reclaim(&stamp.jalali, port);
+                    }
+                },
             );
-            self.update_state(inner, &stamp, leases, &mut events, |_| {});
-            if before.0 != inner.state.free_ports || before.1 != inner.state.used_ports {
+            self.push_problems(&mut events, &mine, &file, &stamp, problems);
+            let after = (file.state.free_ports.len(), file.state.used_ports.len());
+            if before != after {
                 let note = format!(
                     "free {} -> {}, used {} -> {}",
-                    before.0.len(),
-                    inner.state.free_ports.len(),
-                    before.1.len(),
-                    inner.state.used_ports.len()
+                    before.0, after.0, before.1, after.1
                 );
-                events.push(self.event(inner, Kind::Refresh, &stamp, note));
+                events.push(self.event(&mine, &file, Kind::Refresh, &stamp, note));
             }
         }
-        self.sink.emit(&events);
+        self.sink().emit(&events);
     }
 
     /// The leases in range, re-asserting this manager's own lease if the
-    /// registry lost it (file deleted or damaged): a port handed out stays held.
+    /// registry lost it (file deleted or damaged): a port handed out stays
+    /// held. A problem is returned for `last_error`, not recorded here (it
+    /// must outlive the adoption of the file's state).
     fn leases_in_range(
         &self,
-        inner: &mut Inner,
+        local: &Local,
+        mine: &Mine,
         stamp: &Stamp,
-        events: &mut Vec<Event>,
-    ) -> Option<Leased> {
+    ) -> (Option<Leased>, Vec<(Kind, String)>) {
         let range = self.range();
-        let active = inner.active;
-        let result = self.registry.transact(|table| {
+        let result = local.registry.transact(|table| {
             let mut conflict = None;
-            if let Some(port) = active {
+            if let Some(port) = mine.active {
                 match table.holder_of(port) {
                     None => table.insert(Lease {
                         port,
-                        pid: self.holder.pid,
-                        start_time: self.holder.start_time,
-                        owner: self.owner.clone(),
+                        pid: local.holder.pid,
+                        start_time: local.holder.start_time,
+                        owner: local.owner.clone(),
                         since: stamp.iso.clone(),
                     }),
-                    Some(l) if l.owner != self.owner => conflict = Some(l.clone()),
+                    Some(l) if l.owner != local.owner => conflict = Some(l.clone()),
                     Some(_) => {}
                 }
             }
-            (leased_in(table, &range, &self.owner_prefix), conflict)
+            (
+                leased_in(table, &range, local.file.owner_prefix()),
+                conflict,
+            )
         });
-        self.take_registry_notice(inner, stamp, events);
+        let mut problems = self.registry_notice(local);
         match result {
             Ok((views, conflict)) => {
                 if let Some(other) = conflict {
-                    let message = format!(
-                        "port {} held by this manager was leased to {} (pid {}) meanwhile",
-                        other.port, other.owner, other.pid
-                    );
-                    inner.state.record_error(&stamp.jalali, message.clone());
-                    events.push(self.event(inner, Kind::Error, stamp, message));
+                    problems.push((
+                        Kind::Error,
+                        format!(
+                            "port {} held by this manager was leased to {} (pid {}) meanwhile",
+                            other.port, other.owner, other.pid
+                        ),
+                    ));
                 }
-                Some(views)
+                (Some(views), problems)
             }
             Err(e) => {
-                let message = e.to_string();
-                inner.state.record_error(&stamp.jalali, message.clone());
-                events.push(self.event(inner, Kind::Error, stamp, message));
-                None
+                problems.push((Kind::Error, e.to_string()));
+                (None, problems)
             }
         }
     }
 
-    fn take_registry_notice(&self, inner: &mut Inner, stamp: &Stamp, events: &mut Vec<Event>) {
-        if let Some(notice) = self.registry.take_notice() {
-            inner.state.record_error(&stamp.jalali, notice.clone());
-            events.push(self.event(inner, Kind::Error, stamp, notice));
-        }
+    fn registry_notice(&self, local: &Local) -> Vec<(Kind, String)> {
+        local
+            .registry
+            .take_notice()
+            .map(|notice| (Kind::Error, notice))
+            .into_iter()
+            .collect()
     }
 
+    /// RECLAIM events for the dead holders' leases in this range; returns
+    /// the ports that were this state file's (their history records it).
     fn reclaim_events(
         &self,
-        inner: &Inner,
+        local: &Local,
+        mine: &Mine,
+        file: &FileView,
         reclaimed: &[Lease],
         stamp: &Stamp,
         events: &mut Vec<Event>,
-    ) {
+    ) -> Vec<u16> {
+        let mut here = Vec::new();
         for lease in reclaimed.iter().filter(|l| self.range().contains(&l.port)) {
             let note = format!(
                 "reclaimed {} from {} (pid {} is gone)",
                 lease.port, lease.owner, lease.pid
             );
-            events.push(self.event(inner, Kind::Reclaim, stamp, note));
+            events.push(self.event(mine, file, Kind::Reclaim, stamp, note));
+            if lease.owner.starts_with(local.file.owner_prefix()) {
+                here.push(lease.port);
+            }
         }
+        here
     }
 
-    /// Saves with no change but the refreshed lists (used by `stop`).
-    fn save_only(&self, inner: &mut Inner, stamp: &Stamp, events: &mut Vec<Event>) {
-        let leases = self.leases_in_range(inner, stamp, events);
-        self.update_state(inner, stamp, leases, events, |_| {});
-    }
-
-    /// The read-modify-write of the state file, under its lock: adopt what
-    /// another manager of the same file wrote, apply `change`, recompute the
-    /// free and used lists, save (with a backup). Problems become `last_error`
-    /// and ERROR/RECOVER events; none is raised, the state lives on in memory.
-    fn update_state(
+    fn push_problems(
         &self,
-        inner: &mut Inner,
-        stamp: &Stamp,
-        leases: Option<Leased>,
         events: &mut Vec<Event>,
-        change: impl FnOnce(&mut State),
+        mine: &Mine,
+        file: &FileView,
+        stamp: &Stamp,
+        problems: Vec<(Kind, String)>,
     ) {
-        let Inner {
-            state,
-            store,
-            lock,
-            bound,
-            leased,
-            ..
-        } = inner;
-        let mut problems: Vec<(Kind, String)> = Vec::new();
-        let guard = match lock.acquire(LOCK_WAIT) {
-            Ok((guard, _)) => Some(guard),
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                problems.push((
-                    Kind::Error,
-                    format!("cannot lock {}: {e}", store.lock_path().display()),
-                ));
-                None
-            }
-            // No lock file can be made (read-only folder): the save reports it.
-            Err(_) => None,
-        };
-        let generation = guard.as_ref().map_or(0, |g| read_generation(g));
-        match store.load(generation) {
-            Loaded::Missing | Loaded::Unchanged => {}
-            Loaded::Valid(disk) => adopt(state, *disk),
-            Loaded::Corrupt { reason, moved_to } => {
-                let aside = moved_to.map_or("it could not be moved aside".to_string(), |p| {
-                    format!("moved aside to {}", p.display())
-                });
-                // Memory is newer than any backup once we are running; at
-                // start-up memory is empty and the newest valid backup wins.
-                let source = if state.change_count == 0 && state.last_checked.is_none() {
-                    match store.newest_valid_backup() {
-                        Some((backup, recovered)) => {
-                            adopt(state, recovered);
-                            format!("restored from backup {}", backup.name)
-                        }
-                        None => "no valid backup; started fresh".to_string(),
-                    }
-                } else {
-                    "rewritten from memory".to_string()
-                };
-                problems.push((
-                    Kind::Recover,
-                    format!(
-                        "state file {} was damaged ({reason}); {aside}; {source}",
-                        store.path().display()
-                    ),
-                ));
-            }
-            Loaded::Unreadable(e) => problems.push((
-                Kind::Error,
-                format!("cannot read state file {}: {e}", store.path().display()),
-            )),
-        }
-        change(state);
-        if let Some(leases) = leases {
-            state.leases = leases.mine;
-            *leased = leases.ports;
-        }
-        recompute_lists(state, self.range(), leased, bound);
-        state.last_checked = Some(stamp.jalali.clone());
-        state.last_checked_unix = Some(stamp.unix);
-        for (_, message) in &problems {
-            state.record_error(&stamp.jalali, message.clone());
-        }
-        // Bump the lock file's counter before replacing the state file, so a
-        // reader never pairs the new file with the old counter.
-        let generation = match &guard {
-            Some(g) => write_generation(g, generation.wrapping_add(1))
-                .map_or(generation, |()| generation.wrapping_add(1)),
-            None => generation,
-        };
-        match store.save(state, generation) {
-            Ok(None) => {}
-            Ok(Some(backup_problem)) => {
-                state.record_error(&stamp.jalali, backup_problem.clone());
-                problems.push((Kind::Error, backup_problem));
-            }
-            Err(e) => {
-                let message = format!(
-                    "cannot write state file {} ({e}); keeping the state in memory",
-                    store.path().display()
-                );
-                state.record_error(&stamp.jalali, message.clone());
-                problems.push((Kind::Error, message));
-            }
-        }
-        drop(guard);
         for (kind, message) in problems {
-            let event = self.event(inner, kind, stamp, message);
-            events.push(event);
+            events.push(self.event(mine, file, kind, stamp, message));
         }
     }
 
-    fn event(&self, inner: &Inner, kind: Kind, stamp: &Stamp, note: String) -> Event {
+    fn event(
+        &self,
+        mine: &Mine,
+        file: &FileView,
+        kind: Kind,
+        stamp: &Stamp,
+        note: String,
+    ) -> Event {
         Event {
             kind,
             time: stamp.clone(),
-            active: inner.active,
-            free: PortSummary::of(&inner.state.free_ports),
-            used: PortSummary::of(&inner.state.used_ports),
+            active: mine.active,
+            free: PortSummary::of(&file.state.free_ports),
+            used: PortSummary::of(&file.state.used_ports),
             note,
             state_file: self.path.display().to_string(),
         }
@@ -604,21 +646,33 @@ impl Manager {
 
     /// The ELK record of the current state (`log_json()`).
     pub fn json_record(&self) -> serde_json::Value {
-        let inner = self.lock_inner();
-        let note = "state snapshot".to_string();
-        let mut record = self
-            .event(&inner, Kind::Refresh, &clock::now(), note)
-            .json();
+        let state = self.state();
+        let stamp = clock::now();
+        let event = Event {
+            kind: Kind::Refresh,
+            time: stamp,
+            active: state.current_port,
+            free: PortSummary::of(&state.free_ports),
+            used: PortSummary::of(&state.used_ports),
+            note: "state snapshot".into(),
+            state_file: self.path.display().to_string(),
+        };
+        let mut record = event.json();
         record["event.action"] = "log_json".into();
-        record["current_port"] = inner.state.current_port.into();
-        record["change_count"] = inner.state.change_count.into();
-        record["last_error"] = inner.state.last_error.clone().into();
+        record["current_port"] = state.current_port.into();
+        record["change_count"] = state.change_count.into();
+        record["last_error"] = state.last_error.clone().into();
+        record["error_active"] = state.error_active.into();
         record
     }
 
-    /// The backups of this manager's state file, oldest first.
+    /// The backups of this manager's state file, oldest first (none when the
+    /// backups folder is not to be trusted).
     pub fn backups(&self) -> Vec<Backup> {
-        self.lock_inner().store.backups()
+        match self.local() {
+            Ok(local) => local.file.lock().store.backups().unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// The path of the backup called `name`, only if it is one of this state
@@ -631,23 +685,25 @@ impl Manager {
     }
 
     pub fn backup_dir(&self) -> PathBuf {
-        self.lock_inner().store.backup_dir().to_path_buf()
+        self.path.parent().unwrap_or(Path::new("/")).join("backups")
     }
-}
 
-impl Manager {
     /// Gives the lease back when the last handle goes away without `stop()`,
     /// quietly: this may run during interpreter shutdown, when logging is no
     /// longer safe. The state file keeps the last saved state.
     pub fn abandon(&self) {
-        let mut inner = self.lock_inner();
-        if let (false, Some(port)) = (inner.stopped, inner.active.take()) {
-            let owner = &self.owner;
-            let _ = self
-                .registry
-                .transact(|t| t.remove_where(|l| l.port == port && &l.owner == owner));
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return;
         }
-        inner.stopped = true;
+        crate::refresh::unregister(self.id);
+        let Some(Ok(local)) = self.local.current() else {
+            return;
+        };
+        if let Some(port) = lock(&local.mine).active.take() {
+            let _ = local
+                .registry
+                .transact(|t| t.remove_where(|l| l.port == port && l.owner == local.owner));
+        }
     }
 }
 
@@ -657,70 +713,30 @@ impl Drop for Manager {
     }
 }
 
-/// The state before anything is read: this configuration's settings and options.
-pub(crate) fn initial_state(config: &Config, registry: &Registry) -> State {
-    let settings = Settings {
-        port_range: [config.start, config.end],
-        json_path: config.json_path.to_string_lossy().into_owned(),
-        history_max: config.history_max,
-    };
-    let options = Options {
-        refresh_interval: config.refresh_interval.as_secs_f64(),
-        backup_max: config.backup_max,
-        durable: config.durable,
-        registry_dir: registry.dir().to_string_lossy().into_owned(),
-    };
-    State::fresh(settings, options)
-}
+/// What one pass found: the port with the leases after it was recorded (none
+/// if the range is full), and the dead holders' leases taken back on the way.
+type Picked = (Option<(u16, Leased)>, Vec<Lease>);
 
-/// Takes another manager's saved state as ours, keeping our own settings.
-pub(crate) fn adopt(state: &mut State, mut disk: State) {
-    disk.settings = state.settings.clone();
-    disk.options = state.options.clone();
-    disk.schema_version = state.schema_version;
-    disk.trim_history();
-    *state = disk;
-}
-
-/// What one registry transaction tells the state: the ports leased in the
-/// range (by anyone) and the leases taken through this state file.
-pub(crate) struct Leased {
-    pub(crate) ports: PortSet,
-    pub(crate) mine: Vec<LeaseView>,
-}
-
-pub(crate) fn leased_in(table: &LeaseTable, range: &RangeInclusive<u16>, prefix: &str) -> Leased {
-    let mut ports = PortSet::default();
-    let mut mine = Vec::new();
-    for lease in table.iter().filter(|l| range.contains(&l.port)) {
-        ports.insert(lease.port);
-        if lease.owner.starts_with(prefix) {
-            mine.push(LeaseView {
-                port: lease.port,
-                pid: lease.pid,
-                owner: lease.owner.clone(),
-                since: lease.since.clone(),
-            });
-        }
-    }
-    mine.sort_by_key(|v| v.port);
-    Leased { ports, mine }
-}
-
-/// used = leased or bound; free = the rest of the range.
-pub(crate) fn recompute_lists(
-    state: &mut State,
-    range: RangeInclusive<u16>,
-    leased: &PortSet,
-    bound: &PortSet,
-) {
-    state.free_ports.clear();
-    state.used_ports.clear();
-    for port in range {
+/// The lowest port of `range` that is neither leased nor known bound and
+/// that a bind probe finds free (ports found in use are added to `bound`).
+fn lowest_free(range: RangeInclusive<u16>, leased: &PortSet, bound: &mut PortSet) -> Option<u16> {
+    range.into_iter().find(|&port| {
         if leased.contains(port) || bound.contains(port) {
-            state.used_ports.push(port);
-        } else {
-            state.free_ports.push(port);
+            return false;
         }
-    }
+        match probe_port(port) {
+            Probe::Free => true,
+            Probe::InUse | Probe::Unusable => {
+                bound.insert(port);
+                false
+            }
+        }
+    })
+}
+
+/// Removes dead holders' leases from the whole registry (the refresher's sweep).
+pub fn sweep_dead(registry: &Registry) -> Vec<Lease> {
+    registry
+        .transact(LeaseTable::remove_dead)
+        .unwrap_or_default()
 }

@@ -50,6 +50,45 @@ fn to_py_err(error: Error) -> PyErr {
     }
 }
 
+thread_local! {
+    /// The exception a signal handler raised while a lock wait polled for it
+    /// (`python_interrupted`), to be raised once the call has unwound.
+    static PENDING: std::cell::RefCell<Option<PyErr>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs Python's signal handlers (Ctrl-C) from inside a lock wait. Takes the
+/// GIL for a moment: no thread holding the GIL ever waits for a lock of the
+/// library (every call releases the GIL first), so this cannot deadlock.
+fn python_interrupted() -> bool {
+    Python::attach(|py| match py.check_signals() {
+        Ok(()) => false,
+        Err(e) => {
+            PENDING.with(|p| *p.borrow_mut() = Some(e));
+            true
+        }
+    })
+}
+
+/// Runs a core call without the GIL, its lock waits answering Ctrl-C: the
+/// wait gives up (before anything was changed) and the signal's exception
+/// (KeyboardInterrupt) is raised here.
+fn interruptible<T: Send>(
+    py: Python<'_>,
+    call: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    let result = py.detach(|| crate::fsutil::with_interrupt_check(python_interrupted, call));
+    result.map_err(|error| {
+        let pending = PENDING.with(|p| p.borrow_mut().take());
+        match (error.io_error().map(std::io::Error::kind), pending) {
+            (Some(std::io::ErrorKind::Interrupted), Some(raised)) => raised,
+            (Some(std::io::ErrorKind::Interrupted), None) => {
+                pyo3::exceptions::PyKeyboardInterrupt::new_err(error.to_string())
+            }
+            _ => to_py_err(error),
+        }
+    })
+}
+
 /// CPython's C json decoder builds a large dict faster than item-by-item calls.
 fn json_loads(py: Python<'_>, text: String) -> PyResult<Bound<'_, PyAny>> {
     py.import("json")?.call_method1("loads", (text,))
@@ -159,13 +198,13 @@ impl PyManager {
     #[pyo3(signature = (*, pid = None))]
     fn pick_port(&self, py: Python<'_>, pid: Option<u32>) -> PyResult<u16> {
         let manager = &self.manager;
-        py.detach(|| manager.pick_port(pid)).map_err(to_py_err)
+        interruptible(py, || manager.pick_port(pid))
     }
 
     /// Frees the active port; True if there was one.
     fn release_port(&self, py: Python<'_>) -> PyResult<bool> {
         let manager = &self.manager;
-        py.detach(|| manager.release_port()).map_err(to_py_err)
+        interruptible(py, || manager.release_port())
     }
 
     /// The full state, as the state file holds it.
@@ -249,7 +288,7 @@ impl PyManager {
 
     #[getter]
     fn registry_dir(&self) -> PathBuf {
-        self.manager.registry().dir().to_path_buf()
+        self.manager.registry_dir().to_path_buf()
     }
 
     #[getter]
@@ -289,21 +328,19 @@ impl Drop for PyManager {
     /// and the lease is released with no GIL to give up).
     fn drop(&mut self) {
         let manager = &self.manager;
-        let give_back = || {
-            manager.abandon();
-            crate::refresh::unregister(manager.id());
-        };
+        let give_back = || manager.abandon();
         if Python::try_attach(|py| py.detach(give_back)).is_none() {
             give_back();
         }
     }
 }
 
-/// Stops the refresh thread and waits for it. Registered with `atexit` by the
-/// package: a thread that logs while the interpreter tears down can crash it.
+/// Stops the refresh thread (a thread that logs while the interpreter tears
+/// down can crash it) and gives back every lease of this process, waiting on
+/// busy threads a moment at most. Registered with `atexit` by the package.
 #[pyfunction]
 fn _shutdown(py: Python<'_>) {
-    py.detach(crate::refresh::shutdown);
+    py.detach(|| crate::release_at_exit(std::time::Duration::from_secs(1)));
 }
 
 /// Is this process's refresh thread running?

@@ -2,20 +2,26 @@
 //! process: one kernel scan and one dead-lease sweep per tick, shared by all
 //! managers that are due, instead of a thread (and a scan) per manager.
 //!
+//! The schedule and the thread belong to the process (`per_process.rs`): a
+//! forked child starts with an empty schedule and no thread, and starts its
+//! own thread when one of its managers is first used.
+//!
 //! The thread never touches Python itself; a manager's refresh emits its events
 //! after releasing its own locks, and those may take the GIL to log.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::manager::Manager;
-use crate::registry::{Lease, LeaseTable, Registry};
+use crate::manager::{sweep_dead, Manager};
+use crate::per_process::PerProcess;
+use crate::registry::{Lease, Registry};
 use crate::scan;
 
 struct Entry {
     id: u64,
     manager: Weak<Manager>,
+    interval: Duration,
     due: Instant,
 }
 
@@ -23,46 +29,45 @@ struct Entry {
 struct Schedule {
     entries: Vec<Entry>,
     stop: bool,
+    /// Set at interpreter exit: no thread is started any more (a manager
+    /// made during shutdown works, unrefreshed, and delays nothing).
+    shut: bool,
     /// Set by the thread itself as it ends, so `shutdown` can wait for it
     /// with a time limit.
     ended: bool,
 }
 
+#[derive(Default)]
 struct Refresher {
     schedule: Mutex<Schedule>,
     wake: Condvar,
-    /// The running thread and the pid that started it: after a fork the child
-    /// has the handle but not the thread, and must start its own.
-    thread: Mutex<Option<(u32, JoinHandle<()>)>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn refresher() -> &'static Arc<Refresher> {
-    static REFRESHER: OnceLock<Arc<Refresher>> = OnceLock::new();
-    REFRESHER.get_or_init(|| {
-        Arc::new(Refresher {
-            schedule: Mutex::new(Schedule::default()),
-            wake: Condvar::new(),
-            thread: Mutex::new(None),
-        })
-    })
+    static REFRESHER: PerProcess<Arc<Refresher>> = PerProcess::new();
+    REFRESHER.get_or_init(Default::default)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Adds `manager` to the schedule (first refresh one interval from now) and
-/// starts the thread if this process has none.
-pub fn register(manager: &Arc<Manager>) {
+/// Puts a manager on this process's schedule (first refresh one interval
+/// from now; once, however often it is called) and starts the thread if this
+/// process has none.
+pub fn register(id: u64, manager: Weak<Manager>, interval: Duration) {
     let r = refresher();
     {
         let mut schedule = lock(&r.schedule);
-        schedule.stop = false;
-        schedule.entries.push(Entry {
-            id: manager.id(),
-            manager: Arc::downgrade(manager),
-            due: Instant::now() + manager.config().refresh_interval,
-        });
+        if !schedule.entries.iter().any(|e| e.id == id) {
+            schedule.entries.push(Entry {
+                id,
+                manager,
+                interval,
+                due: Instant::now() + interval,
+            });
+        }
     }
     ensure_thread(r);
     r.wake.notify_all();
@@ -75,26 +80,30 @@ pub fn unregister(id: u64) {
     r.wake.notify_all();
 }
 
-/// How long interpreter exit waits for a refresh in progress to finish.
-const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+/// Starts the thread if this process's schedule has managers and no thread.
+pub fn ensure_running() {
+    let r = refresher();
+    if !lock(&r.schedule).entries.is_empty() {
+        ensure_thread(r);
+    }
+}
 
-/// Stops the thread and waits for it (interpreter exit). Returns promptly: the
-/// thread sleeps on a condition variable, not in a fixed sleep. A refresh
-/// stuck on a lock another process holds does not hang the exit: after
-/// `SHUTDOWN_WAIT` the thread is left behind.
+/// How long interpreter exit waits for a refresh in progress to finish: a
+/// refresh takes milliseconds; one stuck on another process's lock is left.
+const SHUTDOWN_WAIT: Duration = Duration::from_millis(500);
+
+/// Stops the thread and waits for it, briefly (interpreter exit). Returns
+/// promptly: the thread sleeps on a condition variable, not in a fixed sleep.
 pub fn shutdown() {
     let r = refresher();
     let handle = lock(&r.thread).take();
     let mut schedule = lock(&r.schedule);
     schedule.stop = true;
+    schedule.shut = true;
     r.wake.notify_all();
-    let Some((pid, handle)) = handle else {
+    let Some(handle) = handle else {
         return;
     };
-    if pid != std::process::id() {
-        forget_inherited(handle);
-        return;
-    }
     let deadline = Instant::now() + SHUTDOWN_WAIT;
     while !schedule.ended {
         let Some(left) = deadline.checked_duration_since(Instant::now()) else {
@@ -109,36 +118,29 @@ pub fn shutdown() {
     let _ = handle.join();
 }
 
-/// A handle inherited through fork names a thread of the parent. Dropping it
-/// would pthread_detach that pthread_t, which glibc may already have reused
-/// for one of the child's own threads (the refresh thread the child starts),
-/// making it unjoinable; so it is leaked instead.
-fn forget_inherited(handle: JoinHandle<()>) {
-    std::mem::forget(handle);
-}
-
 /// Is the refresh thread of this process running? (For tests and `repr`.)
 pub fn is_running() -> bool {
     let r = refresher();
     let thread = lock(&r.thread);
-    matches!(&*thread, Some((pid, h)) if *pid == std::process::id() && !h.is_finished())
+    matches!(&*thread, Some(h) if !h.is_finished())
 }
 
 fn ensure_thread(r: &Arc<Refresher>) {
     let mut thread = lock(&r.thread);
-    let alive =
-        matches!(&*thread, Some((pid, h)) if *pid == std::process::id() && !h.is_finished());
-    if alive {
+    if matches!(&*thread, Some(h) if !h.is_finished()) {
         return;
     }
-    match thread.take() {
-        Some((pid, handle)) if pid == std::process::id() => {
-            let _ = handle.join(); // it has finished: reap it
-        }
-        Some((_, inherited)) => forget_inherited(inherited),
-        None => {}
+    if let Some(finished) = thread.take() {
+        let _ = finished.join();
     }
-    lock(&r.schedule).ended = false;
+    {
+        let mut schedule = lock(&r.schedule);
+        if schedule.shut {
+            return;
+        }
+        schedule.stop = false;
+        schedule.ended = false;
+    }
     let worker = r.clone();
     let spawned = std::thread::Builder::new()
         .name("dynamic-port-manager-refresh".into())
@@ -146,7 +148,7 @@ fn ensure_thread(r: &Arc<Refresher>) {
     // If no thread can be started the managers still work; they only go
     // unrefreshed (pick confirms every port with a probe anyway).
     if let Ok(handle) = spawned {
-        *thread = Some((std::process::id(), handle));
+        *thread = Some(handle);
     }
 }
 
@@ -162,19 +164,26 @@ fn refresh_until_stopped(r: &Refresher) {
         // no tables each manager probes its own range.
         let host = scan::kernel_tables().ok();
         let mut swept: Vec<(Arc<Registry>, Vec<Lease>)> = Vec::new();
+        // Each reclaimed lease is reported once per state file, not once per
+        // manager of it.
+        let mut told: Vec<(usize, &std::path::Path)> = Vec::new();
         for manager in &due {
-            let registry = manager.registry();
-            if !swept.iter().any(|(r, _)| Arc::ptr_eq(r, registry)) {
-                let reclaimed = registry
-                    .transact(LeaseTable::remove_dead)
-                    .unwrap_or_default();
-                swept.push((registry.clone(), reclaimed));
+            let Ok(registry) = manager.registry() else {
+                continue;
+            };
+            let index = match swept.iter().position(|(r, _)| Arc::ptr_eq(r, &registry)) {
+                Some(index) => index,
+                None => {
+                    let reclaimed = sweep_dead(&registry);
+                    swept.push((registry, reclaimed));
+                    swept.len() - 1
+                }
+            };
+            let first = !told.contains(&(index, manager.path()));
+            if first {
+                told.push((index, manager.path()));
             }
-            let reclaimed = swept
-                .iter()
-                .find(|(r, _)| Arc::ptr_eq(r, registry))
-                .map(|(_, l)| l.as_slice())
-                .unwrap_or(&[]);
+            let reclaimed: &[Lease] = if first { &swept[index].1 } else { &[] };
             manager.refresh(host.as_ref(), reclaimed);
         }
     }
@@ -200,7 +209,7 @@ fn next_due(r: &Refresher) -> Option<Vec<Arc<Manager>>> {
     let mut due = Vec::new();
     for entry in schedule.entries.iter_mut().filter(|e| e.due <= now) {
         if let Some(manager) = entry.manager.upgrade() {
-            entry.due = now + manager.config().refresh_interval;
+            entry.due = now + entry.interval;
             due.push(manager);
         }
     }

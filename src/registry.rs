@@ -13,17 +13,22 @@
 //!   happens thousands of times a second).
 
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fsutil::{ensure_dir, read_generation, write_generation, FileId, LockFile, LOCK_WAIT};
+use crate::fsutil::{
+    read_generation, write_generation, Dir, FileId, LockFile, Open, Stat, LOCK_WAIT, MAX_READ,
+};
 use crate::holder::Holder;
+use crate::per_process::PerProcess;
 
 /// The environment variable that moves the registry (e.g. per test session).
 pub const REGISTRY_ENV: &str = "DPM_REGISTRY_DIR";
@@ -103,10 +108,99 @@ impl LeaseTable {
                 .or_insert_with(|| l.holder().is_alive())
         })
     }
+
+    /// Removes the leases on ports of `range` below `below` (all of the range
+    /// when `None`) whose holder is gone, and returns them. For a pick: the
+    /// lowest free port must not stay held by a process that exited. The
+    /// holders are few (one per process), so each is checked once, and one
+    /// seen alive within the last second is not checked again (`seen`).
+    pub fn remove_dead_below(
+        &mut self,
+        range: &std::ops::RangeInclusive<u16>,
+        below: Option<u16>,
+        seen: &mut AliveCache,
+    ) -> Vec<Lease> {
+        let in_scope = |l: &Lease| range.contains(&l.port) && below.is_none_or(|b| l.port < b);
+        let mut dead: Vec<Holder> = Vec::new();
+        let mut checked: Vec<Holder> = Vec::new();
+        for lease in self.leases.iter().filter(|l| in_scope(l)) {
+            let holder = lease.holder();
+            if checked.contains(&holder) {
+                continue;
+            }
+            checked.push(holder);
+            if !seen.is_alive(holder) {
+                dead.push(holder);
+            }
+        }
+        if dead.is_empty() {
+            return Vec::new();
+        }
+        self.remove_where(|l| in_scope(l) && dead.contains(&l.holder()))
+    }
+}
+
+/// Handles on holders seen alive, so a pick does not read `/proc` for each
+/// of them every time: a pidfd (Linux 5.3+) becomes readable the moment its
+/// process exits, so a death is seen at once, for one `poll` per holder.
+#[derive(Default)]
+pub struct AliveCache {
+    watched: HashMap<Holder, OwnedFd>,
+}
+
+/// At most this many pidfds are kept open (others are checked through /proc).
+const WATCHED_MAX: usize = 64;
+
+impl AliveCache {
+    fn is_alive(&mut self, holder: Holder) -> bool {
+        if let Some(fd) = self.watched.get(&holder) {
+            if !has_exited(fd) {
+                return true;
+            }
+            self.watched.remove(&holder);
+            return false;
+        }
+        if !holder.is_alive() {
+            return false;
+        }
+        if self.watched.len() < WATCHED_MAX {
+            // Checked again once the handle is open: the pid could have been
+            // reused in between, and then the handle would watch a stranger.
+            if let Some(fd) = pidfd_open(holder.pid) {
+                if holder.is_alive() {
+                    self.watched.insert(holder, fd);
+                }
+            }
+        }
+        true
+    }
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: a plain system call; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a descriptor the kernel just gave us (close-on-exec by default).
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn has_exited(fd: &OwnedFd) -> bool {
+    let mut poll = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready != 0
 }
 
 struct Inner {
     lock: LockFile,
+    /// The two slot files, kept open: a release must not need a new
+    /// descriptor (a process out of descriptors still gives its ports back).
+    slots: [Option<Slot>; 2],
+    /// Holders seen alive lately (see `LeaseTable::remove_dead_below`).
+    alive: AliveCache,
     /// The table as last read or written, the slot file it came from and the
     /// lock file's change counter at that moment.
     cache: Option<(FileId, u64, Vec<Lease>)>,
@@ -115,8 +209,15 @@ struct Inner {
     notice: Option<String>,
 }
 
+struct Slot {
+    file: File,
+    id: (u64, u64),
+}
+
 pub struct Registry {
     dir: PathBuf,
+    /// The folder, opened once (never through a link) and checked private.
+    folder: Dir,
     inner: Mutex<Inner>,
 }
 
@@ -149,16 +250,25 @@ pub fn resolve_dir(explicit: Option<&Path>) -> PathBuf {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type OpenRegistries = Mutex<HashMap<PathBuf, Arc<Registry>>>;
+
+/// This process's open registries (a forked child opens its own).
+fn open_registries() -> &'static OpenRegistries {
+    static OPEN: PerProcess<OpenRegistries> = PerProcess::new();
+    OPEN.get_or_init(Default::default)
+}
+
 impl Registry {
     /// The registry in `dir`, shared by every manager of this process that uses
     /// the same folder (one in-process mutex, one cache, one lock descriptor).
+    /// A forked child gets registries of its own (see `per_process.rs`).
     pub fn open(dir: &Path) -> Result<Arc<Registry>> {
-        static OPEN: OnceLock<Mutex<HashMap<PathBuf, Arc<Registry>>>> = OnceLock::new();
         let dir = std::path::absolute(dir).map_err(|e| Error::registry(dir, e))?;
-        let mut open = OPEN
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut open = lock(open_registries());
         if let Some(reg) = open.get(&dir) {
             return Ok(reg.clone());
         }
@@ -167,13 +277,28 @@ impl Registry {
         Ok(reg)
     }
 
+    /// Every registry this process has opened.
+    pub fn all_open() -> Vec<Arc<Registry>> {
+        lock(open_registries()).values().cloned().collect()
+    }
+
+    /// Opens the folder (creating it private), refusing one that is a link,
+    /// that another user owns, or that others can write: such a user could
+    /// plant leases, or delete ours and take our ports. The checks are made
+    /// on the descriptor every later access goes through, so swapping a link
+    /// in afterwards changes nothing.
     fn create(dir: &Path) -> Result<Registry> {
-        ensure_dir(dir, 0o700).map_err(|e| Error::registry(dir, e))?;
-        check_private(dir).map_err(|e| Error::registry(dir, e))?;
+        let folder = Dir::create(dir, 0o700).map_err(|e| Error::registry(dir, e))?;
+        folder
+            .check_trusted()
+            .map_err(|e| Error::registry(dir, e))?;
         Ok(Registry {
             dir: dir.to_path_buf(),
+            folder,
             inner: Mutex::new(Inner {
-                lock: LockFile::new(dir.join(LOCK_FILE)),
+                lock: LockFile::new(LOCK_FILE),
+                slots: [None, None],
+                alive: AliveCache::default(),
                 cache: None,
                 notice: None,
             }),
@@ -188,25 +313,44 @@ impl Registry {
     /// other thread and process, then writes the table back if `f` changed it.
     /// If the write fails, the error is returned and nothing `f` decided holds.
     pub fn transact<R>(&self, f: impl FnOnce(&mut LeaseTable) -> R) -> Result<R> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.transact_seeing(|table, _| f(table))
+    }
+
+    /// `transact`, with the cache of holders seen alive (for a pick that
+    /// reclaims dead holders' ports on its way).
+    pub fn transact_seeing<R>(
+        &self,
+        f: impl FnOnce(&mut LeaseTable, &mut AliveCache) -> R,
+    ) -> Result<R> {
+        self.transact_in(&mut lock(&self.inner), f)
+    }
+
+    fn transact_in<R>(
+        &self,
+        inner: &mut Inner,
+        f: impl FnOnce(&mut LeaseTable, &mut AliveCache) -> R,
+    ) -> Result<R> {
         let Inner {
             lock,
+            slots,
+            alive,
             cache,
             notice,
-        } = &mut *inner;
+        } = inner;
+        // Interruptible: nothing has been changed yet if the wait gives up.
         let (guard, reopened) = lock
-            .acquire(LOCK_WAIT)
+            .acquire(&self.folder, LOCK_WAIT, true)
             .map_err(|e| Error::registry(self.dir.join(LOCK_FILE), e))?;
         if reopened {
             *cache = None;
         }
         let generation = read_generation(&guard);
-        let (leases, read_id) = self.load(cache, notice, generation)?;
+        let (leases, read_id, repaired) = self.load(slots, cache, notice, generation)?;
         let mut table = LeaseTable {
             leases,
-            dirty: false,
+            dirty: repaired,
         };
-        let result = f(&mut table);
+        let result = f(&mut table, alive);
         if !table.dirty {
             // Unchanged: keep the table as the cache of the slot it came from.
             *cache = read_id.map(|id| (id, generation, table.leases));
@@ -221,18 +365,40 @@ impl Registry {
         // Forget the cache first: if the write fails we must re-read.
         *cache = None;
         let next = generation.wrapping_add(1);
-        let slot = self.slot(next);
-        write_in_place(&slot, &bytes).map_err(|e| Error::registry(&slot, e))?;
+        let path = self.dir.join(slot_name(next));
+        let slot = self
+            .slot(slots, next)
+            .map_err(|e| Error::registry(&path, e))?;
+        write_in_place(&slot.file, &bytes).map_err(|e| Error::registry(&path, e))?;
+        let id = Stat::of_file(&slot.file)
+            .map(|st| FileId::from_stat(&st))
+            .map_err(|e| Error::registry(&path, e))?;
         // The new table exists in full; now make it the current one.
         write_generation(&guard, next).map_err(|e| Error::registry(&self.dir, e))?;
-        let id = FileId::of(&slot).map_err(|e| Error::registry(&slot, e))?;
         *cache = Some((id, next, file.leases));
         Ok(result)
     }
 
-    /// The slot file that holds the table of change number `generation`.
-    fn slot(&self, generation: u64) -> PathBuf {
-        self.dir.join(format!("leases-{}.json", generation % 2))
+    /// The open slot file of change number `generation`, (re)opened if the
+    /// name no longer names the file held (deleted, moved aside, replaced).
+    fn slot<'a>(&self, slots: &'a mut [Option<Slot>; 2], generation: u64) -> io::Result<&'a Slot> {
+        let name = slot_name(generation);
+        let on_disk = self
+            .folder
+            .stat(OsStr::new(&name))?
+            .map(|st| (st.dev, st.ino));
+        let held = &mut slots[(generation % 2) as usize];
+        if held.as_ref().map(|s| s.id) != on_disk || on_disk.is_none() {
+            let file = self
+                .folder
+                .open_file(OsStr::new(&name), Open::ReadWriteCreate(0o600))?;
+            let st = Stat::of_file(&file)?;
+            *held = Some(Slot {
+                file,
+                id: (st.dev, st.ino),
+            });
+        }
+        Ok(held.as_ref().expect("just opened"))
     }
 
     /// A copy of the current leases (taken under the lock).
@@ -242,107 +408,142 @@ impl Registry {
 
     /// A problem met while reading the registry since the last call, if any.
     pub fn take_notice(&self) -> Option<String> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .notice
-            .take()
+        lock(&self.inner).notice.take()
     }
 
     /// Reads the current slot unless the cached table is still it. Takes the
-    /// cached table out (no copy); `transact` puts it back.
+    /// cached table out (no copy); `transact` puts it back. A damaged current
+    /// slot falls back to the other one (the table one change older): live
+    /// holders re-record their own leases at their next call or refresh, and
+    /// bind probes still protect every port already bound.
     fn load(
         &self,
+        slots: &mut [Option<Slot>; 2],
         cache: &mut Option<(FileId, u64, Vec<Lease>)>,
         notice: &mut Option<String>,
         generation: u64,
-    ) -> Result<(Vec<Lease>, Option<FileId>)> {
+    ) -> Result<(Vec<Lease>, Option<FileId>, bool)> {
         let cached = cache.take();
-        let slot = self.slot(generation);
-        let id = match FileId::of(&slot) {
-            Ok(id) => id,
+        let name = slot_name(generation);
+        let path = self.dir.join(&name);
+        let st = match self.folder.stat(OsStr::new(&name)) {
+            Ok(Some(st)) => st,
             // Nothing written yet (or the folder was emptied): no leases.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
-            Err(e) => return Err(Error::registry(&slot, e)),
+            Ok(None) => return Ok((Vec::new(), None, false)),
+            Err(e) => return Err(Error::registry(&path, e)),
         };
+        let id = FileId::from_stat(&st);
         if let Some((cached_id, cached_generation, leases)) = cached {
             if cached_id == id && cached_generation == generation {
-                return Ok((leases, Some(id)));
+                return Ok((leases, Some(id), false));
             }
         }
-        let bytes = fs::read(&slot).map_err(|e| Error::registry(&slot, e))?;
-        match serde_json::from_slice::<LeaseFile>(&bytes) {
-            Ok(file) => Ok((file.leases, Some(id))),
+        let read = self
+            .slot(slots, generation)
+            .and_then(|slot| read_slot(&slot.file, &path));
+        match read {
+            Ok(leases) => Ok((leases, Some(id), false)),
             Err(e) => {
-                // Slots are complete before they become current, so this is
-                // outside damage. Keep the evidence and start empty: live
-                // managers re-assert their own leases at their next refresh,
-                // and bind probes still protect every port already bound.
-                let mut aside = slot.clone().into_os_string();
-                aside.push(format!(".corrupt-{}", crate::clock::now().compact));
-                let aside = PathBuf::from(aside);
-                let moved = fs::rename(&slot, &aside);
+                // Keep the evidence; the next write makes a new slot file.
+                let mut aside = name.clone();
+                aside.push_str(&format!(".corrupt-{}", crate::clock::now().compact));
+                let moved =
+                    self.folder
+                        .rename_new(OsStr::new(&name), &self.folder, OsStr::new(&aside));
+                slots[(generation % 2) as usize] = None;
+                let other = generation.wrapping_sub(1);
+                let other_name = slot_name(other);
+                let fallback = match self.folder.stat(OsStr::new(&other_name)) {
+                    Ok(Some(_)) => self
+                        .slot(slots, other)
+                        .and_then(|slot| read_slot(&slot.file, &self.dir.join(&other_name)))
+                        .map(Some),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                };
                 *notice = Some(format!(
-                    "lease registry {} was unreadable ({e}); {}; starting empty",
-                    slot.display(),
+                    "lease registry {} was unreadable ({e}); {}; {}",
+                    path.display(),
                     match moved {
-                        Ok(()) => format!("moved aside to {}", aside.display()),
+                        Ok(()) => format!("moved aside to {aside}"),
                         Err(m) => format!("could not move it aside ({m})"),
+                    },
+                    match &fallback {
+                        Ok(Some(_)) => format!("using the table before it, from {other_name}"),
+                        Ok(None) => "no table before it; starting empty".into(),
+                        Err(_) => "the table before it is unreadable too; starting empty".into(),
                     }
                 ));
-                Ok((Vec::new(), None))
+                // Written back at once, so every process reads the same table.
+                Ok((fallback.ok().flatten().unwrap_or_default(), None, true))
             }
         }
     }
+
+    /// Removes every lease `holder` (this process) has, waiting at most `wait`
+    /// for the locks (interpreter exit: the process is going, and its ports
+    /// with it; a busy thread must not hold the exit up).
+    pub fn release_process(&self, holder: Holder, wait: std::time::Duration) -> Result<usize> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut inner = loop {
+            match self.inner.try_lock() {
+                Ok(guard) => break guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(Error::registry(
+                            &self.dir,
+                            io::Error::new(io::ErrorKind::TimedOut, "busy at exit"),
+                        ));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        crate::fsutil::with_wait_cap(left, || {
+            self.transact_in(&mut inner, |t, _| {
+                t.remove_where(|l| l.holder() == holder).len()
+            })
+        })
+    }
 }
 
-/// Overwrites `path` with `bytes` in place (creating it if needed): the same
-/// inode every time. Only for a slot that is not current, so no reader can
-/// see it half-written.
-fn write_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(bytes)?;
+fn slot_name(generation: u64) -> String {
+    format!("leases-{}.json", generation % 2)
+}
+
+/// A slot's table: a regular file, bounded in size, in the slot format.
+fn read_slot(file: &File, path: &Path) -> io::Result<Vec<Lease>> {
+    let mut bytes = Vec::new();
+    let mut reader = file;
+    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0))?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(reader, MAX_READ + 1), &mut bytes)?;
+    if bytes.len() as u64 > MAX_READ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is too large", path.display()),
+        ));
+    }
+    serde_json::from_slice::<LeaseFile>(&bytes)
+        .map(|f| f.leases)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Overwrites the slot with `bytes` in place: the same inode every time.
+/// Only for a slot that is not current, so no reader can see it half-written.
+fn write_in_place(file: &File, bytes: &[u8]) -> io::Result<()> {
+    file.write_all_at(bytes, 0)?;
     file.set_len(bytes.len() as u64)
 }
 
 const LOCK_FILE: &str = "leases.lock";
 
-/// Refuses a registry folder that another user owns or could write to: such a
-/// user could plant leases, or delete ours and take our ports.
-fn check_private(dir: &Path) -> io::Result<()> {
-    let meta = fs::metadata(dir)?;
-    // SAFETY: geteuid cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    if meta.uid() != uid {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "folder is owned by uid {}, not by this user (uid {uid})",
-                meta.uid()
-            ),
-        ));
-    }
-    if meta.permissions().mode() & 0o022 != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "folder is writable by other users (mode {:o}); chmod 700 it",
-                meta.permissions().mode() & 0o777
-            ),
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::File;
+    use std::fs::{self, File};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn lease(port: u16, holder: Holder, owner: &str) -> Lease {
         Lease {
@@ -472,18 +673,65 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_registry_is_moved_aside_with_a_notice() {
+    fn a_damaged_slot_falls_back_to_the_previous_table_with_a_notice() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("leases-0.json"), b"{not json").unwrap();
         let reg = Registry::create(dir.path()).unwrap();
-        assert!(reg.snapshot().unwrap().is_empty());
-        let notice = reg.take_notice().unwrap();
+        reg.transact(|t| t.insert(lease(3000, Holder::current(), "a")))
+            .unwrap();
+        reg.transact(|t| t.insert(lease(3001, Holder::current(), "a")))
+            .unwrap();
+        // Generation 2 is current, in slot 0; slot 1 has the table before it.
+        fs::write(dir.path().join("leases-0.json"), b"{not json").unwrap();
+        let fresh = Registry::create(dir.path()).unwrap();
+        let ports: Vec<u16> = fresh.snapshot().unwrap().iter().map(|l| l.port).collect();
+        assert_eq!(ports, vec![3000]);
+        let notice = fresh.take_notice().unwrap();
         assert!(notice.contains("unreadable"), "{notice}");
-        let kept = fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
-        assert!(kept, "the damaged file is kept for inspection");
+        assert!(notice.contains("leases-1.json"), "{notice}");
+    }
+
+    #[test]
+    fn dead_holders_below_a_port_are_reclaimed_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::create(dir.path()).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let dead = Holder { pid, start_time: 1 };
+        reg.transact(|t| {
+            t.insert(lease(3000, dead, "gone"));
+            t.insert(lease(3001, Holder::current(), "me"));
+            t.insert(lease(3005, dead, "gone"));
+        })
+        .unwrap();
+        let removed = reg
+            .transact_seeing(|t, seen| t.remove_dead_below(&(3000..=3010), Some(3002), seen))
+            .unwrap();
+        assert_eq!(removed.iter().map(|l| l.port).collect::<Vec<_>>(), [3000]);
+        let left: Vec<u16> = reg.snapshot().unwrap().iter().map(|l| l.port).collect();
+        assert_eq!(left, [3001, 3005]);
+    }
+
+    #[test]
+    fn slot_and_lock_files_that_are_links_are_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let reg_dir = dir.path().join("reg");
+        fs::create_dir(&reg_dir).unwrap();
+        fs::set_permissions(&reg_dir, fs::Permissions::from_mode(0o700)).unwrap();
+        for name in ["leases-0.json", "leases-1.json"] {
+            std::os::unix::fs::symlink(&victim, reg_dir.join(name)).unwrap();
+        }
+        let reg = Registry::create(&reg_dir).unwrap();
+        assert!(reg
+            .transact(|t| t.insert(lease(3000, Holder::current(), "a")))
+            .is_err());
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(&reg_dir, &linked).unwrap();
+        let err = Registry::create(&linked).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
     }
 
     #[test]

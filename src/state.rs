@@ -47,6 +47,11 @@ pub struct State {
     /// that should not parse Jalali dates).
     #[serde(default)]
     pub last_checked_unix: Option<f64>,
+    /// Whether `last_error` is still in effect: set with it, cleared by the
+    /// next save that met no problem (so a monitor can tell "broken now"
+    /// from "broke once").
+    #[serde(default)]
+    pub error_active: bool,
     /// The host-wide leases inside this range, as of the last change or refresh.
     #[serde(default)]
     pub leases: Vec<LeaseView>,
@@ -119,6 +124,7 @@ impl State {
             settings,
             schema_version: SCHEMA_VERSION,
             last_checked_unix: None,
+            error_active: false,
             leases: Vec::new(),
             stats: Stats::default(),
             options,
@@ -176,6 +182,18 @@ impl State {
         self.current_port = current;
     }
 
+    /// Records that `port`, held through this state file by a process that
+    /// is gone, was taken back: a history entry `{prev: port, new: null}`.
+    pub fn record_reclaim(&mut self, time: &str, port: u16) {
+        self.change_count += 1;
+        self.history.push_back(HistoryEntry {
+            time: time.to_string(),
+            prev: Some(port),
+            new: None,
+        });
+        self.trim_history();
+    }
+
     pub fn trim_history(&mut self) {
         while self.history.len() > self.settings.history_max {
             self.history.pop_front();
@@ -185,6 +203,7 @@ impl State {
     pub fn record_error(&mut self, time: &str, message: String) {
         self.last_error = Some(message);
         self.last_error_time = Some(time.to_string());
+        self.error_active = true;
         self.stats.errors += 1;
     }
 }

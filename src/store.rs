@@ -1,26 +1,39 @@
 //! The state file on disk: its lock, atomic saves with a backup before each,
-//! bounded backup retention, and recovery from a damaged file.
+//! bounded backup retention, and recovery from a damaged or missing file.
 //!
-//! Beside `<dir>/<stem>.json` live:
-//! - `<dir>/<stem>.json.lock`: never replaced, `flock`ed around each change
+//! Beside `<dir>/<name>.json` live:
+//! - `<dir>/<name>.json.lock`: never replaced, `flock`ed around each change
 //!   (locking the state file itself would protect nothing, since every save
 //!   replaces it by rename);
 //! - `<dir>/backups/<stem>_YYYYMMDD_HHMMSS[_N].json`: the previous versions;
-//! - `<dir>/<stem>.json.corrupt-YYYYMMDD_HHMMSS[_N]`: damaged files, set aside.
+//! - `<dir>/<name>.json.corrupt-YYYYMMDD_HHMMSS[_N]`: damaged files, set aside
+//!   (the newest `CORRUPT_KEPT` are kept);
+//! - `<dir>/.<name>.json.<pid>.tmp`: a save in progress (a killed saver's is
+//!   removed by the next manager that starts or refreshes).
+//!
+//! Every file is reached through the folder's descriptor (`fsutil::Dir`):
+//! nothing is followed through a link, and nothing that is not a regular file
+//! is read, replaced or renamed.
 
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{OsStr, OsString};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::clock;
-use crate::fsutil::{ensure_dir, write_atomic_reusing, FileId};
+use crate::fsutil::{temp_owner, write_atomic, Dir, FileId, Kind, Open};
 use crate::state::State;
+
+/// How many damaged files set aside are kept beside a state file.
+const CORRUPT_KEPT: usize = 5;
 
 /// What reading the state file found.
 #[derive(Debug)]
 pub enum Loaded {
     /// No file yet.
     Missing,
+    /// The file this store read or wrote is gone (deleted under us).
+    Vanished,
     /// The file is the one this store last read or wrote: memory is current.
     Unchanged,
     /// Someone else wrote it since; here is their state.
@@ -30,7 +43,8 @@ pub enum Loaded {
         reason: String,
         moved_to: Option<PathBuf>,
     },
-    /// It exists but cannot be read (permissions, IO).
+    /// Something is there that is not a regular file we may read (a link, a
+    /// FIFO, a device, a folder), or reading failed: left as it is.
     Unreadable(io::Error),
 }
 
@@ -45,10 +59,15 @@ pub struct Backup {
 
 pub struct Store {
     path: PathBuf,
+    name: OsString,
     backup_dir: PathBuf,
     stem: String,
     backup_max: usize,
     durable: bool,
+    /// The state file's folder, opened once it exists.
+    folder: Option<Dir>,
+    /// The backups folder, opened once it exists and found trustworthy.
+    backups: Option<Dir>,
     /// The file as this store last read or wrote it, with the lock file's
     /// change counter then (see `fsutil::read_generation`).
     known: Option<(FileId, u64)>,
@@ -58,20 +77,40 @@ pub struct Store {
     backup_cache: Option<Vec<Backup>>,
 }
 
+/// Backup names are made from the state file's stem. A stem that is not
+/// UTF-8 is written with its other bytes as `%XX` (and `%` as `%25`), so two
+/// state files whose names differ only there never share backups.
+pub fn backup_stem(stem: &OsStr) -> String {
+    match stem.to_str() {
+        Some(text) => text.to_string(),
+        None => {
+            let mut out = String::new();
+            for chunk in stem.as_bytes().utf8_chunks() {
+                out.push_str(&chunk.valid().replace('%', "%25"));
+                for byte in chunk.invalid() {
+                    out.push_str(&format!("%{byte:02X}"));
+                }
+            }
+            out
+        }
+    }
+}
+
 impl Store {
     /// `path` should be absolute so a later `chdir` of the host changes nothing.
     pub fn new(path: PathBuf, backup_max: usize, durable: bool) -> Store {
-        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let stem = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "dynamic_ports".into());
+        let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let name = path.file_name().unwrap_or_default().to_os_string();
+        let stem = backup_stem(path.file_stem().unwrap_or(OsStr::new("dynamic_ports")));
         Store {
             backup_dir: dir.join("backups"),
             path,
+            name,
             stem,
             backup_max,
             durable,
+            folder: None,
+            backups: None,
             known: None,
             backup_cache: None,
         }
@@ -85,17 +124,51 @@ impl Store {
         &self.backup_dir
     }
 
-    pub fn lock_path(&self) -> PathBuf {
-        let mut name = self.path.as_os_str().to_owned();
+    /// The name of the lock file in the state file's folder.
+    pub fn lock_name(&self) -> OsString {
+        let mut name = self.name.clone();
         name.push(".lock");
-        PathBuf::from(name)
+        name
+    }
+
+    /// The state file's folder, opened (and created, with `create`) on first need.
+    pub fn folder(&mut self, create: bool) -> io::Result<&Dir> {
+        self.open_folder(create)?;
+        Ok(self.folder.as_ref().expect("just opened"))
+    }
+
+    fn open_folder(&mut self, create: bool) -> io::Result<()> {
+        if self.folder.is_none() {
+            let dir = self.path.parent().unwrap_or(Path::new("/"));
+            let opened = if create {
+                Dir::create(dir, 0o755)?
+            } else {
+                Dir::open(dir)?
+            };
+            self.folder = Some(opened);
+        }
+        Ok(())
+    }
+
+    /// The folder, once `open_folder` succeeded.
+    fn dir(&self) -> &Dir {
+        self.folder.as_ref().expect("open_folder succeeded")
+    }
+
+    /// What is at the state file's path now (not following a link).
+    pub fn kind_on_disk(&mut self) -> io::Result<Option<Kind>> {
+        match self.open_folder(false) {
+            Ok(()) => Ok(self.dir().stat(&self.name)?.map(|st| st.kind)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads the state file, setting a damaged one aside. `generation` is the
     /// lock file's change counter (0 without a lock).
     pub fn load(&mut self, generation: u64) -> Loaded {
-        let id = match FileId::of(&self.path) {
-            Ok(id) => id,
+        match self.open_folder(false) {
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.known = None;
                 self.backup_cache = None;
@@ -103,12 +176,34 @@ impl Store {
             }
             Err(e) => return Loaded::Unreadable(e),
         };
+        let st = match self.dir().stat(&self.name) {
+            Ok(Some(st)) => st,
+            Ok(None) => {
+                let had = self.known.take().is_some();
+                self.backup_cache = None;
+                return if had {
+                    Loaded::Vanished
+                } else {
+                    Loaded::Missing
+                };
+            }
+            Err(e) => return Loaded::Unreadable(e),
+        };
+        if st.kind != Kind::File {
+            self.known = None;
+            return Loaded::Unreadable(not_a_state_file(&self.path, st.kind));
+        }
+        let id = FileId::from_stat(&st);
         if self.known == Some((id, generation)) {
             return Loaded::Unchanged;
         }
         self.backup_cache = None;
-        let bytes = match fs::read(&self.path) {
+        let bytes = match self.dir().read(&self.name) {
             Ok(bytes) => bytes,
+            // Too large: damage, set aside like any other.
+            Err(e) if e.kind() == io::ErrorKind::InvalidData && st.kind == Kind::File => {
+                return self.corrupt(e.to_string());
+            }
             Err(e) => return Loaded::Unreadable(e),
         };
         match State::parse(&bytes) {
@@ -116,61 +211,77 @@ impl Store {
                 self.known = Some((id, generation));
                 Loaded::Valid(Box::new(state))
             }
-            Err(reason) => {
-                self.known = None;
-                let moved_to = self.set_aside().ok();
-                Loaded::Corrupt { reason, moved_to }
-            }
+            Err(reason) => self.corrupt(reason),
         }
+    }
+
+    fn corrupt(&mut self, reason: String) -> Loaded {
+        self.known = None;
+        let moved_to = self.set_aside().ok();
+        Loaded::Corrupt { reason, moved_to }
     }
 
     /// Reads and parses the state file without touching anything: `None` when
     /// it does not exist, else the state or why it does not parse.
-    pub fn peek(&self) -> io::Result<Option<Result<State, String>>> {
-        match fs::read(&self.path) {
-            Ok(bytes) => Ok(Some(State::parse(&bytes))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+    pub fn peek(&mut self) -> io::Result<Option<Result<State, String>>> {
+        let name = self.name.clone();
+        let folder = match self.folder(false) {
+            Ok(folder) => folder,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match folder.stat(&name)? {
+            None => Ok(None),
+            Some(st) if st.kind != Kind::File => Err(not_a_state_file(&self.path, st.kind)),
+            Some(_) => Ok(Some(State::parse(&folder.read(&name)?))),
         }
     }
 
     /// Saves `state`: the current file becomes a backup, then the new content
     /// replaces it atomically. Returns a non-fatal backup problem, if any,
-    /// alongside success; a failed write is an error.
+    /// alongside success; a failed write is an error. Something at the path
+    /// that is not a regular file (or a link) is never replaced.
     /// `generation` is the lock file's counter as bumped for this save.
     pub fn save(&mut self, state: &State, generation: u64) -> io::Result<Option<String>> {
-        if let Some(dir) = self.path.parent() {
-            ensure_dir(dir, 0o755)?;
+        self.open_folder(true)?;
+        let existing = self.dir().stat(&self.name)?;
+        if let Some(st) = existing {
+            if matches!(st.kind, Kind::Dir | Kind::Other) {
+                return Err(not_a_state_file(&self.path, st.kind));
+            }
         }
-        let (backup_problem, recycle) = match self.backup_current() {
-            Ok(recycle) => (None, recycle),
-            Err(e) => (
-                Some(format!(
-                    "backup before save failed in {}: {e}",
-                    self.backup_dir.display()
-                )),
-                None,
-            ),
+        let (backup_problem, recycle) = if existing.is_some_and(|st| st.kind == Kind::File) {
+            match self.backup_current() {
+                Ok(recycle) => (None, recycle),
+                Err(e) => (Some(format!("no backup taken before this save: {e}")), None),
+            }
+        } else {
+            (None, None)
         };
         // On failure the old file is still there, untouched (the write is
         // atomic), so what we knew of it stays true: keep `known`, or the next
         // load would adopt that older file over the newer state in memory.
-        let written = write_atomic_reusing(
-            &self.path,
-            &state.to_json(),
-            self.durable,
-            recycle.as_deref(),
-        );
-        if let Some(old) = recycle {
+        let folder = self.folder.as_ref().expect("opened above");
+        let backups = self.backups.as_ref();
+        let reuse = match (&recycle, backups) {
+            (Some(name), Some(dir)) => Some((dir, OsStr::new(name.as_str()))),
+            _ => None,
+        };
+        let written = write_atomic(folder, &self.name, &state.to_json(), self.durable, reuse);
+        if let (Some(old), Some(dir)) = (&recycle, backups) {
             // Not recycled (declined, or the write failed): still past backup_max.
-            let _ = fs::remove_file(old);
+            let _ = dir.remove(OsStr::new(old));
         }
         if let Err(e) = written {
             // Only the counter moved (we bumped it for this save).
             self.known = self.known.map(|(id, _)| (id, generation));
             return Err(e);
         }
-        self.known = FileId::of(&self.path).ok().map(|id| (id, generation));
+        self.known = folder
+            .stat(&self.name)
+            .ok()
+            .flatten()
+            .map(|st| (FileId::from_stat(&st), generation));
         Ok(backup_problem)
     }
 
@@ -178,41 +289,108 @@ impl Store {
     /// have to (a shared backups folder can hold thousands of files).
     pub fn prime_backup_cache(&mut self) {
         if self.backup_cache.is_none() && self.known.is_some() {
-            self.backup_cache = Some(self.backups());
+            self.backup_cache = self.backups().ok();
         }
     }
 
-    /// The backups of this state file, oldest first.
-    pub fn backups(&self) -> Vec<Backup> {
-        let Ok(entries) = fs::read_dir(&self.backup_dir) else {
-            return Vec::new();
+    /// The backups folder, opened (created with `create`) and checked: a
+    /// folder that is a link, that another user owns or that others can write
+    /// is refused, and nothing in it is read or written.
+    fn backups_folder(&mut self, create: bool) -> io::Result<&Dir> {
+        if self.backups.is_none() {
+            let name = OsStr::new("backups");
+            let folder = self.folder(create)?;
+            let dir = if create {
+                folder.sub_create(name, 0o755)?
+            } else {
+                folder.sub(name)?
+            };
+            dir.check_trusted()?;
+            self.backups = Some(dir);
+        }
+        Ok(self.backups.as_ref().expect("just opened"))
+    }
+
+    /// The backups of this state file, oldest first. `Err` when the folder is
+    /// there but not to be trusted (or unreadable); no folder is no backups.
+    pub fn backups(&mut self) -> io::Result<Vec<Backup>> {
+        let stem = self.stem.clone();
+        let backup_dir = self.backup_dir.clone();
+        let dir = match self.backups_folder(false) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
         };
-        let mut backups: Vec<Backup> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let key = parse_backup_name(&self.stem, &name)?;
-                // Only regular files: a symlink planted here is not a backup.
-                if !e.file_type().ok()?.is_file() {
-                    return None;
-                }
-                Some(Backup {
-                    path: self.backup_dir.join(&name),
+        let mut backups: Vec<Backup> = dir
+            .names()?
+            .into_iter()
+            .filter_map(|name| {
+                let name = name.into_string().ok()?;
+                let key = parse_backup_name(&stem, &name)?;
+                // Only regular files: a link or FIFO planted here is not a backup.
+                let st = dir.stat(OsStr::new(&name)).ok()??;
+                (st.kind == Kind::File).then(|| Backup {
+                    path: backup_dir.join(&name),
                     name,
                     key,
                 })
             })
             .collect();
         backups.sort_by(|a, b| a.key.cmp(&b.key));
-        backups
+        Ok(backups)
     }
 
-    /// The newest backup that parses, if any.
-    pub fn newest_valid_backup(&self) -> Option<(Backup, State)> {
-        self.backups().into_iter().rev().find_map(|b| {
-            let bytes = fs::read(&b.path).ok()?;
-            State::parse(&bytes).ok().map(|s| (b, s))
-        })
+    /// Opens the backup `name` (one of `backups()`) for reading.
+    pub fn open_backup(&mut self, name: &str) -> io::Result<std::fs::File> {
+        self.backups_folder(false)?
+            .open_file(OsStr::new(name), Open::Read)
+    }
+
+    /// The valid backup with the highest `change_count` (the most recent
+    /// state, whatever the clock said when it was named; names only break
+    /// ties). `Err` when the backups folder is not to be trusted.
+    pub fn best_backup(&mut self) -> io::Result<Option<(Backup, State)>> {
+        let backups = self.backups()?;
+        let dir = match self.backups.as_ref() {
+            Some(dir) => dir,
+            None => return Ok(None),
+        };
+        let mut best: Option<(Backup, State)> = None;
+        for backup in backups {
+            let Ok(bytes) = dir.read(OsStr::new(&backup.name)) else {
+                continue;
+            };
+            let Ok(state) = State::parse(&bytes) else {
+                continue;
+            };
+            if best
+                .as_ref()
+                .is_none_or(|(_, b)| state.change_count >= b.change_count)
+            {
+                best = Some((backup, state));
+            }
+        }
+        Ok(best)
+    }
+
+    /// Removes temporary files left by savers that were killed (their pid is
+    /// gone), so the files beside a state file stay bounded.
+    pub fn remove_stale_temporaries(&mut self) {
+        let name = self.name.clone();
+        let Ok(folder) = self.folder(false) else {
+            return;
+        };
+        let Ok(names) = folder.names() else {
+            return;
+        };
+        let me = std::process::id();
+        for candidate in names {
+            if let Some(pid) = temp_owner(&name, &candidate) {
+                if pid != me && !crate::holder::pid_exists(pid) {
+                    let _ = folder.remove(&candidate);
+                }
+            }
+        }
     }
 
     /// Keeps the file about to be replaced under a new backup name. A hard
@@ -220,14 +398,16 @@ impl Store {
     /// inode keeps the old content for good.
     /// Returns the oldest backup past `backup_max`, left for the caller to
     /// recycle as the next temporary file (the others past it are deleted).
-    fn backup_current(&mut self) -> io::Result<Option<PathBuf>> {
-        if self.backup_max == 0 || !self.path.exists() {
+    fn backup_current(&mut self) -> io::Result<Option<String>> {
+        if self.backup_max == 0 {
             return Ok(None);
         }
-        ensure_dir(&self.backup_dir, 0o755)?;
         let mut existing = match self.backup_cache.take() {
-            Some(cached) if self.known.is_some() => cached,
-            _ => self.backups(),
+            Some(cached) if self.known.is_some() && self.backups.is_some() => cached,
+            _ => {
+                self.backups_folder(true)?;
+                self.backups()?
+            }
         };
         let compact = clock::now().compact;
         let suffix = existing
@@ -241,38 +421,47 @@ impl Store {
         } else {
             format!("{}_{compact}_{suffix}.json", self.stem)
         };
-        let target = self.backup_dir.join(&name);
-        if fs::hard_link(&self.path, &target).is_err() {
-            copy_new(&self.path, &target)?;
+        let folder = self.folder.as_ref().expect("opened by save");
+        let backups = self.backups.as_ref().expect("opened above");
+        if folder.link(&self.name, backups, OsStr::new(&name)).is_err() {
+            copy_new(folder, &self.name, backups, OsStr::new(&name))?;
         }
         existing.push(Backup {
+            path: self.backup_dir.join(&name),
             name,
-            path: target,
             key: (compact, suffix),
         });
         let excess = existing.len().saturating_sub(self.backup_max);
         let mut dropped: Vec<Backup> = existing.drain(..excess).collect();
-        let recycle = dropped.pop().map(|b| b.path);
+        let recycle = dropped.pop().map(|b| b.name);
         for old in dropped {
-            let _ = fs::remove_file(&old.path);
+            let _ = backups.remove(OsStr::new(&old.name));
         }
         self.backup_cache = Some(existing);
         Ok(recycle)
     }
 
-    /// Moves a damaged state file aside under a name that is never reused.
-    fn set_aside(&self) -> io::Result<PathBuf> {
+    /// Moves a damaged state file aside under a name that is never reused,
+    /// keeping only the newest `CORRUPT_KEPT` such files.
+    fn set_aside(&mut self) -> io::Result<PathBuf> {
         let compact = clock::now().compact;
+        let mut prefix = self.name.clone();
+        prefix.push(".corrupt-");
+        let name = self.name.clone();
+        let folder = self.folder(false)?;
         for n in 0..1000u32 {
-            let mut name = self.path.as_os_str().to_owned();
-            name.push(format!(".corrupt-{compact}"));
+            let mut aside = prefix.clone();
+            aside.push(&compact);
             if n > 0 {
-                name.push(format!("_{n}"));
+                aside.push(format!("_{n}"));
             }
-            let aside = PathBuf::from(name);
-            if !aside.exists() {
-                fs::rename(&self.path, &aside)?;
-                return Ok(aside);
+            match folder.rename_new(&name, folder, &aside) {
+                Ok(()) => {
+                    prune_set_aside(folder, &prefix);
+                    return Ok(self.path.with_file_name(aside));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
             }
         }
         Err(io::Error::new(
@@ -282,12 +471,39 @@ impl Store {
     }
 }
 
+fn prune_set_aside(folder: &Dir, prefix: &OsStr) {
+    let Ok(names) = folder.names() else {
+        return;
+    };
+    let mut aside: Vec<OsString> = names
+        .into_iter()
+        .filter(|n| n.as_bytes().starts_with(prefix.as_bytes()))
+        .collect();
+    aside.sort();
+    let excess = aside.len().saturating_sub(CORRUPT_KEPT);
+    for old in &aside[..excess] {
+        let _ = folder.remove(old);
+    }
+}
+
+fn not_a_state_file(path: &Path, kind: Kind) -> io::Error {
+    let what = match kind {
+        Kind::Dir => "a folder",
+        Kind::Symlink => "a symbolic link (not followed)",
+        Kind::Other => "not a regular file (a FIFO, socket or device)",
+        Kind::File => "a regular file",
+    };
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{} is {what}; it is left as it is", path.display()),
+    )
+}
+
 /// Copies `from` to a new file `to` (never overwriting one).
-fn copy_new(from: &Path, to: &Path) -> io::Result<()> {
-    let mut src = File::open(from)?;
-    let mut dst = OpenOptions::new().write(true).create_new(true).open(to)?;
-    io::copy(&mut src, &mut dst)?;
-    Ok(())
+fn copy_new(from_dir: &Dir, from: &OsStr, to_dir: &Dir, to: &OsStr) -> io::Result<()> {
+    let bytes = from_dir.read(from)?;
+    let mut dst = to_dir.open_file(to, Open::CreateNew(0o644))?;
+    io::Write::write_all(&mut dst, &bytes)
 }
 
 /// `<stem>_YYYYMMDD_HHMMSS.json` or `<stem>_YYYYMMDD_HHMMSS_N.json` → its order
@@ -318,6 +534,8 @@ pub fn parse_backup_name(stem: &str, name: &str) -> Option<(String, u32)> {
 mod tests {
     use super::*;
     use crate::state::{Options, Settings};
+    use std::fs;
+    use std::os::unix::fs::FileTypeExt;
 
     fn state(n: u64) -> State {
         let mut s = State::fresh(
@@ -355,13 +573,22 @@ mod tests {
     }
 
     #[test]
+    fn stems_that_differ_in_non_utf8_bytes_get_different_backup_names() {
+        let a = backup_stem(OsStr::from_bytes(b"s\xff"));
+        let b = backup_stem(OsStr::from_bytes(b"s\xfe"));
+        assert_ne!(a, b);
+        assert_eq!(a, "s%FF");
+        assert_eq!(backup_stem(OsStr::new("plain")), "plain");
+    }
+
+    #[test]
     fn every_save_backs_up_the_previous_file_and_retention_holds() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::new(dir.path().join("svc.json"), 3, false);
         for n in 0..6 {
             assert_eq!(store.save(&state(n), 0).unwrap(), None);
         }
-        let backups = store.backups();
+        let backups = store.backups().unwrap();
         assert_eq!(backups.len(), 3, "{backups:?}");
         // The newest backup holds the content before the last save.
         let newest = State::parse(&fs::read(&backups[2].path).unwrap()).unwrap();
@@ -371,7 +598,7 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_file_is_set_aside_and_a_backup_recovers_it() {
+    fn a_corrupt_file_is_set_aside_and_the_best_backup_recovers_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("svc.json");
         let mut store = Store::new(path.clone(), 5, false);
@@ -387,8 +614,43 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(!path.exists());
-        let (_, recovered) = store.newest_valid_backup().unwrap();
+        let (_, recovered) = store.best_backup().unwrap().unwrap();
         assert_eq!(recovered.change_count, 1);
+    }
+
+    #[test]
+    fn the_backup_with_the_highest_change_count_wins_whatever_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let backups = dir.path().join("backups");
+        fs::create_dir(&backups).unwrap();
+        // A clock a year ahead named an older state "newer".
+        let write = |name: &str, n: u64| {
+            fs::write(backups.join(name), state(n).to_json()).unwrap();
+        };
+        write("svc_20271231_000000.json", 60);
+        write("svc_20261125_000000.json", 62);
+        write("svc_20261125_000001.json", 61);
+        let mut store = Store::new(dir.path().join("svc.json"), 5, false);
+        let (backup, recovered) = store.best_backup().unwrap().unwrap();
+        assert_eq!(recovered.change_count, 62);
+        assert_eq!(backup.name, "svc_20261125_000000.json");
+    }
+
+    #[test]
+    fn nothing_is_read_from_a_backups_folder_others_can_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let backups = dir.path().join("backups");
+        fs::create_dir(&backups).unwrap();
+        fs::write(
+            backups.join("svc_29991231_235959.json"),
+            state(999).to_json(),
+        )
+        .unwrap();
+        fs::set_permissions(&backups, fs::Permissions::from_mode(0o777)).unwrap();
+        let mut store = Store::new(dir.path().join("svc.json"), 5, false);
+        let err = store.best_backup().unwrap_err();
+        assert!(err.to_string().contains("writable by other users"), "{err}");
     }
 
     #[test]
@@ -405,5 +667,36 @@ mod tests {
             Loaded::Valid(s) => assert_eq!(s.change_count, 7),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_fifo_at_the_path_is_neither_read_nor_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("svc.json");
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut store = Store::new(path.clone(), 5, false);
+        assert!(matches!(store.load(0), Loaded::Unreadable(_)));
+        let err = store.save(&state(1), 0).unwrap_err();
+        assert!(err.to_string().contains("FIFO"), "{err}");
+        assert!(fs::symlink_metadata(&path).unwrap().file_type().is_fifo());
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_savers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = dir.path().join(format!(".svc.json.{dead}.tmp"));
+        let live = dir
+            .path()
+            .join(format!(".svc.json.{}.tmp", std::process::id()));
+        fs::write(&stale, b"x").unwrap();
+        fs::write(&live, b"x").unwrap();
+        let mut store = Store::new(dir.path().join("svc.json"), 5, false);
+        store.remove_stale_temporaries();
+        assert!(!stale.exists());
+        assert!(live.exists());
     }
 }

@@ -15,4 +15,11 @@ SPEC_KEYS = [
     "settings",
 ]
 #: What this package adds, under keys of its own.
-EXTRA_KEYS = ["schema_version", "last_checked_unix", "leases", "stats", "options"]
+EXTRA_KEYS = [
+    "schema_version",
+    "last_checked_unix",
+    "error_active",
+    "leases",
+    "stats",
+    "options",
+]

@@ -178,8 +178,12 @@ def test_a_damaged_newest_backup_is_passed_over_for_an_older_valid_one(state_pat
     m0 = manager(state_path, lo, hi)
     m0.stop()  # one more backup; the state file now has the release at stop
     names = m0.backups()
-    older = json.loads((m0.backup_dir / names[-2]).read_text())
-    (m0.backup_dir / names[-1]).write_bytes(b'{"current_port": ')
+    backup_dir = m0.backup_dir
+    # The managers of one process share the file's view while one lives: let
+    # it go, so the next one starts from the disk, as a new process would.
+    del m0
+    older = json.loads((backup_dir / names[-2]).read_text())
+    (backup_dir / names[-1]).write_bytes(b'{"current_port": ')
     state_path.write_bytes(b"")
     m = manager(state_path, lo, hi)
     try:

@@ -62,6 +62,11 @@ class PortState(BaseModel):
     last_checked_unix: Optional[float] = Field(
         description="`last_checked` as seconds since the Unix epoch."
     )
+    error_active: bool = Field(
+        default=False,
+        description="Whether `last_error` is still in effect (cleared by the next "
+        "save that met no problem).",
+    )
     leases: list[Lease]
     stats: Stats
     options: Options

@@ -1,0 +1,301 @@
+//! Lock files: `flock`ed around every read-modify-write of the registry and
+//! of each state file, never replaced, and holding a change counter.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use super::dir::{Dir, Open, Stat};
+
+/// How long a manager waits for a registry or state-file lock that another
+/// process holds. Locks are held for microseconds; one held this long belongs
+/// to a process that is stopped or stuck, and an error says so instead of a
+/// pick that never returns.
+pub const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// How often a lock wait asks whether the caller was interrupted (Ctrl-C).
+const INTERRUPT_CHECK: Duration = Duration::from_millis(100);
+
+thread_local! {
+    /// Set by the binding around a call from Python: says whether a signal
+    /// (SIGINT) is pending, so a lock wait can give up and let it be raised.
+    static INTERRUPT: std::cell::Cell<Option<fn() -> bool>> = const { std::cell::Cell::new(None) };
+    /// A shorter limit for every lock wait of this thread (interpreter exit).
+    static WAIT_CAP: std::cell::Cell<Option<Duration>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with interruptible lock waits on this thread polling
+/// `interrupted` every 100 ms; a wait it answers `true` for fails with
+/// `ErrorKind::Interrupted`.
+pub fn with_interrupt_check<R>(interrupted: fn() -> bool, f: impl FnOnce() -> R) -> R {
+    let before = INTERRUPT.with(|c| c.replace(Some(interrupted)));
+    let result = f();
+    INTERRUPT.with(|c| c.set(before));
+    result
+}
+
+/// Runs `f` with every lock wait of this thread limited to `cap`.
+pub fn with_wait_cap<R>(cap: Duration, f: impl FnOnce() -> R) -> R {
+    let before = WAIT_CAP.with(|c| c.replace(Some(cap)));
+    let result = f();
+    WAIT_CAP.with(|c| c.set(before));
+    result
+}
+
+/// Takes `lock` exclusively, waiting at most `wait`. Polls with a backoff from
+/// 20 us to 1 ms rather than blocking in flock, which could not be given up
+/// (measured: the same throughput as a blocking flock with 8 processes picking).
+pub fn lock_within(
+    lock: &mut fd_lock::RwLock<File>,
+    wait: Duration,
+    interruptible: bool,
+) -> io::Result<fd_lock::RwLockWriteGuard<'_, File>> {
+    let wait = WAIT_CAP
+        .with(|cap| cap.get())
+        .map_or(wait, |cap| wait.min(cap));
+    let started = Instant::now();
+    let deadline = started + wait;
+    let mut next_check = started + INTERRUPT_CHECK;
+    let mut pause = Duration::from_micros(20);
+    let lock: *mut fd_lock::RwLock<File> = lock;
+    loop {
+        // SAFETY: each iteration's borrow ends before the next one starts; the
+        // pointer only works around the borrow checker's conditional-return
+        // limitation (a returned guard keeps the borrow, others end at once).
+        match unsafe { &mut *lock }.try_write() {
+            Ok(guard) => return Ok(guard),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        let now = Instant::now();
+        if now >= next_check {
+            next_check = now + INTERRUPT_CHECK;
+            let check = INTERRUPT
+                .with(|check| check.get())
+                .filter(|_| interruptible);
+            if check.is_some_and(|interrupted| interrupted()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "interrupted while waiting for a lock",
+                ));
+            }
+        }
+        if now >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "lock held by another process for more than {} s",
+                    wait.as_secs_f64()
+                ),
+            ));
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(1));
+    }
+}
+
+/// A lock file that stays this process's own. flock belongs to the open file
+/// description, which a forked child shares with its parent, so after a fork
+/// the child opens its own; and if the name no longer names the file we hold
+/// (a /tmp cleaner deleted it), we open the new one, or processes locking the
+/// old inode and the new one would not exclude each other. Used by the
+/// registry and by every state file.
+pub struct LockFile {
+    /// Its name in the folder passed to `acquire`.
+    name: OsString,
+    /// `None` until it could be opened (a read-only folder, say).
+    held: Option<HeldLock>,
+}
+
+struct HeldLock {
+    lock: fd_lock::RwLock<File>,
+    pid: u32,
+    id: (u64, u64),
+}
+
+impl LockFile {
+    pub fn new(name: impl Into<OsString>) -> LockFile {
+        LockFile {
+            name: name.into(),
+            held: None,
+        }
+    }
+
+    pub fn name(&self) -> &OsStr {
+        &self.name
+    }
+
+    /// Takes the lock (the file `name` in `dir`, created if missing, never
+    /// through a link) exclusively within `wait` (see `lock_within`). The flag
+    /// says whether the file was (re)opened for this call: whatever was cached
+    /// under the old one is not to be trusted. An `interruptible` wait gives
+    /// up when the thread's interrupt check says so (see `with_interrupt_check`):
+    /// only for waits before anything was changed.
+    pub fn acquire(
+        &mut self,
+        dir: &Dir,
+        wait: Duration,
+        interruptible: bool,
+    ) -> io::Result<(fd_lock::RwLockWriteGuard<'_, File>, bool)> {
+        let reopened = self.reopen_if_stale(dir)?;
+        let held = self.held.as_mut().expect("reopen_if_stale opened it");
+        Ok((lock_within(&mut held.lock, wait, interruptible)?, reopened))
+    }
+
+    fn reopen_if_stale(&mut self, dir: &Dir) -> io::Result<bool> {
+        let on_disk = dir.stat(&self.name).ok().flatten().map(|m| (m.dev, m.ino));
+        if let Some(held) = &self.held {
+            if held.pid == std::process::id() && on_disk == Some(held.id) {
+                return Ok(false);
+            }
+        }
+        self.held = None;
+        let file = dir
+            .open_file(&self.name, Open::ReadWriteCreate(0o600))
+            .or_else(|e| match e.kind() {
+                // An existing lock file we may not write still locks (flock
+                // needs no write access); only the change counter stays at 0.
+                io::ErrorKind::PermissionDenied => dir.open_file(&self.name, Open::Read),
+                _ => Err(e),
+            })?;
+        let st = Stat::of_file(&file)?;
+        self.held = Some(HeldLock {
+            lock: fd_lock::RwLock::new(file),
+            pid: std::process::id(),
+            id: (st.dev, st.ino),
+        });
+        Ok(true)
+    }
+}
+
+/// The change counter kept in the first 8 bytes of a lock file (which is
+/// never replaced). Every writer bumps it under the lock before replacing the
+/// data file, so "same counter and same `FileId`" means "unchanged" even when
+/// the file system reuses an inode within one timestamp tick. A short or
+/// unreadable lock file reads as 0: the caller then re-reads, which is safe.
+pub fn read_generation(lock: &File) -> u64 {
+    let mut bytes = [0u8; 8];
+    match lock.read_exact_at(&mut bytes, 0) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => 0,
+    }
+}
+
+pub fn write_generation(lock: &File, generation: u64) -> io::Result<()> {
+    lock.write_all_at(&generation.to_le_bytes(), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn a_lock_held_elsewhere_times_out_with_a_clear_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let mut holder = LockFile::new("x.lock");
+        let (_held, _) = holder
+            .acquire(&dir, Duration::from_millis(50), false)
+            .unwrap();
+        let mut waiter = LockFile::new("x.lock");
+        let err = waiter
+            .acquire(&dir, Duration::from_millis(50), false)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("held by another process"), "{err}");
+        drop(_held);
+        assert!(waiter
+            .acquire(&dir, Duration::from_millis(50), false)
+            .is_ok());
+    }
+
+    #[test]
+    fn an_interrupt_ends_an_interruptible_wait_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let mut holder = LockFile::new("x.lock");
+        let (_held, _) = holder
+            .acquire(&dir, Duration::from_millis(50), false)
+            .unwrap();
+        let mut waiter = LockFile::new("x.lock");
+        let err = with_interrupt_check(
+            || true,
+            || waiter.acquire(&dir, Duration::from_secs(5), true).map(drop),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+        let err = with_interrupt_check(
+            || true,
+            || {
+                waiter
+                    .acquire(&dir, Duration::from_millis(300), false)
+                    .map(drop)
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn a_lock_file_deleted_under_us_is_reopened_so_locks_still_exclude() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let mut ours = LockFile::new("x.lock");
+        assert!(
+            ours.acquire(&dir, Duration::from_millis(50), false)
+                .unwrap()
+                .1
+        );
+        assert!(
+            !ours
+                .acquire(&dir, Duration::from_millis(50), false)
+                .unwrap()
+                .1
+        );
+        fs::remove_file(tmp.path().join("x.lock")).unwrap(); // a /tmp cleaner
+        let mut theirs = LockFile::new("x.lock"); // creates a new file
+        let (_held, _) = theirs
+            .acquire(&dir, Duration::from_millis(50), false)
+            .unwrap();
+        // Locking the old, deleted inode would "succeed" and exclude nobody.
+        let err = ours
+            .acquire(&dir, Duration::from_millis(50), false)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn a_lock_file_that_is_a_link_is_never_written_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, b"precious content").unwrap();
+        std::os::unix::fs::symlink(&victim, tmp.path().join("x.lock")).unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let err = LockFile::new("x.lock")
+            .acquire(&dir, Duration::from_millis(50), false)
+            .map(drop)
+            .unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious content");
+    }
+
+    #[test]
+    fn generation_round_trips_and_starts_at_zero() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(tmp.path().join("x.lock"))
+            .unwrap();
+        assert_eq!(read_generation(&file), 0);
+        write_generation(&file, 41).unwrap();
+        write_generation(&file, 42).unwrap();
+        assert_eq!(read_generation(&file), 42);
+    }
+}

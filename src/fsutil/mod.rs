@@ -1,0 +1,243 @@
+//! The file-system rules of the library, in one place: folders opened once by
+//! descriptor with nothing followed through a link (`dir`), lock files with
+//! their change counters (`lock`), atomic replacement and change detection.
+
+mod dir;
+mod lock;
+
+pub use dir::{read_bounded, Dir, Kind, Open, Stat, MAX_READ};
+pub use lock::{
+    lock_within, read_generation, with_interrupt_check, with_wait_cap, write_generation, LockFile,
+    LOCK_WAIT,
+};
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::Path;
+
+/// Enough of a file's metadata to tell "the file I read before" from "a file
+/// someone has written since". Every save is a rename of a new inode, so the
+/// inode number changes with each write; mtime and size guard inode reuse.
+/// Not ctime: taking a backup hard-links the file, which changes its ctime
+/// but not its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+}
+
+impl FileId {
+    pub fn from_stat(st: &Stat) -> FileId {
+        FileId {
+            dev: st.dev,
+            ino: st.ino,
+            size: st.size,
+            mtime_ns: st.mtime_ns,
+        }
+    }
+
+    pub fn of(path: &Path) -> io::Result<FileId> {
+        let m = fs::metadata(path)?;
+        Ok(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        })
+    }
+}
+
+/// Creates `dir` (and parents) if missing, new folders with `mode`.
+pub fn ensure_dir(dir: &Path, mode: u32) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new().recursive(true).mode(mode).create(dir)
+}
+
+/// The name of the temporary file a save of `name` by process `pid` writes.
+pub fn temp_name(name: &OsStr, pid: u32) -> OsString {
+    let mut tmp = OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".{pid}.tmp"));
+    tmp
+}
+
+/// The pid in a temporary file name of `name` (see `temp_name`), if it is one.
+pub fn temp_owner(name: &OsStr, candidate: &OsStr) -> Option<u32> {
+    let rest = candidate.as_bytes().strip_prefix(b".")?;
+    let rest = rest.strip_prefix(name.as_bytes())?.strip_prefix(b".")?;
+    let pid = rest.strip_suffix(b".tmp")?;
+    std::str::from_utf8(pid).ok()?.parse().ok()
+}
+
+/// Replaces `name` in `dir` with `bytes` so that no reader ever sees a
+/// partial file: the bytes go to a temporary file in the same folder, created
+/// new (O_EXCL, so a link planted at its name is never written through),
+/// which is renamed over `name`. With `durable`, the file and then the folder
+/// are fsynced, so the new content survives a power cut as well as a crash.
+///
+/// `reuse` (a backup about to be deleted, in its folder) is recycled as the
+/// temporary file when it can be: its inode is overwritten instead of one
+/// being freed and another allocated. A save then creates and frees no inode
+/// at all, which matters on ext4, where allocating an inode slows down with
+/// every inode freed in the last seconds. `reuse` is only taken if it is a
+/// regular file with no other link: it must not be the live state file under
+/// another name.
+pub fn write_atomic(
+    dir: &Dir,
+    name: &OsStr,
+    bytes: &[u8],
+    durable: bool,
+    reuse: Option<(&Dir, &OsStr)>,
+) -> io::Result<()> {
+    // One writer at a time holds the lock, but a process killed between
+    // write and rename leaves its temporary file: ours is named by our pid.
+    let tmp = temp_name(name, std::process::id());
+    let result = (|| {
+        let mut file = match reuse.and_then(|(from, old)| recycle(from, old, dir, &tmp)) {
+            Some(file) => file,
+            None => create_new(dir, &tmp)?,
+        };
+        file.write_all(bytes)?;
+        if durable {
+            file.sync_all()?;
+        }
+        drop(file);
+        dir.rename(&tmp, dir, name)?;
+        if durable {
+            dir.sync()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = dir.remove(&tmp);
+    }
+    result
+}
+
+/// A new file `name`; a leftover of that name (our pid's, from a process
+/// that had it before; or anything planted there) is removed, not followed.
+fn create_new(dir: &Dir, name: &OsStr) -> io::Result<File> {
+    match dir.open_file(name, Open::CreateNew(0o644)) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            dir.remove(name)?;
+            dir.open_file(name, Open::CreateNew(0o644))
+        }
+        other => other,
+    }
+}
+
+/// Moves `old` to `tmp` and opens it emptied, if it is a regular file with a
+/// single link; otherwise leaves things as they were (returns None) or, if
+/// the move happened but the file is unsuitable, deletes it.
+fn recycle(from: &Dir, old: &OsStr, dir: &Dir, tmp: &OsStr) -> Option<File> {
+    let st = from.stat(old).ok()??;
+    if st.kind != Kind::File || st.nlink != 1 {
+        return None;
+    }
+    from.rename_new(old, dir, tmp).ok()?;
+    // Checked again on the open file: the name could have been swapped.
+    match dir.open_file(tmp, Open::ReadWriteCreate(0o644)) {
+        Ok(f) if Stat::of_file(&f).is_ok_and(|st| st.nlink == 1) => {
+            f.set_len(0).ok()?;
+            Some(f)
+        }
+        _ => {
+            let _ = dir.remove(tmp);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> &OsStr {
+        OsStr::new(s)
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temporary() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let path = tmp.path().join("a.json");
+        write_atomic(&dir, n("a.json"), b"one", false, None).unwrap();
+        let first = FileId::of(&path).unwrap();
+        write_atomic(&dir, n("a.json"), b"two!", true, None).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two!");
+        assert_ne!(FileId::of(&path).unwrap(), first);
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_link_planted_at_the_temporary_name_is_not_written_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let planted = temp_name(n("a.json"), std::process::id());
+        std::os::unix::fs::symlink(&victim, tmp.path().join(&planted)).unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        write_atomic(&dir, n("a.json"), b"state", false, None).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(tmp.path().join("a.json")).unwrap(), b"state");
+    }
+
+    #[test]
+    fn temporary_names_carry_their_pid() {
+        let name = temp_name(n("s.json"), 4242);
+        assert_eq!(name, ".s.json.4242.tmp");
+        assert_eq!(temp_owner(n("s.json"), &name), Some(4242));
+        assert_eq!(temp_owner(n("s.json"), n(".t.json.4242.tmp")), None);
+        assert_eq!(temp_owner(n("s.json"), n(".s.json.x.tmp")), None);
+    }
+
+    #[test]
+    fn a_recycled_file_keeps_its_inode_and_a_linked_one_is_never_taken() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let path = tmp.path().join("a.json");
+        let old = tmp.path().join("old.json");
+        fs::write(&old, b"a much longer old content").unwrap();
+        let inode = fs::metadata(&old).unwrap().ino();
+        write_atomic(
+            &dir,
+            n("a.json"),
+            b"new",
+            false,
+            Some((&dir, n("old.json"))),
+        )
+        .unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        assert_eq!(fs::metadata(&path).unwrap().ino(), inode);
+        assert!(!old.exists());
+        // A file with a second link (the live file under another name) stays.
+        let twin = tmp.path().join("twin.json");
+        fs::hard_link(&path, &twin).unwrap();
+        write_atomic(
+            &dir,
+            n("a.json"),
+            b"newer",
+            false,
+            Some((&dir, n("twin.json"))),
+        )
+        .unwrap();
+        assert_eq!(fs::read(&twin).unwrap(), b"new");
+        assert_eq!(fs::read(&path).unwrap(), b"newer");
+    }
+
+    #[test]
+    fn ensure_dir_creates_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        ensure_dir(&deep, 0o700).unwrap();
+        assert!(deep.is_dir());
+        ensure_dir(&deep, 0o700).unwrap();
+    }
+}

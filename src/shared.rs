@@ -1,0 +1,385 @@
+//! The per-state-file shared view: every manager of one process that uses the
+//! same state file (with the same settings) shares one in-memory state, one
+//! lock descriptor, one backup list and one picture of the ports in use. A
+//! thousand managers on one file then cost a thousand small handles, not a
+//! thousand copies of the state and of each other's leases.
+//!
+//! Views belong to the process that made them (see `per_process.rs`): a
+//! forked child builds its own from the file on disk.
+
+use std::collections::HashMap;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Instant;
+
+use crate::clock::Stamp;
+use crate::config::Config;
+use crate::events::Kind;
+use crate::fsutil::{read_generation, write_generation, Kind as FileKind, LockFile, LOCK_WAIT};
+use crate::per_process::PerProcess;
+use crate::registry::{LeaseTable, Registry};
+use crate::scan::PortSet;
+use crate::state::{LeaseView, Options, Settings, State};
+use crate::store::{Loaded, Store};
+
+pub struct SharedFile {
+    path: PathBuf,
+    range: RangeInclusive<u16>,
+    /// What every lease taken through this state file's managers starts with.
+    owner_prefix: String,
+    view: Mutex<FileView>,
+}
+
+pub struct FileView {
+    pub state: State,
+    pub store: Store,
+    lock: LockFile,
+    /// Ports other programs hold, per the last scan and failed probes.
+    pub bound: PortSet,
+    /// Ports leased in the range, per the last registry transaction.
+    pub leased: PortSet,
+    /// Loaded (and recovered) once, by the first manager to start.
+    pub started: bool,
+    /// When the range was last re-scanned for this file (by any manager).
+    pub refreshed: Option<Instant>,
+}
+
+/// Whether a change must be written even if the file would show the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Save {
+    Always,
+    /// Only if `free_ports`, `used_ports` or the leases changed, or an error
+    /// is in effect: an idle refresh writes nothing (and so takes no backup:
+    /// the backups hold the last `backup_max` distinct states).
+    IfChanged,
+}
+
+type Views = Mutex<HashMap<String, Weak<SharedFile>>>;
+
+fn views() -> &'static Views {
+    static VIEWS: PerProcess<Views> = PerProcess::new();
+    VIEWS.get_or_init(Default::default)
+}
+
+impl SharedFile {
+    /// This process's view of the state file `path` for `config`, made if
+    /// there is none yet.
+    pub fn open(path: &Path, config: &Config, registry: &Registry) -> Arc<SharedFile> {
+        // Managers with other settings keep views of their own: the state's
+        // settings and options are theirs.
+        let key = format!(
+            "{}\0{:?}",
+            path.display(),
+            (
+                config.start,
+                config.end,
+                config.history_max,
+                config.backup_max,
+                config.durable,
+                config.refresh_interval,
+                registry.dir(),
+                &config.json_path,
+            )
+        );
+        let mut views = views().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(view) = views.get(&key).and_then(Weak::upgrade) {
+            return view;
+        }
+        views.retain(|_, v| v.strong_count() > 0);
+        let store = Store::new(path.to_path_buf(), config.backup_max, config.durable);
+        let lock = LockFile::new(store.lock_name());
+        let view = Arc::new(SharedFile {
+            path: path.to_path_buf(),
+            range: config.start..=config.end,
+            owner_prefix: format!("{}#", path.display()),
+            view: Mutex::new(FileView {
+                state: initial_state(config, registry),
+                store,
+                lock,
+                bound: PortSet::default(),
+                leased: PortSet::default(),
+                started: false,
+                refreshed: None,
+            }),
+        });
+        views.insert(key, Arc::downgrade(&view));
+        view
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn range(&self) -> RangeInclusive<u16> {
+        self.range.clone()
+    }
+
+    pub fn owner_prefix(&self) -> &str {
+        &self.owner_prefix
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, FileView> {
+        // A panic elsewhere must not make every later call panic too.
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl FileView {
+    /// The read-modify-write of the state file, under its lock: adopt what
+    /// another process wrote, apply `change`, recompute the free and used
+    /// lists, save (with a backup). `problems` found before (and those found
+    /// here) become `last_error` after the file's own state is adopted, and
+    /// are returned for the caller's events; none is raised, the state lives
+    /// on in memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(
+        &mut self,
+        range: RangeInclusive<u16>,
+        stamp: &Stamp,
+        leases: Option<Leased>,
+        save: Save,
+        mut problems: Vec<(Kind, String)>,
+        change: impl FnOnce(&mut State),
+    ) -> Vec<(Kind, String)> {
+        let FileView {
+            state,
+            store,
+            lock,
+            bound,
+            leased,
+            ..
+        } = self;
+        // The folder is made now so the lock can be ("folders are always
+        // created"); a failure shows at the save.
+        let guard = match store.folder(true) {
+            Ok(folder) => match lock.acquire(folder, LOCK_WAIT, false) {
+                Ok((guard, _)) => Some(guard),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    let mut name = store.path().as_os_str().to_owned();
+                    name.push(".lock");
+                    problems.push((
+                        Kind::Error,
+                        format!("cannot lock {}: {e}", Path::new(&name).display()),
+                    ));
+                    None
+                }
+                // No lock file can be made (read-only folder): the save reports it.
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        let generation = guard.as_ref().map_or(0, |g| read_generation(g));
+        let fresh = state.change_count == 0 && state.last_checked.is_none();
+        let mut must_write = save == Save::Always || state.error_active;
+        match store.load(generation) {
+            Loaded::Unchanged => {}
+            Loaded::Missing => {
+                must_write = true;
+                // At start-up (memory empty) the best valid backup wins.
+                if fresh {
+                    if let Some(source) = restore(state, store) {
+                        problems.push((
+                            Kind::Recover,
+                            format!(
+                                "state file {} was missing; {source}",
+                                store.path().display()
+                            ),
+                        ));
+                    }
+                }
+            }
+            Loaded::Vanished => {
+                must_write = true;
+                problems.push((
+                    Kind::Recover,
+                    format!(
+                        "state file {} was deleted; rewritten from memory",
+                        store.path().display()
+                    ),
+                ));
+            }
+            Loaded::Valid(disk) => adopt(state, *disk),
+            Loaded::Corrupt { reason, moved_to } => {
+                must_write = true;
+                let aside = moved_to.map_or("it could not be moved aside".to_string(), |p| {
+                    format!("moved aside to {}", p.display())
+                });
+                // Memory is newer than any backup once we are running.
+                let source = if fresh {
+                    restore(state, store).unwrap_or_else(|| "no valid backup; started fresh".into())
+                } else {
+                    "rewritten from memory".to_string()
+                };
+                problems.push((
+                    Kind::Recover,
+                    format!(
+                        "state file {} was damaged ({reason}); {aside}; {source}",
+                        store.path().display()
+                    ),
+                ));
+            }
+            Loaded::Unreadable(e) => {
+                must_write = true;
+                let source = if fresh { restore(state, store) } else { None };
+                let message = match source {
+                    Some(source) => format!("cannot read state file ({e}); {source}"),
+                    None => format!("cannot read state file: {e}"),
+                };
+                problems.push((Kind::Error, message));
+            }
+        }
+        let before = (
+            std::mem::take(&mut state.free_ports),
+            std::mem::take(&mut state.used_ports),
+            state.leases.clone(),
+        );
+        change(state);
+        if let Some(leases) = leases {
+            state.leases = leases.mine;
+            *leased = leases.ports;
+        }
+        recompute_lists(state, range, leased, bound);
+        state.last_checked = Some(stamp.jalali.clone());
+        state.last_checked_unix = Some(stamp.unix);
+        let unchanged = before.0 == state.free_ports
+            && before.1 == state.used_ports
+            && before.2 == state.leases;
+        if !must_write && unchanged && problems.is_empty() {
+            return problems;
+        }
+        if problems.is_empty() {
+            state.error_active = false;
+        }
+        for (_, message) in &problems {
+            state.record_error(&stamp.jalali, message.clone());
+        }
+        // Bump the lock file's counter before replacing the state file, so a
+        // reader never pairs the new file with the old counter.
+        let generation = match &guard {
+            Some(g) => write_generation(g, generation.wrapping_add(1))
+                .map_or(generation, |()| generation.wrapping_add(1)),
+            None => generation,
+        };
+        match store.save(state, generation) {
+            Ok(None) => {}
+            Ok(Some(backup_problem)) => {
+                state.record_error(&stamp.jalali, backup_problem.clone());
+                problems.push((Kind::Error, backup_problem));
+            }
+            Err(e) => {
+                let message = format!(
+                    "cannot write state file {} ({e}); keeping the state in memory",
+                    store.path().display()
+                );
+                state.record_error(&stamp.jalali, message.clone());
+                problems.push((Kind::Error, message));
+            }
+        }
+        drop(guard);
+        problems
+    }
+
+    /// Removes temporary files of killed savers (under no lock: each is named
+    /// by a pid that is gone, so no saver is using it).
+    pub fn tidy(&mut self) {
+        self.store.remove_stale_temporaries();
+    }
+
+    /// Refuses a state-file path that holds something other than a regular
+    /// file or a link: a folder, a FIFO, a socket or a device is never read,
+    /// renamed or replaced.
+    pub fn check_path(&mut self) -> Result<(), String> {
+        match self.store.kind_on_disk() {
+            Ok(Some(FileKind::Dir)) => Err("is a folder".into()),
+            Ok(Some(FileKind::Other)) => {
+                Err("is not a regular file (a FIFO, socket or device)".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Restores the best valid backup into `state`, saying what was done.
+fn restore(state: &mut State, store: &mut Store) -> Option<String> {
+    match store.best_backup() {
+        Ok(Some((backup, recovered))) => {
+            let count = recovered.change_count;
+            adopt(state, recovered);
+            Some(format!(
+                "restored from backup {} (change_count {count})",
+                backup.name
+            ))
+        }
+        Ok(None) => None,
+        Err(e) => Some(format!("backups not used: {e}")),
+    }
+}
+
+/// The state before anything is read: this configuration's settings and options.
+pub(crate) fn initial_state(config: &Config, registry: &Registry) -> State {
+    let settings = Settings {
+        port_range: [config.start, config.end],
+        json_path: config.json_path.to_string_lossy().into_owned(),
+        history_max: config.history_max,
+    };
+    let options = Options {
+        refresh_interval: config.refresh_interval.as_secs_f64(),
+        backup_max: config.backup_max,
+        durable: config.durable,
+        registry_dir: registry.dir().to_string_lossy().into_owned(),
+    };
+    State::fresh(settings, options)
+}
+
+/// Takes another manager's saved state as ours, keeping our own settings.
+pub(crate) fn adopt(state: &mut State, mut disk: State) {
+    disk.settings = state.settings.clone();
+    disk.options = state.options.clone();
+    disk.schema_version = state.schema_version;
+    disk.trim_history();
+    *state = disk;
+}
+
+/// What one registry transaction tells the state: the ports leased in the
+/// range (by anyone) and the leases taken through this state file.
+pub struct Leased {
+    pub ports: PortSet,
+    pub mine: Vec<LeaseView>,
+}
+
+pub(crate) fn leased_in(table: &LeaseTable, range: &RangeInclusive<u16>, prefix: &str) -> Leased {
+    let mut ports = PortSet::default();
+    let mut mine = Vec::new();
+    for lease in table.iter().filter(|l| range.contains(&l.port)) {
+        ports.insert(lease.port);
+        if lease.owner.starts_with(prefix) {
+            mine.push(LeaseView {
+                port: lease.port,
+                pid: lease.pid,
+                owner: lease.owner.clone(),
+                since: lease.since.clone(),
+            });
+        }
+    }
+    mine.sort_by_key(|v| v.port);
+    Leased { ports, mine }
+}
+
+/// used = leased or bound; free = the rest of the range.
+pub(crate) fn recompute_lists(
+    state: &mut State,
+    range: RangeInclusive<u16>,
+    leased: &PortSet,
+    bound: &PortSet,
+) {
+    state.free_ports.clear();
+    state.used_ports.clear();
+    for port in range {
+        if leased.contains(port) || bound.contains(port) {
+            state.used_ports.push(port);
+        } else {
+            state.free_ports.push(port);
+        }
+    }
+}
