@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -236,9 +235,7 @@ print(json.dumps({"port": pm.pick_port()}), flush=True)
 """
 
 
-def test_exit_with_busy_daemon_threads_gives_the_lease_back(
-    tmp_path: Path, registry: Path
-) -> None:
+def test_exit_with_busy_daemon_threads_gives_the_lease_back(tmp_path: Path, registry: Path) -> None:
     started = time.monotonic()
     out = run_script(BUSY_EXIT, tmp_path)
     elapsed = time.monotonic() - started
