@@ -488,11 +488,22 @@ impl Manager {
             let due = file
                 .refreshed
                 .is_none_or(|at| at.elapsed() >= self.config.refresh_interval / 2);
-            let (leases, problems) = self.leases_in_range(local, &mine, &stamp);
+            // Between the file's scans, a manager only makes sure its own
+            // lease is still recorded (cheap: a thousand managers idle at a
+            // fraction of a percent of one core).
+            let (_, quick_problems, reinserted) = self.reassert(local, &mine, &stamp, false);
             let reclaimed_here =
                 self.reclaim_events(local, &mine, &file, reclaimed, &stamp, &mut events);
-            if !due && problems.is_empty() && reclaimed_here.is_empty() {
+            if !due && quick_problems.is_empty() && !reinserted && reclaimed_here.is_empty() {
+                drop((mine, file));
+                self.sink().emit(&events);
                 return;
+            }
+            let (leases, mut problems) = self.leases_in_range(local, &mine, &stamp);
+            for problem in quick_problems {
+                if !problems.contains(&problem) {
+                    problems.push(problem);
+                }
             }
             file.refreshed = Some(std::time::Instant::now());
             file.bound = match host {
@@ -536,26 +547,42 @@ impl Manager {
         mine: &Mine,
         stamp: &Stamp,
     ) -> (Option<Leased>, Vec<(Kind, String)>) {
+        let (leased, problems, _) = self.reassert(local, mine, stamp, true);
+        (leased, problems)
+    }
+
+    /// Re-records this manager's lease if the registry lost it, and (with
+    /// `view`) reads the leases in range. The flag says whether the lease had
+    /// to be re-recorded. Cheap without `view`: no copy of the table.
+    fn reassert(
+        &self,
+        local: &Local,
+        mine: &Mine,
+        stamp: &Stamp,
+        view: bool,
+    ) -> (Option<Leased>, Vec<(Kind, String)>, bool) {
         let range = self.range();
+        let mut reinserted = false;
         let result = local.registry.transact(|table| {
             let mut conflict = None;
             if let Some(port) = mine.active {
                 match table.holder_of(port) {
-                    None => table.insert(Lease {
-                        port,
-                        pid: local.holder.pid,
-                        start_time: local.holder.start_time,
-                        owner: local.owner.clone(),
-                        since: stamp.iso.clone(),
-                    }),
+                    None => {
+                        reinserted = true;
+                        table.insert(Lease {
+                            port,
+                            pid: local.holder.pid,
+                            start_time: local.holder.start_time,
+                            owner: local.owner.clone(),
+                            since: stamp.iso.clone(),
+                        })
+                    }
                     Some(l) if l.owner != local.owner => conflict = Some(l.clone()),
                     Some(_) => {}
                 }
             }
-            (
-                leased_in(table, &range, local.file.owner_prefix()),
-                conflict,
-            )
+            let views = view.then(|| leased_in(table, &range, local.file.owner_prefix()));
+            (views, conflict)
         });
         let mut problems = self.registry_notice(local);
         match result {
@@ -569,11 +596,11 @@ impl Manager {
                         ),
                     ));
                 }
-                (Some(views), problems)
+                (views, problems, reinserted)
             }
             Err(e) => {
                 problems.push((Kind::Error, e.to_string()));
-                (None, problems)
+                (None, problems, reinserted)
             }
         }
     }
