@@ -21,6 +21,8 @@ pub struct Config {
     pub durable: bool,
     pub registry_dir: Option<PathBuf>,
     pub console_log: bool,
+    /// Never hand out the ports web browsers refuse to open.
+    pub skip_unsafe: bool,
 }
 
 /// The raw arguments, as wide as any caller may pass them, before checking.
@@ -35,6 +37,7 @@ pub struct Args {
     pub durable: bool,
     pub registry_dir: Option<PathBuf>,
     pub console_log: bool,
+    pub skip_unsafe: bool,
 }
 
 impl Default for Args {
@@ -49,6 +52,7 @@ impl Default for Args {
             durable: false,
             registry_dir: None,
             console_log: true,
+            skip_unsafe: true,
         }
     }
 }
@@ -110,6 +114,7 @@ impl Args {
             durable: self.durable,
             registry_dir: self.registry_dir,
             console_log: self.console_log,
+            skip_unsafe: self.skip_unsafe,
         })
     }
 }

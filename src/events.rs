@@ -22,6 +22,7 @@ pub enum Kind {
     Reclaim,
     Recover,
     Error,
+    Warning,
     Stop,
 }
 
@@ -35,6 +36,7 @@ impl Kind {
             Kind::Reclaim => "RECLAIM",
             Kind::Recover => "RECOVER",
             Kind::Error => "ERROR",
+            Kind::Warning => "WARNING",
             Kind::Stop => "STOP",
         }
     }
@@ -54,6 +56,7 @@ impl Kind {
             Kind::Refresh => "\x1b[34m",                 // blue
             Kind::Reclaim | Kind::Recover => "\x1b[35m", // magenta
             Kind::Error => "\x1b[1;31m",                 // bold red
+            Kind::Warning => "\x1b[1;33m",               // bold yellow
         }
     }
 }
@@ -214,6 +217,8 @@ impl Sink {
         let message = event.log_message();
         if event.kind.is_error() {
             tracing::error!(target: "dynamic_port_manager", "{message}");
+        } else if event.kind == Kind::Warning {
+            tracing::warn!(target: "dynamic_port_manager", "{message}");
         } else {
             tracing::info!(target: "dynamic_port_manager", "{message}");
         }

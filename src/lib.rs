@@ -11,6 +11,7 @@ pub mod holder;
 pub mod inspect;
 pub mod manager;
 pub mod per_process;
+pub mod port_policy;
 pub mod probe;
 pub mod refresh;
 pub mod registry;

@@ -199,9 +199,11 @@ impl Manager {
             let mine = lock(&local.mine);
             let mut file = local.file.lock();
             let first = !file.started;
+            let mut warnings = Vec::new();
             if first {
                 file.bound = scan::ports_in_use(self.range());
                 file.tidy();
+                file.ephemeral = ephemeral_warning(self.range(), &mut warnings);
             }
             let (leases, problems) = self.leases_in_range(local, &mine, &stamp);
             // A current_port left by a manager that is gone is no one's port.
@@ -218,6 +220,7 @@ impl Manager {
                 file.store.prime_backup_cache();
                 file.started = true;
             }
+            self.push_problems(&mut events, &mine, &file, &stamp, warnings);
             self.push_problems(&mut events, &mine, &file, &stamp, problems);
             let note = "DynamicPortManager started.".to_string();
             events.push(self.event(&mine, &file, Kind::Start, &stamp, note));
@@ -340,6 +343,7 @@ impl Manager {
         lease: &dyn Fn(u16) -> Lease,
     ) -> Result<Picked> {
         let bound = &mut file.bound;
+        let skipped = &file.skipped;
         let range = self.range();
         let owner = &local.owner;
         let prefix = local.file.owner_prefix();
@@ -347,7 +351,7 @@ impl Manager {
             let mut reclaimed = Vec::new();
             let port = loop {
                 let leased: PortSet = table.iter().map(|l| l.port).collect();
-                let found = lowest_free(range.clone(), &leased, bound);
+                let found = lowest_free(range.clone(), &leased, bound, skipped);
                 let dead = table.remove_dead_below(&range, found, seen);
                 if dead.is_empty() {
                     break found;
@@ -740,15 +744,52 @@ impl Drop for Manager {
     }
 }
 
+/// Says (a WARNING) where the range overlaps the kernel's ephemeral range.
+fn ephemeral_warning(
+    range: RangeInclusive<u16>,
+    warnings: &mut Vec<(Kind, String)>,
+) -> Option<crate::state::EphemeralOverlap> {
+    let o = crate::port_policy::ephemeral_overlap(range)?;
+    warnings.push((
+        Kind::Warning,
+        format!(
+            "{} ports of the range ({}-{}) lie in the kernel's ephemeral port range {}-{}: \
+             any outgoing connection may take one without asking. Reserve them with \
+             `sysctl -w net.ipv4.ip_local_reserved_ports={}-{}` (keep any already \
+             reserved), or choose a range outside {}-{}.",
+            o.count,
+            o.first,
+            o.last,
+            o.ephemeral[0],
+            o.ephemeral[1],
+            o.first,
+            o.last,
+            o.ephemeral[0],
+            o.ephemeral[1]
+        ),
+    ));
+    Some(crate::state::EphemeralOverlap {
+        ephemeral_range: o.ephemeral,
+        first: o.first,
+        last: o.last,
+        count: o.count,
+    })
+}
+
 /// What one pass found: the port with the leases after it was recorded (none
 /// if the range is full), and the dead holders' leases taken back on the way.
 type Picked = (Option<(u16, Leased)>, Vec<Lease>);
 
 /// The lowest port of `range` that is neither leased nor known bound and
 /// that a bind probe finds free (ports found in use are added to `bound`).
-fn lowest_free(range: RangeInclusive<u16>, leased: &PortSet, bound: &mut PortSet) -> Option<u16> {
+fn lowest_free(
+    range: RangeInclusive<u16>,
+    leased: &PortSet,
+    bound: &mut PortSet,
+    skipped: &PortSet,
+) -> Option<u16> {
     range.into_iter().find(|&port| {
-        if leased.contains(port) || bound.contains(port) {
+        if leased.contains(port) || bound.contains(port) || skipped.contains(port) {
             return false;
         }
         match probe_port(port) {

@@ -157,11 +157,13 @@ impl PyManager {
         backup_max = WideInt::Fits(20),
         durable = false,
         registry_dir = None,
-        console_log = true
+        console_log = true,
+        skip_unsafe = true
     ))]
     #[pyo3(
         text_signature = "(start=3000, end=9000, json_path=None, refresh_interval=10.0, \
-        history_max=50, *, backup_max=20, durable=False, registry_dir=None, console_log=True)"
+        history_max=50, *, backup_max=20, durable=False, registry_dir=None, console_log=True, \
+        skip_unsafe=True)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -175,6 +177,7 @@ impl PyManager {
         durable: bool,
         registry_dir: Option<PathBuf>,
         console_log: bool,
+        skip_unsafe: bool,
     ) -> PyResult<Self> {
         let args = Args {
             start: start.get("start")?,
@@ -186,6 +189,7 @@ impl PyManager {
             durable,
             registry_dir,
             console_log,
+            skip_unsafe,
         };
         let config = args.check().map_err(to_py_err)?;
         let manager = py

@@ -39,6 +39,10 @@ pub struct FileView {
     pub bound: PortSet,
     /// Ports leased in the range, per the last registry transaction.
     pub leased: PortSet,
+    /// Ports never handed out (browser-unsafe, unless `skip_unsafe=False`).
+    pub skipped: PortSet,
+    /// How the range meets the kernel's ephemeral range (read at start).
+    pub ephemeral: Option<crate::state::EphemeralOverlap>,
     /// Loaded (and recovered) once, by the first manager to start.
     pub started: bool,
     /// When the range was last re-scanned for this file (by any manager).
@@ -99,6 +103,12 @@ impl SharedFile {
                 lock,
                 bound: PortSet::default(),
                 leased: PortSet::default(),
+                skipped: if config.skip_unsafe {
+                    crate::port_policy::browser_unsafe()
+                } else {
+                    PortSet::default()
+                },
+                ephemeral: None,
                 started: false,
                 refreshed: None,
             }),
@@ -148,6 +158,8 @@ impl FileView {
             lock,
             bound,
             leased,
+            skipped,
+            ephemeral,
             ..
         } = self;
         // The folder is made now so the lock can be ("folders are always
@@ -239,7 +251,8 @@ impl FileView {
             state.leases = leases.mine;
             *leased = leases.ports;
         }
-        recompute_lists(state, range, leased, bound);
+        recompute_lists(state, range, leased, bound, skipped);
+        state.ephemeral_overlap = ephemeral.clone();
         state.last_checked = Some(stamp.jalali.clone());
         state.last_checked_unix = Some(stamp.unix);
         let unchanged = before.0 == state.free_ports
@@ -366,18 +379,23 @@ pub(crate) fn leased_in(table: &LeaseTable, range: &RangeInclusive<u16>, prefix:
     Leased { ports, mine }
 }
 
-/// used = leased or bound; free = the rest of the range.
+/// used = leased or bound; skipped = the rest that is never handed out;
+/// free = what a pick would hand out.
 pub(crate) fn recompute_lists(
     state: &mut State,
     range: RangeInclusive<u16>,
     leased: &PortSet,
     bound: &PortSet,
+    skipped: &PortSet,
 ) {
     state.free_ports.clear();
     state.used_ports.clear();
+    state.skipped_ports.clear();
     for port in range {
         if leased.contains(port) || bound.contains(port) {
             state.used_ports.push(port);
+        } else if skipped.contains(port) {
+            state.skipped_ports.push(port);
         } else {
             state.free_ports.push(port);
         }

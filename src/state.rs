@@ -53,6 +53,14 @@ pub struct State {
     #[serde(default)]
     pub error_active: bool,
     /// The host-wide leases inside this range, as of the last change or refresh.
+    /// Free ports of the range that are not handed out because web browsers
+    /// refuse to open them (`skip_unsafe`); in neither list above.
+    #[serde(default, serialize_with = "one_line")]
+    pub skipped_ports: Vec<u16>,
+    /// Where the range overlaps the kernel's ephemeral port range (any
+    /// outgoing connection may take such a port), if it does.
+    #[serde(default)]
+    pub ephemeral_overlap: Option<EphemeralOverlap>,
     #[serde(default)]
     pub leases: Vec<LeaseView>,
     #[serde(default)]
@@ -73,6 +81,15 @@ pub struct Settings {
     pub port_range: [u16; 2],
     pub json_path: String,
     pub history_max: usize,
+}
+
+/// The range's ports inside `net.ipv4.ip_local_port_range` and not reserved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EphemeralOverlap {
+    pub ephemeral_range: [u16; 2],
+    pub first: u16,
+    pub last: u16,
+    pub count: usize,
 }
 
 /// A lease as shown in the state: who holds which port since when.
@@ -125,6 +142,8 @@ impl State {
             schema_version: SCHEMA_VERSION,
             last_checked_unix: None,
             error_active: false,
+            skipped_ports: Vec::new(),
+            ephemeral_overlap: None,
             leases: Vec::new(),
             stats: Stats::default(),
             options,

@@ -19,6 +19,8 @@ EXTRA_KEYS = [
     "schema_version",
     "last_checked_unix",
     "error_active",
+    "skipped_ports",
+    "ephemeral_overlap",
     "leases",
     "stats",
     "options",

@@ -22,6 +22,13 @@ class Settings(BaseModel):
     history_max: int
 
 
+class EphemeralOverlap(BaseModel):
+    ephemeral_range: list[int] = Field(description="net.ipv4.ip_local_port_range")
+    first: int
+    last: int
+    count: int = Field(description="Ports of the range inside it and not reserved.")
+
+
 class Lease(BaseModel):
     port: int
     pid: int
@@ -66,6 +73,14 @@ class PortState(BaseModel):
         default=False,
         description="Whether `last_error` is still in effect (cleared by the next "
         "save that met no problem).",
+    )
+    skipped_ports: list[int] = Field(
+        default_factory=list,
+        description="Free ports never handed out because web browsers refuse to open them.",
+    )
+    ephemeral_overlap: Optional[EphemeralOverlap] = Field(
+        default=None,
+        description="Where the range lies in the kernel's ephemeral port range, if it does.",
     )
     leases: list[Lease]
     stats: Stats

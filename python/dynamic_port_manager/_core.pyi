@@ -56,6 +56,7 @@ class DynamicPortManager:
         durable: bool = False,
         registry_dir: _Path | None = None,
         console_log: bool = True,
+        skip_unsafe: bool = True,
     ) -> Self:
         """Open (or create) the state file and join the host's lease registry.
 
@@ -66,7 +67,9 @@ class DynamicPortManager:
         ``durable``: fsync file and folder on each save.
         ``registry_dir``: where leases live (default ``$DPM_REGISTRY_DIR`` or
         ``/tmp/dynamic-port-manager-<uid>``). ``console_log``: print the
-        coloured event line on stderr.
+        coloured event line on stderr. ``skip_unsafe``: never hand out the
+        ports web browsers refuse to open (ERR_UNSAFE_PORT); they are listed
+        in the state's ``skipped_ports`` instead of ``free_ports``.
 
         Raises ``ValueError`` naming the bad argument, ``RegistryError`` when
         the registry folder is unusable.
