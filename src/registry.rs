@@ -195,6 +195,9 @@ fn has_exited(fd: &OwnedFd) -> bool {
 }
 
 struct Inner {
+    /// The folder, opened (never through a link) and checked private; opened
+    /// again, and checked again, if the path stops naming it (a /tmp cleaner).
+    folder: Dir,
     lock: LockFile,
     /// The two slot files, kept open: a release must not need a new
     /// descriptor (a process out of descriptors still gives its ports back).
@@ -216,8 +219,6 @@ struct Slot {
 
 pub struct Registry {
     dir: PathBuf,
-    /// The folder, opened once (never through a link) and checked private.
-    folder: Dir,
     inner: Mutex<Inner>,
 }
 
@@ -288,14 +289,11 @@ impl Registry {
     /// on the descriptor every later access goes through, so swapping a link
     /// in afterwards changes nothing.
     fn create(dir: &Path) -> Result<Registry> {
-        let folder = Dir::create(dir, 0o700).map_err(|e| Error::registry(dir, e))?;
-        folder
-            .check_trusted()
-            .map_err(|e| Error::registry(dir, e))?;
+        let folder = open_private(dir)?;
         Ok(Registry {
             dir: dir.to_path_buf(),
-            folder,
             inner: Mutex::new(Inner {
+                folder,
                 lock: LockFile::new(LOCK_FILE),
                 slots: [None, None],
                 alive: AliveCache::default(),
@@ -330,7 +328,16 @@ impl Registry {
         inner: &mut Inner,
         f: impl FnOnce(&mut LeaseTable, &mut AliveCache) -> R,
     ) -> Result<R> {
+        if !inner.folder.still_at_path() {
+            // Deleted or replaced: every process must meet in the folder the
+            // path names now, so open (or make) that one, checked afresh.
+            inner.folder = open_private(&self.dir)?;
+            inner.slots = [None, None];
+            inner.cache = None;
+            inner.lock = LockFile::new(LOCK_FILE);
+        }
         let Inner {
+            folder,
             lock,
             slots,
             alive,
@@ -339,13 +346,13 @@ impl Registry {
         } = inner;
         // Interruptible: nothing has been changed yet if the wait gives up.
         let (guard, reopened) = lock
-            .acquire(&self.folder, LOCK_WAIT, true)
+            .acquire(folder, LOCK_WAIT, true)
             .map_err(|e| Error::registry(self.dir.join(LOCK_FILE), e))?;
         if reopened {
             *cache = None;
         }
         let generation = read_generation(&guard);
-        let (leases, read_id, repaired) = self.load(slots, cache, notice, generation)?;
+        let (leases, read_id, repaired) = self.load(folder, slots, cache, notice, generation)?;
         let mut table = LeaseTable {
             leases,
             dirty: repaired,
@@ -366,9 +373,7 @@ impl Registry {
         *cache = None;
         let next = generation.wrapping_add(1);
         let path = self.dir.join(slot_name(next));
-        let slot = self
-            .slot(slots, next)
-            .map_err(|e| Error::registry(&path, e))?;
+        let slot = slot(folder, slots, next).map_err(|e| Error::registry(&path, e))?;
         write_in_place(&slot.file, &bytes).map_err(|e| Error::registry(&path, e))?;
         let id = Stat::of_file(&slot.file)
             .map(|st| FileId::from_stat(&st))
@@ -377,28 +382,6 @@ impl Registry {
         write_generation(&guard, next).map_err(|e| Error::registry(&self.dir, e))?;
         *cache = Some((id, next, file.leases));
         Ok(result)
-    }
-
-    /// The open slot file of change number `generation`, (re)opened if the
-    /// name no longer names the file held (deleted, moved aside, replaced).
-    fn slot<'a>(&self, slots: &'a mut [Option<Slot>; 2], generation: u64) -> io::Result<&'a Slot> {
-        let name = slot_name(generation);
-        let on_disk = self
-            .folder
-            .stat(OsStr::new(&name))?
-            .map(|st| (st.dev, st.ino));
-        let held = &mut slots[(generation % 2) as usize];
-        if held.as_ref().map(|s| s.id) != on_disk || on_disk.is_none() {
-            let file = self
-                .folder
-                .open_file(OsStr::new(&name), Open::ReadWriteCreate(0o600))?;
-            let st = Stat::of_file(&file)?;
-            *held = Some(Slot {
-                file,
-                id: (st.dev, st.ino),
-            });
-        }
-        Ok(held.as_ref().expect("just opened"))
     }
 
     /// A copy of the current leases (taken under the lock).
@@ -418,6 +401,7 @@ impl Registry {
     /// bind probes still protect every port already bound.
     fn load(
         &self,
+        folder: &Dir,
         slots: &mut [Option<Slot>; 2],
         cache: &mut Option<(FileId, u64, Vec<Lease>)>,
         notice: &mut Option<String>,
@@ -426,7 +410,7 @@ impl Registry {
         let cached = cache.take();
         let name = slot_name(generation);
         let path = self.dir.join(&name);
-        let st = match self.folder.stat(OsStr::new(&name)) {
+        let st = match folder.stat(OsStr::new(&name)) {
             Ok(Some(st)) => st,
             // Nothing written yet (or the folder was emptied): no leases.
             Ok(None) => return Ok((Vec::new(), None, false)),
@@ -438,24 +422,19 @@ impl Registry {
                 return Ok((leases, Some(id), false));
             }
         }
-        let read = self
-            .slot(slots, generation)
-            .and_then(|slot| read_slot(&slot.file, &path));
+        let read = slot(folder, slots, generation).and_then(|slot| read_slot(&slot.file, &path));
         match read {
             Ok(leases) => Ok((leases, Some(id), false)),
             Err(e) => {
                 // Keep the evidence; the next write makes a new slot file.
                 let mut aside = name.clone();
                 aside.push_str(&format!(".corrupt-{}", crate::clock::now().compact));
-                let moved =
-                    self.folder
-                        .rename_new(OsStr::new(&name), &self.folder, OsStr::new(&aside));
+                let moved = folder.rename_new(OsStr::new(&name), folder, OsStr::new(&aside));
                 slots[(generation % 2) as usize] = None;
                 let other = generation.wrapping_sub(1);
                 let other_name = slot_name(other);
-                let fallback = match self.folder.stat(OsStr::new(&other_name)) {
-                    Ok(Some(_)) => self
-                        .slot(slots, other)
+                let fallback = match folder.stat(OsStr::new(&other_name)) {
+                    Ok(Some(_)) => slot(folder, slots, other)
                         .and_then(|slot| read_slot(&slot.file, &self.dir.join(&other_name)))
                         .map(Some),
                     Ok(None) => Ok(None),
@@ -507,6 +486,39 @@ impl Registry {
             })
         })
     }
+}
+
+/// The open slot file of change number `generation`, (re)opened if the
+/// name no longer names the file held (deleted, moved aside, replaced).
+fn slot<'a>(
+    folder: &Dir,
+    slots: &'a mut [Option<Slot>; 2],
+    generation: u64,
+) -> io::Result<&'a Slot> {
+    let name = slot_name(generation);
+    let on_disk = folder.stat(OsStr::new(&name))?.map(|st| (st.dev, st.ino));
+    let held = &mut slots[(generation % 2) as usize];
+    if held.as_ref().map(|s| s.id) != on_disk || on_disk.is_none() {
+        let file = folder.open_file(OsStr::new(&name), Open::ReadWriteCreate(0o600))?;
+        let st = Stat::of_file(&file)?;
+        *held = Some(Slot {
+            file,
+            id: (st.dev, st.ino),
+        });
+    }
+    Ok(held.as_ref().expect("just opened"))
+}
+
+/// Opens (creating) the registry folder, refusing one that is a link, that
+/// another user owns, or that others can write: such a user could plant
+/// leases, or delete ours and take our ports. The checks are made on the
+/// descriptor every later access goes through.
+fn open_private(dir: &Path) -> Result<Dir> {
+    let folder = Dir::create(dir, 0o700).map_err(|e| Error::registry(dir, e))?;
+    folder
+        .check_trusted()
+        .map_err(|e| Error::registry(dir, e))?;
+    Ok(folder)
 }
 
 fn slot_name(generation: u64) -> String {
@@ -649,6 +661,30 @@ mod tests {
             .unwrap();
         let ports: Vec<u16> = reg.snapshot().unwrap().iter().map(|l| l.port).collect();
         assert_eq!(ports, vec![3001, 3002]);
+    }
+
+    #[test]
+    fn a_deleted_registry_folder_is_made_again_and_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg_dir = dir.path().join("reg");
+        let reg = Registry::create(&reg_dir).unwrap();
+        reg.transact(|t| t.insert(lease(3000, Holder::current(), "a")))
+            .unwrap();
+        fs::remove_dir_all(&reg_dir).unwrap(); // a /tmp cleaner
+        reg.transact(|t| t.insert(lease(3001, Holder::current(), "a")))
+            .unwrap();
+        let newcomer = Registry::create(&reg_dir).unwrap();
+        let ports: Vec<u16> = newcomer
+            .snapshot()
+            .unwrap()
+            .iter()
+            .map(|l| l.port)
+            .collect();
+        assert_eq!(
+            ports,
+            vec![3001],
+            "both work in the folder the path names now"
+        );
     }
 
     #[test]

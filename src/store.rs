@@ -138,6 +138,11 @@ impl Store {
     }
 
     fn open_folder(&mut self, create: bool) -> io::Result<()> {
+        // Deleted or replaced under us: work in what the path names now.
+        if self.folder.as_ref().is_some_and(|f| !f.still_at_path()) {
+            self.folder = None;
+            self.backups = None;
+        }
         if self.folder.is_none() {
             let dir = self.path.parent().unwrap_or(Path::new("/"));
             let opened = if create {

@@ -155,6 +155,18 @@ impl Dir {
         Ok(Stat::of(unsafe { &st.assume_init() }))
     }
 
+    /// Does the path still name this folder? Not after it was deleted,
+    /// renamed, or replaced (by a link, say): the caller then reopens it,
+    /// with every check again, rather than work in a folder no one else sees.
+    pub fn still_at_path(&self) -> bool {
+        let Ok(on_disk) = fs::symlink_metadata(&self.path) else {
+            return false;
+        };
+        use std::os::unix::fs::MetadataExt;
+        self.stat_self()
+            .is_ok_and(|st| st.dev == on_disk.dev() && st.ino == on_disk.ino())
+    }
+
     /// Refuses a folder that another user owns or that group or others can
     /// write: such a user could plant files here, or delete ours.
     pub fn check_trusted(&self) -> io::Result<()> {
