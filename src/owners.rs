@@ -69,19 +69,31 @@ pub struct Socket {
 /// The owners of every port of `ports` that a socket or a lease uses, in port
 /// order. Ports no one uses are left out.
 pub fn find(ports: &PortSet, leases: &[Lease]) -> io::Result<Vec<PortOwners>> {
-    let sockets: Vec<Socket> = kernel_sockets()?
-        .into_iter()
-        .filter(|s| ports.contains(s.port))
-        .collect();
+    Ok(report(
+        Path::new("/proc"),
+        &kernel_sockets()?,
+        ports,
+        leases,
+    ))
+}
+
+/// `find` over given sockets and a proc tree (`/proc`, or a copy in a test).
+pub fn report(
+    proc: &Path,
+    sockets: &[Socket],
+    ports: &PortSet,
+    leases: &[Lease],
+) -> Vec<PortOwners> {
+    let sockets: Vec<&Socket> = sockets.iter().filter(|s| ports.contains(s.port)).collect();
     let wanted: Vec<u64> = sockets
         .iter()
         .map(|s| s.inode)
         .filter(|&i| i != 0)
         .collect();
-    let holders = holders_of(Path::new("/proc"), &wanted);
+    let holders = holders_of(proc, &wanted);
     let mut names = HashMap::new();
     let mut report: BTreeMap<u16, PortOwners> = BTreeMap::new();
-    for socket in &sockets {
+    for socket in sockets {
         let owners = entry(&mut report, socket.port);
         owners.sockets += 1;
         owners.listening |= socket.listening;
@@ -91,7 +103,7 @@ pub fn find(ports: &PortSet, leases: &[Lease]) -> io::Result<Vec<PortOwners>> {
                     if owners.processes.iter().all(|p| p.pid != pid) {
                         let (name, cmdline) = names
                             .entry(pid)
-                            .or_insert_with(|| describe(Path::new("/proc"), pid))
+                            .or_insert_with(|| describe(proc, pid))
                             .clone();
                         owners.processes.push(Process {
                             pid,
@@ -123,14 +135,14 @@ pub fn find(ports: &PortSet, leases: &[Lease]) -> io::Result<Vec<PortOwners>> {
             });
         }
     }
-    Ok(report
+    report
         .into_values()
         .map(|mut o| {
             o.processes.sort_by_key(|p| p.pid);
             o.unknown_uids.sort_unstable();
             o
         })
-        .collect())
+        .collect()
 }
 
 fn entry(report: &mut BTreeMap<u16, PortOwners>, port: u16) -> &mut PortOwners {
@@ -371,6 +383,64 @@ mod tests {
                 inode: 4242
             }]
         );
+    }
+
+    #[test]
+    fn sockets_map_to_processes_through_fd_links_and_the_rest_is_unknown() {
+        let proc = tempfile::tempdir().unwrap();
+        let make = |pid: &str, fds: &[(&str, &str)], comm: &str, cmdline: &[u8]| {
+            let dir = proc.path().join(pid);
+            fs::create_dir_all(dir.join("fd")).unwrap();
+            for (fd, target) in fds {
+                std::os::unix::fs::symlink(target, dir.join("fd").join(fd)).unwrap();
+            }
+            fs::write(dir.join("comm"), comm).unwrap();
+            fs::write(dir.join("cmdline"), cmdline).unwrap();
+        };
+        make(
+            "7",
+            &[("0", "/dev/null"), ("3", "socket:[555]")],
+            "server\n",
+            b"server\0-p\08080\0",
+        );
+        make("9", &[("4", "socket:[555]")], "worker\n", b"");
+        make("12", &[("3", "pipe:[777]")], "other\n", b"other\0");
+        fs::create_dir_all(proc.path().join("self")).unwrap(); // not a pid: ignored
+        let socket = |port, inode, uid| Socket {
+            port,
+            listening: true,
+            uid,
+            inode,
+        };
+        let sockets = [
+            socket(8080, 555, 1000),
+            socket(8080, 0, 1000), // queued connection: no file, no holder
+            socket(8081, 777, 0),  // no readable fd holds it
+            socket(9999, 555, 1000),
+        ];
+        let ports: PortSet = [8080, 8081, 8082].into_iter().collect();
+        let found = report(proc.path(), &sockets, &ports, &[]);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].port, 8080);
+        assert_eq!(found[0].sockets, 2);
+        assert!(found[0].unknown_uids.is_empty());
+        let pids: Vec<u32> = found[0].processes.iter().map(|p| p.pid).collect();
+        // 777 is never found, so the walk goes on to the end and meets the
+        // second holder of 555 (a forked worker) too.
+        assert_eq!(pids, vec![7, 9]);
+        assert_eq!(found[0].processes[0].name.as_deref(), Some("server"));
+        assert_eq!(
+            found[0].processes[0].cmdline,
+            Some(vec!["server".into(), "-p".into(), "8080".into()])
+        );
+        assert_eq!(found[1].port, 8081);
+        assert!(found[1].processes.is_empty());
+        assert_eq!(found[1].unknown_uids, vec![0]);
+        // Asked about 8080 alone, the walk stops at the first holder.
+        let only_8080: PortSet = [8080].into_iter().collect();
+        let found = report(proc.path(), &sockets, &only_8080, &[]);
+        assert_eq!(found[0].processes.len(), 1);
+        assert_eq!(found[0].processes[0].pid, 7);
     }
 
     #[test]

@@ -290,7 +290,7 @@ def _who_lines(row: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         dead = "" if lease["alive"] else ", dead"
         leased = f"pid {lease['pid']} ({Path(lease['state_file']).name}{dead})"
     holders = [
-        (str(p["pid"]), p["name"] or "?", " ".join(p["cmdline"] or []) or "?")
+        (str(p["pid"]), _printable(p["name"] or "?"), _printable(" ".join(p["cmdline"] or [])))
         for p in row["processes"]
     ]
     holders += [
@@ -300,6 +300,11 @@ def _who_lines(row: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     if not holders:
         holders = [("-", "(no socket)", "")]
     return [(str(row["port"]), pid, name, leased, cmd) for pid, name, cmd in holders]
+
+
+def _printable(text: str) -> str:
+    """One table cell: a newline or escape code in a command line is shown, not obeyed."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or "?"
 
 
 def cmd_release(args: argparse.Namespace) -> int:

@@ -40,6 +40,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    port_range(config)  # a bad range is a usage error before any test runs
+
+
 def port_range(config: pytest.Config) -> tuple[int, int]:
     """The configured range: the command line wins over the ini file."""
     text = config.getoption("dpm_port_range") or str(config.getini("dpm_port_range"))
