@@ -219,7 +219,10 @@ impl PyManager {
     #[pyo3(signature = (ports = None))]
     fn owners<'py>(&self, py: Python<'py>, ports: Option<Vec<i64>>) -> PyResult<Bound<'py, PyAny>> {
         let config = self.manager.config();
-        let ports = handoff::port_set(ports, config.start..=config.end)?;
+        let ports = match ports {
+            Some(ports) => port_set(ports)?,
+            None => (config.start..=config.end).collect(),
+        };
         let manager = &self.manager;
         let report = py.detach(|| {
             let registry = manager.registry()?;
@@ -457,6 +460,21 @@ fn list_leases(py: Python<'_>, registry_dir: Option<PathBuf>) -> PyResult<Bound<
     json_loads(py, serde_json::Value::from(records).to_string())
 }
 
+/// `ports` as a set: each 1..=65535, else ValueError naming `ports`.
+fn port_set(ports: Vec<i64>) -> PyResult<crate::scan::PortSet> {
+    ports
+        .into_iter()
+        .map(|p| {
+            u16::try_from(p).ok().filter(|&p| p != 0).ok_or_else(|| {
+                to_py_err(Error::invalid(
+                    "ports",
+                    format!("{p} is not a TCP port (1-65535)"),
+                ))
+            })
+        })
+        .collect()
+}
+
 /// Who holds each used port of `ports`, without a manager (for `who`).
 #[pyfunction]
 #[pyo3(signature = (ports, *, registry_dir = None))]
@@ -465,7 +483,7 @@ fn port_owners(
     ports: Vec<i64>,
     registry_dir: Option<PathBuf>,
 ) -> PyResult<Bound<'_, PyAny>> {
-    let ports = handoff::port_set(Some(ports), 1..=0)?;
+    let ports = port_set(ports)?;
     let report = py.detach(|| {
         crate::port_owners(registry_dir.as_deref(), &ports).map(|r| serde_json::to_string(&r))
     });
@@ -480,15 +498,12 @@ fn port_owners(
 /// `pick_socket`: a pick, then a socket bound and listening on the port, made
 /// with Python's `socket` module so the caller gets a plain `socket.socket`.
 mod handoff {
-    use std::ops::RangeInclusive;
-
     use pyo3::exceptions::PyOSError;
     use pyo3::prelude::*;
     use pyo3::types::PyModule;
 
     use super::to_py_err;
     use crate::manager::Manager;
-    use crate::scan::PortSet;
 
     /// A pick can lose its port to a program that binds it without asking the
     /// manager (between the scan and the bind); a few more picks find another.
@@ -547,7 +562,10 @@ mod handoff {
     fn give_back(manager: &Manager, pid: Option<u32>, lost: &[u16]) {
         match pid {
             None => {
-                if lost.last().is_some() && manager.active_port() == lost.last().copied() {
+                if lost
+                    .last()
+                    .is_some_and(|&last| manager.active_port() == Some(last))
+                {
                     let _ = manager.release_port();
                 }
             }
@@ -646,24 +664,6 @@ mod handoff {
                 Err(e)
             }
         }
-    }
-
-    /// `ports` as a set (each 1..=65535, else ValueError naming `ports`), or `range`.
-    pub fn port_set(ports: Option<Vec<i64>>, range: RangeInclusive<u16>) -> PyResult<PortSet> {
-        let Some(ports) = ports else {
-            return Ok(range.collect());
-        };
-        ports
-            .into_iter()
-            .map(|p| {
-                u16::try_from(p).ok().filter(|&p| p != 0).ok_or_else(|| {
-                    to_py_err(crate::Error::invalid(
-                        "ports",
-                        format!("{p} is not a TCP port (1-65535)"),
-                    ))
-                })
-            })
-            .collect()
     }
 }
 

@@ -68,6 +68,16 @@ def test_fixtures_lease_ports_of_the_range_and_release_them_at_teardown(
     assert list((tmp_path / "tmp").glob("dynamic-port-manager-*-pytest/ports.json"))
 
 
+def test_the_readme_example_passes(pytester: pytest.Pytester) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("**pytest plugin.**") :]
+    [block] = re.findall(r"```python\n(.*?)```", section, re.S)[:1]
+    start, end = port_block(4)
+    pytester.makepyfile(test_readme="import socket\n\n" + block)
+    result = pytester.runpytest_subprocess(*LEAN, "--dpm-port-range", f"{start}-{end}")
+    result.assert_outcomes(passed=1)
+
+
 def test_the_command_line_option_wins_over_the_ini_file(pytester: pytest.Pytester) -> None:
     start, end = port_block(4)
     pytester.makeini("[pytest]\ndpm_port_range = 1-2\n")

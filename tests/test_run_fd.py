@@ -134,3 +134,8 @@ def test_without_fd_no_socket_is_announced(block: str) -> None:
     result = cli("run", "--range", block, "--", sys.executable, "-c", script, "{fd}")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [None, "{fd}"]
+
+
+def test_host_without_fd_is_bad_usage(block: str) -> None:
+    result = cli("run", "--host", "127.0.0.1", "--range", block, "--", "true")
+    assert result.returncode == 2 and "--fd" in result.stderr

@@ -327,6 +327,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         raise UsageError("run: no command given (usage: run -- CMD [ARGS...])")
+    if args.host is not None and not args.fd:
+        raise UsageError("run: --host is the address of the --fd socket; add --fd")
     # Blocked before the manager starts its threads, which inherit the mask:
     # every forwarded signal then waits for sigwaitinfo below, in this thread.
     watched: set[int] = {*FORWARDED, signal.SIGCHLD}
