@@ -10,6 +10,7 @@ pub mod fsutil;
 pub mod holder;
 pub mod inspect;
 pub mod manager;
+pub mod owners;
 pub mod per_process;
 pub mod port_policy;
 pub mod probe;
@@ -74,4 +75,22 @@ pub fn release_lease(
 pub fn list_leases(registry_dir: Option<&std::path::Path>) -> Result<Vec<registry::Lease>> {
     let reg = registry::Registry::open(&registry::resolve_dir(registry_dir))?;
     reg.snapshot()
+}
+
+/// Who holds each used port of `ports`: processes and the lease (see `owners.rs`).
+pub fn port_owners(
+    registry_dir: Option<&std::path::Path>,
+    ports: &scan::PortSet,
+) -> Result<Vec<owners::PortOwners>> {
+    let reg = registry::Registry::open(&registry::resolve_dir(registry_dir))?;
+    owners_with(&reg, ports)
+}
+
+/// `port_owners` over an open registry (a manager's own).
+pub fn owners_with(
+    reg: &registry::Registry,
+    ports: &scan::PortSet,
+) -> Result<Vec<owners::PortOwners>> {
+    let leases = reg.snapshot()?;
+    owners::find(ports, &leases).map_err(|e| Error::io("reading the kernel's socket tables", e))
 }

@@ -205,6 +205,41 @@ impl PyManager {
         interruptible(py, || manager.pick_port(pid))
     }
 
+    /// Picks as `pick_port` does and returns a listening `socket.socket`
+    /// bound to the port, so no program can take it between pick and use.
+    #[pyo3(signature = (*, pid = None, host = None, backlog = None, reuse_port = false))]
+    fn pick_socket<'py>(
+        &self,
+        py: Python<'py>,
+        pid: Option<u32>,
+        host: Option<String>,
+        backlog: Option<i32>,
+        reuse_port: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        handoff::pick_socket(py, &self.manager, pid, host.as_deref(), backlog, reuse_port)
+    }
+
+    /// Who holds each used port of the range (or of `ports`): processes and lease.
+    #[pyo3(signature = (ports = None))]
+    fn owners<'py>(&self, py: Python<'py>, ports: Option<Vec<i64>>) -> PyResult<Bound<'py, PyAny>> {
+        let config = self.manager.config();
+        let ports = match ports {
+            Some(ports) => port_set(ports)?,
+            None => (config.start..=config.end).collect(),
+        };
+        let manager = &self.manager;
+        let report = py.detach(|| {
+            let registry = manager.registry()?;
+            crate::owners_with(&registry, &ports).map(|r| serde_json::to_string(&r))
+        });
+        json_loads(
+            py,
+            report
+                .map_err(to_py_err)?
+                .map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
+        )
+    }
+
     /// Frees the active port; True if there was one.
     fn release_port(&self, py: Python<'_>) -> PyResult<bool> {
         let manager = &self.manager;
@@ -429,6 +464,213 @@ fn list_leases(py: Python<'_>, registry_dir: Option<PathBuf>) -> PyResult<Bound<
     json_loads(py, serde_json::Value::from(records).to_string())
 }
 
+/// `ports` as a set: each 1..=65535, else ValueError naming `ports`.
+fn port_set(ports: Vec<i64>) -> PyResult<crate::scan::PortSet> {
+    ports
+        .into_iter()
+        .map(|p| {
+            u16::try_from(p).ok().filter(|&p| p != 0).ok_or_else(|| {
+                to_py_err(Error::invalid(
+                    "ports",
+                    format!("{p} is not a TCP port (1-65535)"),
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Who holds each used port of `ports`, without a manager (for `who`).
+#[pyfunction]
+#[pyo3(signature = (ports, *, registry_dir = None))]
+fn port_owners(
+    py: Python<'_>,
+    ports: Vec<i64>,
+    registry_dir: Option<PathBuf>,
+) -> PyResult<Bound<'_, PyAny>> {
+    let ports = port_set(ports)?;
+    let report = py.detach(|| {
+        crate::port_owners(registry_dir.as_deref(), &ports).map(|r| serde_json::to_string(&r))
+    });
+    json_loads(
+        py,
+        report
+            .map_err(to_py_err)?
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
+    )
+}
+
+/// `pick_socket`: a pick, then a socket bound and listening on the port, made
+/// with Python's `socket` module so the caller gets a plain `socket.socket`.
+mod handoff {
+    use pyo3::exceptions::PyOSError;
+    use pyo3::prelude::*;
+    use pyo3::types::PyModule;
+
+    use super::to_py_err;
+    use crate::manager::Manager;
+
+    /// A pick can lose its port to a program that binds it without asking the
+    /// manager (between the scan and the bind); a few more picks find another.
+    const BIND_ATTEMPTS: usize = 8;
+
+    pub fn pick_socket<'py>(
+        py: Python<'py>,
+        manager: &Manager,
+        pid: Option<u32>,
+        host: Option<&str>,
+        backlog: Option<i32>,
+        reuse_port: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let socket = py.import("socket")?;
+        let backlog = match backlog {
+            Some(b) => b,
+            None => socket.getattr("SOMAXCONN")?.extract()?,
+        };
+        // Ports picked but not bound. They stay leased until the loop ends, so
+        // the next pick cannot hand the same port out again.
+        let mut lost = Vec::new();
+        let mut outcome = None;
+        for _ in 0..BIND_ATTEMPTS {
+            let port = match py.detach(|| manager.pick_port(pid)) {
+                Ok(port) => port,
+                Err(e) => {
+                    outcome = Some(Err(to_py_err(e)));
+                    break;
+                }
+            };
+            match listen_on(&socket, host, port, backlog, reuse_port) {
+                Ok(sock) => {
+                    outcome = Some(Ok(sock));
+                    break;
+                }
+                Err(e) => {
+                    lost.push(port);
+                    if errno(py, &e) != Some(libc::EADDRINUSE) {
+                        outcome = Some(Err(e));
+                        break;
+                    }
+                }
+            }
+        }
+        py.detach(|| give_back(manager, pid, &lost));
+        outcome.unwrap_or_else(|| {
+            let message = format!(
+                "ports {lost:?} were each taken by another program before they could be bound"
+            );
+            Err(PyOSError::new_err((libc::EADDRINUSE, message)))
+        })
+    }
+
+    /// Returns ports that were picked but never bound. Without `pid` each later
+    /// pick moved the active port off them already; only a last one is held.
+    fn give_back(manager: &Manager, pid: Option<u32>, lost: &[u16]) {
+        match pid {
+            None => {
+                if lost
+                    .last()
+                    .is_some_and(|&last| manager.active_port() == Some(last))
+                {
+                    let _ = manager.release_port();
+                }
+            }
+            Some(pid) => {
+                if let Ok(registry) = manager.registry() {
+                    let _ = registry
+                        .transact(|t| t.remove_where(|l| l.pid == pid && lost.contains(&l.port)));
+                }
+            }
+        }
+    }
+
+    fn errno(py: Python<'_>, error: &PyErr) -> Option<i32> {
+        error.value(py).getattr("errno").ok()?.extract().ok()
+    }
+
+    /// A listening socket on `port`: dual-stack `[::]` where the host has IPv6,
+    /// else `0.0.0.0`; with `host`, its first passive address.
+    fn listen_on<'py>(
+        socket: &Bound<'py, PyModule>,
+        host: Option<&str>,
+        port: u16,
+        backlog: i32,
+        reuse_port: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = socket.py();
+        let stream = socket.getattr("SOCK_STREAM")?;
+        if let Some(host) = host {
+            let flags = socket.getattr("AI_PASSIVE")?;
+            let infos = socket.call_method1("getaddrinfo", (host, port, 0, &stream, 0, flags))?;
+            let first = infos.get_item(0)?;
+            let family = first.get_item(0)?;
+            return bind_listen(
+                socket,
+                family,
+                first.get_item(4)?,
+                None,
+                backlog,
+                reuse_port,
+            );
+        }
+        let v6 = socket.getattr("AF_INET6")?;
+        match bind_listen(
+            socket,
+            v6,
+            ("::", port).into_pyobject(py)?.into_any(),
+            Some(0),
+            backlog,
+            reuse_port,
+        ) {
+            Err(e)
+                if matches!(
+                    errno(py, &e),
+                    Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL | libc::EPROTONOSUPPORT)
+                ) =>
+            {
+                let v4 = socket.getattr("AF_INET")?;
+                let any = ("0.0.0.0", port).into_pyobject(py)?.into_any();
+                bind_listen(socket, v4, any, None, backlog, reuse_port)
+            }
+            other => other,
+        }
+    }
+
+    fn bind_listen<'py>(
+        socket: &Bound<'py, PyModule>,
+        family: Bound<'py, PyAny>,
+        address: Bound<'py, PyAny>,
+        v6only: Option<i32>,
+        backlog: i32,
+        reuse_port: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let sock = socket.call_method1("socket", (family, socket.getattr("SOCK_STREAM")?))?;
+        let set = |level: &str, name: &str, value: i32| {
+            sock.call_method1(
+                "setsockopt",
+                (socket.getattr(level)?, socket.getattr(name)?, value),
+            )
+        };
+        let ready = (|| {
+            // As servers do: a port whose last connections linger in TIME_WAIT binds.
+            set("SOL_SOCKET", "SO_REUSEADDR", 1)?;
+            if reuse_port {
+                set("SOL_SOCKET", "SO_REUSEPORT", 1)?;
+            }
+            if let Some(value) = v6only {
+                set("IPPROTO_IPV6", "IPV6_V6ONLY", value)?;
+            }
+            sock.call_method1("bind", (address,))?;
+            sock.call_method1("listen", (backlog,))
+        })();
+        match ready {
+            Ok(_) => Ok(sock),
+            Err(e) => {
+                let _ = sock.call_method0("close");
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Routes `log`/`tracing` records to Python's `logging` (through pyo3-log),
 /// so that a failing handler or filter can never break the call that logged:
 /// pyo3-log leaves such an exception set on the thread, where it would turn
@@ -511,5 +753,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(list_leases, m)?)?;
     m.add_function(wrap_pyfunction!(read_state, m)?)?;
     m.add_function(wrap_pyfunction!(list_backups, m)?)?;
+    m.add_function(wrap_pyfunction!(port_owners, m)?)?;
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! Linux `sock_diag` netlink: the kernel's list of listening TCP sockets, for
-//! IPv4 and IPv6, in one request each.
+//! Linux `sock_diag` netlink: the kernel's list of TCP sockets, for IPv4 and
+//! IPv6, in one request each: the listening ports (for the scan), or every
+//! socket with its inode and uid (for `owners.rs`).
 //!
 //! Why not `/proc/net/tcp`: reading it walks the kernel's whole established-
 //! connection hash table, whose size follows the machine's memory, not its
@@ -20,6 +21,10 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 0x2;
 const NLMSG_DONE: u16 = 0x3;
 const TCP_LISTEN: u32 = 10;
+const TCP_TIME_WAIT: u32 = 6;
+/// Every TCP state (1..=12 in the kernel's numbering) but TIME_WAIT, which
+/// holds no port against a server and belongs to no process.
+pub const HOLDING_STATES: u32 = 0x1ffe & !(1 << TCP_TIME_WAIT);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -59,21 +64,48 @@ struct Request {
     body: InetDiagReqV2,
 }
 
+/// One socket of the dump: its local port, state, owner uid and inode (0 for
+/// a connection not yet accepted, which has no file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockInfo {
+    pub port: u16,
+    pub state: u8,
+    pub uid: u32,
+    pub inode: u64,
+}
+
+impl SockInfo {
+    pub fn listening(&self) -> bool {
+        u32::from(self.state) == TCP_LISTEN
+    }
+}
+
 /// The local ports of every listening TCP socket (IPv4 and IPv6) in this
 /// network namespace. Fails where netlink sock_diag is unavailable.
 pub fn listening_ports() -> io::Result<PortSet> {
     let mut set = PortSet::default();
-    dump(libc::AF_INET as u8, &mut set)?;
-    match dump(libc::AF_INET6 as u8, &mut set) {
-        // A kernel without IPv6 has no IPv6 listeners to report.
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-        other => other?,
-    }
+    dump_both(1 << TCP_LISTEN, &mut |s| set.insert(s.port))?;
     Ok(set)
 }
 
-fn dump(family: u8, set: &mut PortSet) -> io::Result<()> {
+/// Every TCP socket (IPv4 and IPv6) in one of `states` (a bit per state).
+pub fn sockets(states: u32) -> io::Result<Vec<SockInfo>> {
+    let mut found = Vec::new();
+    dump_both(states, &mut |s| found.push(s))?;
+    Ok(found)
+}
+
+fn dump_both(states: u32, each: &mut dyn FnMut(SockInfo)) -> io::Result<()> {
+    dump(libc::AF_INET as u8, states, each)?;
+    match dump(libc::AF_INET6 as u8, states, each) {
+        // A kernel without IPv6 has no IPv6 sockets to report.
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn dump(family: u8, states: u32, each: &mut dyn FnMut(SockInfo)) -> io::Result<()> {
     // SAFETY: plain socket(2); the result is checked.
     let raw = unsafe {
         libc::socket(
@@ -114,7 +146,7 @@ fn dump(family: u8, set: &mut PortSet) -> io::Result<()> {
             protocol: libc::IPPROTO_TCP as u8,
             ext: 0,
             pad: 0,
-            states: 1 << TCP_LISTEN,
+            states,
             // SAFETY: an all-zero socket id matches every socket.
             id: unsafe { mem::zeroed() },
         },
@@ -141,15 +173,15 @@ fn dump(family: u8, set: &mut PortSet) -> io::Result<()> {
         if n == 0 {
             return Ok(());
         }
-        if parse_messages(&buf[..n as usize], set)? {
+        if parse_messages(&buf[..n as usize], each)? {
             return Ok(());
         }
     }
 }
 
-/// Adds the source ports of one datagram's messages to `set`. Returns true at
+/// Passes each socket of one datagram's messages to `each`. Returns true at
 /// the end of the dump.
-fn parse_messages(mut data: &[u8], set: &mut PortSet) -> io::Result<bool> {
+fn parse_messages(mut data: &[u8], each: &mut dyn FnMut(SockInfo)) -> io::Result<bool> {
     let header_len = mem::size_of::<NlMsgHdr>();
     while data.len() >= header_len {
         let len = u32::from_ne_bytes(data[0..4].try_into().expect("4 bytes")) as usize;
@@ -173,12 +205,9 @@ fn parse_messages(mut data: &[u8], set: &mut PortSet) -> io::Result<bool> {
                 }
             }
             SOCK_DIAG_BY_FAMILY => {
-                // inet_diag_msg: family, state, timer, retrans, then the
-                // socket id whose first field is the big-endian source port.
-                if let Some(port) = payload.get(4..6) {
-                    let port = u16::from_be_bytes([port[0], port[1]]);
-                    if port != 0 {
-                        set.insert(port);
+                if let Some(info) = parse_diag_msg(payload) {
+                    if info.port != 0 {
+                        each(info);
                     }
                 }
             }
@@ -188,6 +217,24 @@ fn parse_messages(mut data: &[u8], set: &mut PortSet) -> io::Result<bool> {
         data = data.get(aligned..).unwrap_or(&[]);
     }
     Ok(false)
+}
+
+/// One `inet_diag_msg`: family, state, timer, retrans (a byte each), the
+/// 48-byte socket id whose first field is the big-endian source port, then
+/// expires, rqueue, wqueue, uid and inode (u32 each, host order).
+fn parse_diag_msg(payload: &[u8]) -> Option<SockInfo> {
+    let u32_at = |at: usize| {
+        payload
+            .get(at..at + 4)
+            .map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")))
+    };
+    let port = payload.get(4..6)?;
+    Some(SockInfo {
+        port: u16::from_be_bytes([port[0], port[1]]),
+        state: *payload.get(1)?,
+        uid: u32_at(64).unwrap_or(u32::MAX),
+        inode: u32_at(68).map_or(0, u64::from),
+    })
 }
 
 #[cfg(test)]
@@ -207,6 +254,27 @@ mod tests {
         }
         drop(v4);
         assert!(!listening_ports().unwrap().contains(v4_port));
+    }
+
+    #[test]
+    fn sockets_carry_the_inode_of_the_socket_file() {
+        use std::os::unix::fs::MetadataExt;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        let inode = std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .unwrap()
+            .ino();
+        let found: Vec<SockInfo> = sockets(HOLDING_STATES)
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.port == port)
+            .collect();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].listening());
+        assert_eq!(found[0].inode, inode);
+        // SAFETY: geteuid cannot fail.
+        assert_eq!(found[0].uid, unsafe { libc::geteuid() });
     }
 
     #[test]

@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 from router_helpers import LineReader, clean_env, cli, cli_path, lease_on, listening, port_block
 
-SUBCOMMANDS = ["pick", "run", "state", "free", "used", "history", "backups", "release", "serve"]
+SUBCOMMANDS = [
+    "pick",
+    "run",
+    "state",
+    "free",
+    "used",
+    "history",
+    "backups",
+    "who",
+    "release",
+    "serve",
+]
 
 
 @pytest.fixture(autouse=True)

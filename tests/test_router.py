@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,7 @@ ENDPOINTS = {
     ("get", "backup/download"),
     ("get", "log/json"),
     ("get", "metrics"),
+    ("get", "owners"),
 }
 DOWNLOAD_PARAMS = {"filename": "dynamic_ports_service1_20240721_155445.json"}
 
@@ -262,6 +263,10 @@ class ThreadSpy(DynamicPortManager):
         self._seen()
         return super().log_json()
 
+    def owners(self, ports: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        self._seen()
+        return super().owners(ports)
+
 
 def test_blocking_calls_never_run_on_the_event_loop(state_path: Path) -> None:
     spy = ThreadSpy(*port_block(), state_path, console_log=False)
@@ -285,6 +290,7 @@ def test_blocking_calls_never_run_on_the_event_loop(state_path: Path) -> None:
                 ("get", "backup/list"),
                 ("get", "log/json"),
                 ("get", "metrics"),
+                ("get", "owners"),
             ]:
                 assert client.request(method, f"/api/v1/port/{path}").status_code == 200
             assert spy.threads and loop not in spy.threads

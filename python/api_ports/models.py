@@ -116,6 +116,36 @@ class BackupList(BaseModel):
     backups: list[str] = Field(description="File names, oldest first.")
 
 
+class OwnerProcess(BaseModel):
+    pid: int
+    name: Optional[str] = Field(description="`/proc/<pid>/comm`; null where unreadable.")
+    cmdline: Optional[list[str]] = Field(description="Its arguments; null where unreadable.")
+    uid: int = Field(description="The uid that owns the socket.")
+
+
+class OwnerLease(BaseModel):
+    pid: int
+    state_file: str = Field(description="The state file of the manager that leased it.")
+    owner: str
+    since: str = Field(description="ISO-8601 time the lease was taken.")
+    alive: bool = Field(description="False: its process is gone; the next pick reclaims it.")
+
+
+class PortOwner(BaseModel):
+    port: int
+    listening: bool = Field(description="A socket listens on the port.")
+    sockets: int = Field(description="TCP sockets on the port (TIME_WAIT not counted).")
+    processes: list[OwnerProcess] = Field(description="The processes holding them.")
+    unknown_uids: list[int] = Field(
+        description="Uids of sockets whose process this server's user cannot see."
+    )
+    lease: Optional[OwnerLease] = Field(description="The registry's lease on the port, if any.")
+
+
+class Owners(BaseModel):
+    owners: list[PortOwner] = Field(description="Used ports only, in port order.")
+
+
 class ErrorResponse(BaseModel):
     """FastAPI's error convention."""
 

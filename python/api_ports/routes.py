@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Optional
 
 from dynamic_port_manager import DynamicPortManager, ManagerStoppedError, NoFreePortError
 from fastapi import APIRouter, HTTPException, Query, Request, Response
+from pydantic import Field
 
 from . import models
 from .backup_file import NAME_MAX, NAME_PATTERN, attachment_header, read_backup
@@ -29,6 +30,10 @@ _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
         "(stopped, misconfigured, or its lease registry is unusable).",
     }
 }
+
+
+# FastAPI evaluates this at runtime, where Python 3.9 has no `X | None`.
+_Ports = Optional[list[Annotated[int, Field(ge=1, le=65535)]]]
 
 
 def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRouter:
@@ -113,6 +118,15 @@ def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRo
                 "X-Content-Type-Options": "nosniff",
             },
         )
+
+    @router.get("/port/owners", response_model=models.Owners, summary="Who holds each used port")
+    def owners(
+        port: Annotated[
+            _Ports, Query(description="Ports to look at (repeat it); default: the whole range.")
+        ] = None,
+    ) -> models.Owners:
+        with _errors():
+            return models.Owners.model_validate({"owners": manager().owners(port)})
 
     @router.get("/port/log/json", response_model=models.OkResponse, summary="Log the state as JSON")
     def log_json() -> models.OkResponse:

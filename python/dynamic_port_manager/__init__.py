@@ -18,6 +18,7 @@ from ._core import (
     _shutdown,
     list_backups,
     list_leases,
+    port_owners,
     read_state,
     release_lease,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "__version__",
     "list_backups",
     "list_leases",
+    "port_owners",
     "read_state",
     "release_lease",
 ]

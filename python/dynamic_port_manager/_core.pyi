@@ -1,6 +1,8 @@
 """Type stubs for the Rust extension module ``dynamic_port_manager._core``."""
 
 import os
+import socket
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Union
@@ -19,6 +21,7 @@ __all__ = [
     "list_leases",
     "read_state",
     "list_backups",
+    "port_owners",
 ]
 
 __version__: str
@@ -84,6 +87,37 @@ class DynamicPortManager:
 
         Raises ``NoFreePortError`` when no port is free, ``ManagerStoppedError``
         after ``stop()``, ``RegistryError`` if the lease cannot be recorded.
+        """
+
+    def pick_socket(
+        self,
+        *,
+        pid: int | None = None,
+        host: str | None = None,
+        backlog: int | None = None,
+        reuse_port: bool = False,
+    ) -> socket.socket:
+        """Pick as ``pick_port()`` does and return a socket listening on the port.
+
+        The socket is bound before it is returned, so no other program can take
+        the port between the pick and its use. Default address: dual-stack
+        ``[::]`` (``IPV6_V6ONLY=0``) where the host has IPv6, else ``0.0.0.0``;
+        ``host`` binds its first passive address instead. ``backlog`` defaults
+        to ``socket.SOMAXCONN``; ``reuse_port`` sets ``SO_REUSEPORT``. A port
+        another program binds between pick and bind is given back and another
+        picked (a few times, then ``OSError(EADDRINUSE)``). Closing the socket
+        does not release the lease: ``release_port()`` does (or, with ``pid``,
+        that process's exit or ``release_lease()``).
+        """
+
+    def owners(self, ports: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """Who holds each used port of the range (or of ``ports``), in port order.
+
+        Each dict: ``port``, ``listening``, ``sockets`` (TCP sockets on it, not
+        TIME_WAIT), ``processes`` (``pid``, ``name``, ``cmdline``, ``uid``; None
+        where unreadable), ``unknown_uids`` (sockets whose process this user
+        cannot see) and ``lease`` (``pid``, ``state_file``, ``owner``,
+        ``since``, ``alive``; None if not leased). Unused ports are left out.
         """
 
     def release_port(self) -> bool:
@@ -173,3 +207,7 @@ def read_state(
 
 def list_backups(json_path: _Path | None = None) -> list[str]:
     """Names of the backups of the state file ``json_path``, oldest first."""
+
+def port_owners(ports: Sequence[int], *, registry_dir: _Path | None = None) -> list[dict[str, Any]]:
+    """``DynamicPortManager.owners`` without a manager: who holds each used port
+    of ``ports`` (processes, and leases of the registry ``registry_dir``)."""

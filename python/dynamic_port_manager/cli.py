@@ -1,4 +1,4 @@
-"""The ``dynamic-port-manager`` command line: pick, run, inspect, release, serve.
+"""The ``dynamic-port-manager`` command line: pick, run, inspect, who, release, serve.
 
 Exit status: 0 success, 1 the operation failed (no free port, unusable
 registry, nothing to release), 2 bad usage or input; ``run`` exits with its
@@ -9,9 +9,12 @@ Errors go to stderr, results to stdout.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import shutil
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +22,14 @@ from typing import Any, Callable
 
 from api_ports.settings import ManagerSettings
 
-from . import DynamicPortManager, __version__, list_backups, read_state, release_lease
+from . import (
+    DynamicPortManager,
+    __version__,
+    list_backups,
+    port_owners,
+    read_state,
+    release_lease,
+)
 
 PROG = "dynamic-port-manager"
 
@@ -153,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Run a command with a free port in $PORT and in place of {port} in its "
         "arguments, held while it runs; signals are passed on, its exit status returned.",
     )
+    p.add_argument(
+        "--fd",
+        action="store_true",
+        help="hand the command a socket already listening on the port as fd 3 "
+        "(LISTEN_FDS=1, LISTEN_PID, $PORT_FD, {fd}), so no one can take the port first",
+    )
+    p.add_argument("--host", help="with --fd: address to listen on (default: [::] and 0.0.0.0)")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     for name, key, text in (
@@ -163,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command(name, _state_printer(key), text)
     command("backups", cmd_backups, "Print the state file's backups as JSON.")
+
+    p = command(
+        "who",
+        cmd_who,
+        "Show who holds each used port of the range, or PORTs: processes (pid, name, "
+        "command line) and leases. A table on a terminal, JSON in a pipe.",
+    )
+    p.add_argument("ports", type=_port, nargs="*", metavar="PORT")
 
     p = command("release", cmd_release, "Release the lease on PORT (whoever holds it).")
     p.add_argument("port", type=_port, metavar="PORT")
@@ -234,6 +259,54 @@ def cmd_backups(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_who(args: argparse.Namespace) -> int:
+    s = settings_for(args)
+    asked: list[int] = args.ports
+    owners = port_owners(asked or range(s.start, s.end + 1))
+    if not sys.stdout.isatty():
+        print(json.dumps(owners))
+        return 0
+    rows = [line for row in owners for line in _who_lines(row)]
+    rows += [
+        (str(port), "-", "(free)", "-", "")
+        for port in sorted(set(asked) - {row["port"] for row in owners})
+    ]
+    if not rows:
+        print(f"no port of {s.start}-{s.end} is in use or leased")
+        return 0
+    rows.insert(0, ("PORT", "PID", "NAME", "LEASED BY", "COMMAND"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        cells = [r[0].rjust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2])]
+        print("  ".join([*cells, r[3].ljust(widths[3]), r[4]]).rstrip())
+    return 0
+
+
+def _who_lines(row: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """One line per holding process, one per unseen uid, at least one per port."""
+    lease = row["lease"]
+    leased = "-"
+    if lease is not None:
+        dead = "" if lease["alive"] else ", dead"
+        leased = f"pid {lease['pid']} ({Path(lease['state_file']).name}{dead})"
+    holders = [
+        (str(p["pid"]), _printable(p["name"] or "?"), _printable(" ".join(p["cmdline"] or [])))
+        for p in row["processes"]
+    ]
+    holders += [
+        ("?", "unknown", f"(a process of uid {uid} that you cannot see)")
+        for uid in row["unknown_uids"]
+    ]
+    if not holders:
+        holders = [("-", "(no socket)", "")]
+    return [(str(row["port"]), pid, name, leased, cmd) for pid, name, cmd in holders]
+
+
+def _printable(text: str) -> str:
+    """One table cell: a newline or escape code in a command line is shown, not obeyed."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or "?"
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     if not release_lease(args.port):
         return _fail(f"no lease on port {args.port}", 1)
@@ -254,39 +327,89 @@ def cmd_run(args: argparse.Namespace) -> int:
         argv = argv[1:]
     if not argv:
         raise UsageError("run: no command given (usage: run -- CMD [ARGS...])")
+    if args.host is not None and not args.fd:
+        raise UsageError("run: --host is the address of the --fd socket; add --fd")
     # Blocked before the manager starts its threads, which inherit the mask:
     # every forwarded signal then waits for sigwaitinfo below, in this thread.
     watched: set[int] = {*FORWARDED, signal.SIGCHLD}
     unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     try:
         manager = open_manager(args)
+        sock = None
         try:
-            port = manager.pick_port()
+            if args.fd:
+                sock = manager.pick_socket(host=args.host)
+                port = sock.getsockname()[1]
+            else:
+                port = manager.pick_port()
             env = {**os.environ, "PORT": str(port)}
             argv = [arg.replace("{port}", str(port)) for arg in argv]
-            return _run_child(argv, env, unblocked, watched)
+            return _run_child(argv, env, unblocked, watched, sock)
         finally:
+            if sock is not None:
+                sock.close()
             manager.stop()  # releases the port once the command has ended
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
 
 
+# The systemd socket-activation convention: LISTEN_PID must be the command's own
+# pid, known only after the fork. posix_spawn runs no code in between (and
+# preexec_fn is unsafe beside the manager's threads), so the command is started
+# through sh, which sets it to its own pid ($$) and then execs the command: the
+# same process, so the pid matches and signals reach the command itself.
+_LISTEN_PID_SHIM = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+LISTEN_FD = 3
+
+
+def _with_socket(
+    argv: list[str], env: dict[str, str], sock: socket.socket
+) -> tuple[list[str], dict[str, str], int]:
+    """The shim's argv and env, and a copy of the socket's fd to put at fd 3."""
+    found = shutil.which(argv[0], path=env.get("PATH", os.defpath))
+    if found is None:  # the error `run` gives without --fd, not sh's
+        raise FileNotFoundError(argv[0])
+    argv = [found, *(arg.replace("{fd}", str(LISTEN_FD)) for arg in argv[1:])]
+    env = {**env, "PORT_FD": str(LISTEN_FD), "LISTEN_FDS": "1"}
+    env.pop("LISTEN_FDNAMES", None)
+    # A copy above fd 3, so the dup2 to 3 never maps an fd onto itself (which
+    # would leave it close-on-exec on older C libraries).
+    source = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, LISTEN_FD + 1)
+    return ["/bin/sh", "-c", _LISTEN_PID_SHIM, PROG, *argv], env, source
+
+
 def _run_child(
-    argv: list[str], env: dict[str, str], child_mask: set[int], watched: set[int]
+    argv: list[str],
+    env: dict[str, str],
+    child_mask: set[int],
+    watched: set[int],
+    sock: socket.socket | None = None,
 ) -> int:
+    command = argv[0]
+    source = None
     try:
+        actions = []
+        if sock is not None:
+            argv, env, source = _with_socket(argv, env, sock)
+            actions = [(os.POSIX_SPAWN_DUP2, source, LISTEN_FD)]
         # Python ignores SIGPIPE and SIGXFSZ; the command gets the defaults back.
         pid = os.posix_spawnp(
             argv[0],
             argv,
             env,
+            file_actions=actions,
             setsigmask=child_mask,
             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
         )
     except FileNotFoundError:
-        return _fail(f"run: command not found: {argv[0]}", 127)
+        return _fail(f"run: command not found: {command}", 127)
     except PermissionError:
-        return _fail(f"run: permission denied: {argv[0]}", 126)
+        return _fail(f"run: permission denied: {command}", 126)
+    finally:
+        if source is not None:
+            os.close(source)
+    if sock is not None:
+        sock.close()  # the command's copy alone holds the port bound from now on
     while True:
         info = signal.sigwaitinfo(watched)
         if info.si_signo == signal.SIGCHLD:

@@ -1,14 +1,13 @@
 """``dynamic-port-manager serve``: the port API on a port the manager picks itself.
 
-The server's own port is leased to this process (``pick_port(pid=...)``), so
-the API's ``pick``/``release`` move the manager's active port without ever
-touching the port the server listens on. The socket is bound here, before
-uvicorn starts, so no other program can take the port in between.
+The server's own port is leased to this process (``pick_socket(pid=...)``),
+so the API's ``pick``/``release`` move the manager's active port without ever
+touching the port the server listens on. The socket is bound by the pick,
+before uvicorn starts, so no other program can take the port in between.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import socket
@@ -22,10 +21,6 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
 from . import DynamicPortManager, __version__, release_lease
-
-# A pick can lose a race to a program that binds the port without asking the
-# manager; a few more picks then find another port.
-BIND_ATTEMPTS = 5
 
 
 def create_app(manager: DynamicPortManager) -> FastAPI:
@@ -47,27 +42,12 @@ def create_app(manager: DynamicPortManager) -> FastAPI:
 def listen(manager: DynamicPortManager, host: str) -> tuple[socket.socket, int]:
     """A listening socket on ``host`` and a port leased to this process."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        sock = manager.pick_socket(pid=os.getpid(), host=host)
     except socket.gaierror as e:
         raise ValueError(f"--host {host!r}: {e.strerror}") from None
-    for _ in range(BIND_ATTEMPTS):
-        port = manager.pick_port(pid=os.getpid())
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((address[0], port, *address[2:]))
-            sock.listen(socket.SOMAXCONN)
-            return sock, port
-        except OSError as e:
-            sock.close()
-            release_lease(port, registry_dir=manager.registry_dir)
-            if e.errno != errno.EADDRINUSE:
-                message = f"cannot listen on {host} port {port}: {e.strerror}"
-                raise OSError(e.errno, message) from None
-    message = f"every port picked was taken by another program before it was bound on {host}"
-    raise OSError(errno.EADDRINUSE, message)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {host}: {e.strerror or e}") from None
+    return sock, sock.getsockname()[1]
 
 
 def url_of(host: str, port: int) -> str:
