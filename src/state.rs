@@ -119,11 +119,43 @@ pub struct Options {
 }
 
 /// Writes a port list on one line even inside the pretty-printed file: a
-/// 6,001-port range is one readable line instead of 6,001, and the save of
-/// every pick serializes it about twice as fast.
+/// 6,001-port range is one readable line instead of 6,001. The digits are
+/// written straight into one buffer, which serde_json then copies verbatim
+/// through its raw-value protocol (a struct named with its `RawValue` token):
+/// the lists are most of the file, and this halves the cost of a save.
+/// `port_lists_stay_on_one_line` checks the result.
 fn one_line<S: serde::Serializer>(ports: &[u16], serializer: S) -> Result<S::Ok, S::Error> {
-    let raw = serde_json::value::to_raw_value(ports).map_err(serde::ser::Error::custom)?;
-    raw.serialize(serializer)
+    use serde::ser::SerializeStruct;
+    const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+    let mut text = String::with_capacity(ports.len() * 6 + 2);
+    text.push('[');
+    for (i, port) in ports.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        push_decimal(&mut text, *port);
+    }
+    text.push(']');
+    let mut raw = serializer.serialize_struct(RAW_VALUE_TOKEN, 1)?;
+    raw.serialize_field(RAW_VALUE_TOKEN, &text)?;
+    raw.end()
+}
+
+fn push_decimal(text: &mut String, value: u16) {
+    let mut digits = [0u8; 5];
+    let mut n = value;
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        text.push(char::from(d));
+    }
 }
 
 impl State {
@@ -271,9 +303,13 @@ mod tests {
     #[test]
     fn port_lists_stay_on_one_line() {
         let mut state = State::fresh(settings(50), Options::default());
-        state.free_ports = vec![3000, 3001, 3002];
+        state.free_ports = vec![3000, 3001, 3002, 1, 65535, 10];
         let text = String::from_utf8(state.to_json()).unwrap();
-        assert!(text.contains("\"free_ports\": [3000,3001,3002]"), "{text}");
+        assert!(
+            text.contains("\"free_ports\": [3000,3001,3002,1,65535,10]"),
+            "{text}"
+        );
+        assert!(text.contains("\"used_ports\": []"), "{text}");
         assert_eq!(State::parse(text.as_bytes()).unwrap(), state);
     }
 
