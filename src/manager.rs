@@ -211,11 +211,20 @@ impl Manager {
                 .iter()
                 .flat_map(|l| l.mine.iter().map(|v| v.port))
                 .collect();
-            let problems = file.update(self.range(), &stamp, leases, Save::Always, problems, |s| {
-                if s.current_port.is_some_and(|p| !live.contains(&p)) {
-                    s.current_port = None;
-                }
-            });
+            // A start that finds the file as it would write it writes nothing
+            // (a missing or damaged file is always written).
+            let problems = file.update(
+                self.range(),
+                &stamp,
+                leases,
+                Save::IfChanged,
+                problems,
+                |s| {
+                    if s.current_port.is_some_and(|p| !live.contains(&p)) {
+                        s.current_port = None;
+                    }
+                },
+            );
             if first {
                 file.store.prime_backup_cache();
                 file.started = true;

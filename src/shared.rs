@@ -245,6 +245,7 @@ impl FileView {
             std::mem::take(&mut state.free_ports),
             std::mem::take(&mut state.used_ports),
             state.leases.clone(),
+            state.current_port,
         );
         change(state);
         if let Some(leases) = leases {
@@ -257,7 +258,8 @@ impl FileView {
         state.last_checked_unix = Some(stamp.unix);
         let unchanged = before.0 == state.free_ports
             && before.1 == state.used_ports
-            && before.2 == state.leases;
+            && before.2 == state.leases
+            && before.3 == state.current_port;
         if !must_write && unchanged && problems.is_empty() {
             return problems;
         }
