@@ -321,17 +321,24 @@ impl PyManager {
     fn pick_socket<'py>(
         &self,
         py: Python<'py>,
-        pid: Option<u32>,
+        pid: Option<WideInt>,
         host: Option<String>,
         backlog: Option<i32>,
         reuse_port: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let pid = pid
+            .map(|p| crate::config::pid(p.get("pid")?).map_err(to_py_err))
+            .transpose()?;
         handoff::pick_socket(py, &self.manager, pid, host.as_deref(), backlog, reuse_port)
     }
 
     /// Who holds each used port of the range (or of `ports`): processes and lease.
     #[pyo3(signature = (ports = None))]
-    fn owners<'py>(&self, py: Python<'py>, ports: Option<Vec<i64>>) -> PyResult<Bound<'py, PyAny>> {
+    fn owners<'py>(
+        &self,
+        py: Python<'py>,
+        ports: Option<Vec<WideInt>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let config = self.manager.config();
         let ports = match ports {
             Some(ports) => port_set(ports)?,
@@ -580,10 +587,11 @@ fn list_leases(py: Python<'_>, registry_dir: Option<PathArg>) -> PyResult<Bound<
 }
 
 /// `ports` as a set: each 1..=65535, else ValueError naming `ports`.
-fn port_set(ports: Vec<i64>) -> PyResult<crate::scan::PortSet> {
+fn port_set(ports: Vec<WideInt>) -> PyResult<crate::scan::PortSet> {
     ports
         .into_iter()
         .map(|p| {
+            let p = p.get("ports")?;
             u16::try_from(p).ok().filter(|&p| p != 0).ok_or_else(|| {
                 to_py_err(Error::invalid(
                     "ports",
@@ -599,10 +607,11 @@ fn port_set(ports: Vec<i64>) -> PyResult<crate::scan::PortSet> {
 #[pyo3(signature = (ports, *, registry_dir = None))]
 fn port_owners(
     py: Python<'_>,
-    ports: Vec<i64>,
-    registry_dir: Option<PathBuf>,
+    ports: Vec<WideInt>,
+    registry_dir: Option<PathArg>,
 ) -> PyResult<Bound<'_, PyAny>> {
     let ports = port_set(ports)?;
+    let registry_dir = PathArg::get_opt(registry_dir, "registry_dir")?;
     let report = py.detach(|| {
         crate::port_owners(registry_dir.as_deref(), &ports).map(|r| serde_json::to_string(&r))
     });

@@ -18,6 +18,7 @@ from dynamic_port_manager import (
     NoFreePortError,
     list_backups,
     list_leases,
+    port_owners,
     read_state,
     release_lease,
 )
@@ -77,6 +78,25 @@ def test_a_pid_beyond_pid_max_is_refused_with_the_limit(manager: DynamicPortMana
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     with pytest.raises(ValueError, match=rf"^pid: .*\b{pid_max - 1}\b"):
         manager.pick_port(pid=pid_max)
+
+
+@pytest.mark.parametrize(("pid", "error"), [(0, ValueError), (-1, ValueError), (True, TypeError)])
+def test_pick_socket_takes_pid_as_pick_port_does(
+    manager: DynamicPortManager, pid: Any, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=r"^pid: "):
+        manager.pick_socket(pid=pid)
+    assert leased_ports() == set()
+
+
+@pytest.mark.parametrize(("ports", "error"), [([2**64], ValueError), ([True], TypeError)])
+def test_owners_name_the_ports_argument(
+    manager: DynamicPortManager, ports: list[Any], error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=r"^ports: "):
+        manager.owners(ports)
+    with pytest.raises(error, match=r"^ports: "):
+        port_owners(ports)
 
 
 def test_a_real_pid_still_works(manager: DynamicPortManager) -> None:
@@ -181,6 +201,8 @@ def test_a_registry_dir_with_a_nul_byte_is_a_value_error(tmp_path: Path, registr
             list_leases(registry_dir=path)
         with pytest.raises(ValueError, match=r"^registry_dir: .*NUL"):
             release_lease(21000, registry_dir=path)
+        with pytest.raises(ValueError, match=r"^registry_dir: .*NUL"):
+            port_owners([21000], registry_dir=path)
 
 
 @pytest.mark.parametrize("value", [3, 1.5, ["a.json"], bytearray(b"a.json"), object()])
@@ -372,6 +394,7 @@ def test_the_constructor_raises_only_type_and_value_errors_for_any_value(
         "durable": False,
         "registry_dir": data.draw(st.sampled_from([registry, os.fsencode(registry)])),
         "console_log": False,
+        "skip_unsafe": True,
     }
     # Mostly one or two odd arguments among good ones (so that the error has
     # to name that one), sometimes none: the manager starts and picks.
