@@ -142,6 +142,8 @@ enum Seconds {
     Value(f64),
     TooBig,
     NotNumber(String),
+    /// `__float__` refused with a ValueError (e.g. a signaling NaN Decimal).
+    NoFloat(String),
 }
 
 impl<'a, 'py> FromPyObject<'a, 'py> for Seconds {
@@ -161,6 +163,9 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Seconds {
             Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => {
                 Ok(Seconds::NotNumber(type_name()?))
             }
+            Err(e) if e.is_instance_of::<PyValueError>(py) => {
+                Ok(Seconds::NoFloat(e.value(py).to_string()))
+            }
             Err(e) => Err(e), // raised by the object's own __float__
         }
     }
@@ -173,6 +178,10 @@ impl Seconds {
             Seconds::TooBig => Err(to_py_err(Error::invalid(
                 name,
                 "must be at most a year, got a number too large for a float",
+            ))),
+            Seconds::NoFloat(why) => Err(to_py_err(Error::invalid(
+                name,
+                format!("must be a number of seconds, got one without a float value ({why})"),
             ))),
             Seconds::NotNumber(type_name) => Err(pyo3::exceptions::PyTypeError::new_err(format!(
                 "{name}: must be a number of seconds (int or float), got {type_name}"

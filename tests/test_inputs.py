@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,15 @@ def test_a_refresh_interval_out_of_range_is_a_value_error(
     with pytest.raises(ValueError, match=r"^refresh_interval: "):
         DynamicPortManager(21000, 21001, path, refresh_interval=value, console_log=False)
     assert not path.exists()
+
+
+def test_a_refresh_interval_without_a_float_value_is_a_value_error_naming_it(
+    tmp_path: Path, registry: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"^refresh_interval: "):
+        DynamicPortManager(21000, 21001, tmp_path / "s.json", refresh_interval=Decimal("sNaN"))
+    with pytest.raises(ValueError, match=r"^refresh_interval: "):
+        DynamicPortManager(21000, 21001, tmp_path / "s.json", refresh_interval=Fraction(10**400))
 
 
 def test_the_refresh_interval_floor_is_named_in_the_error(tmp_path: Path, registry: Path) -> None:
