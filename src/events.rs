@@ -6,6 +6,8 @@
 //! after they are released: emitting may call into Python, which needs the
 //! GIL, and a thread holding the GIL may be waiting for those very locks.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
 
@@ -114,6 +116,57 @@ impl PortSummary {
     }
 }
 
+/// Characters that can end a line or steer a terminal: C0 (newline, carriage
+/// return, ESC...), DEL, C1 (U+0085 ends a line for `str.splitlines()`) and
+/// the Unicode line and paragraph separators.
+fn is_hidden(c: char) -> bool {
+    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+}
+
+/// `text` with every hidden character written out (`\n`, `\x1b`, `\u2028`), so
+/// a file name cannot forge a log line or recolour a terminal.
+pub fn escape_controls(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(is_hidden) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if is_hidden(c) && (c as u32) < 0x100 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if is_hidden(c) => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `value` as one line of JSON that stays one line for every reader:
+/// serde_json escapes C0 but writes DEL, C1 (U+0085) and U+2028/U+2029 raw,
+/// which `str.splitlines()` and some log shippers take as line ends. They can
+/// only occur inside strings, where `\uXXXX` is the same character.
+pub fn json_line(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    if !text.chars().any(is_hidden) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_hidden(c) {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn active_text(active: Option<u16>) -> String {
     active.map_or_else(|| "None".to_string(), |p| p.to_string())
 }
@@ -134,7 +187,7 @@ impl Event {
             active_text(self.active),
             format!("Free:{}", self.free.render()),
             format!("Used:{}", self.used.render()),
-            self.note
+            escape_controls(&self.note)
         )
     }
 
@@ -147,7 +200,7 @@ impl Event {
             active_text(self.active),
             self.free.count,
             self.used.count,
-            self.note
+            escape_controls(&self.note)
         )
     }
 
@@ -278,6 +331,31 @@ mod tests {
         assert!(!event(Kind::Error, &[], &[])
             .console_line(false)
             .contains('\x1b'));
+    }
+
+    #[test]
+    fn control_characters_in_a_note_are_written_out() {
+        let mut e = event(Kind::Error, &[], &[]);
+        e.note = "cannot read /tmp/a\nb\rc\x1b[31md\u{2028}e\u{2029}f\u{85}g\u{7f}h\ti.json".into();
+        let expected = r"cannot read /tmp/a\nb\rc\x1b[31md\u2028e\u2029f\x85g\x7fh\ti.json";
+        for text in [e.console_line(false), e.console_line(true), e.log_message()] {
+            assert!(text.ends_with(&format!("Note:{expected}")), "{text:?}");
+            assert_eq!(text.lines().count(), 1);
+        }
+        // Only the colour of the event name is an escape sequence.
+        assert_eq!(e.console_line(true).matches('\x1b').count(), 2);
+        assert_eq!(escape_controls("plain ünïcode ✓"), "plain ünïcode ✓");
+    }
+
+    #[test]
+    fn a_json_line_has_no_character_that_ends_a_line() {
+        let mut e = event(Kind::Pick, &[], &[]);
+        e.state_file = "/tmp/a\nb\rc\x1b[31md\u{2028}e\u{2029}f\u{85}g\u{7f}h.json".into();
+        let line = json_line(&e.json());
+        assert!(!line.chars().any(is_hidden), "{line:?}");
+        assert!(line.contains(r"\u2028e\u2029f\u0085g\u007fh"), "{line}");
+        let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back["state_file"], e.state_file.as_str());
     }
 
     #[test]

@@ -47,7 +47,8 @@ impl Holder {
 }
 
 pub fn pid_exists(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
+    // kill(0, 0) asks about the caller's process group, not a process 0.
+    let Ok(pid @ 1..) = libc::pid_t::try_from(pid) else {
         return false;
     };
     // SAFETY: signal 0 only checks for existence and permission.
@@ -89,6 +90,14 @@ mod tests {
         let me = Holder::current();
         assert!(me.is_alive());
         assert_eq!(Holder::of_pid(me.pid), Some(me));
+    }
+
+    #[test]
+    fn pid_0_and_pids_beyond_pid_t_name_no_process() {
+        // kill() would read 0 as "my process group" and -1 as "every process".
+        assert_eq!(Holder::of_pid(0), None);
+        assert_eq!(Holder::of_pid(u32::MAX), None);
+        assert_eq!(Holder::of_pid(1 << 31), None);
     }
 
     #[test]

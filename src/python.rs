@@ -134,6 +134,121 @@ impl WideInt {
     }
 }
 
+/// A number of seconds: an int or a float (or any object with `__float__`),
+/// never a bool. An int too large for a float is a ValueError naming the
+/// argument, like any other out-of-range value, not pyo3's OverflowError.
+#[derive(Clone)]
+enum Seconds {
+    Value(f64),
+    TooBig,
+    NotNumber(String),
+    /// `__float__` refused with a ValueError (e.g. a signaling NaN Decimal).
+    NoFloat(String),
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Seconds {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let py = obj.py();
+        let type_name = || obj.get_type().name().map(|n| n.to_string());
+        if obj.is_instance_of::<pyo3::types::PyBool>() {
+            return Ok(Seconds::NotNumber(type_name()?));
+        }
+        match obj.extract::<f64>() {
+            Ok(value) => Ok(Seconds::Value(value)),
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(py) => {
+                Ok(Seconds::TooBig)
+            }
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => {
+                Ok(Seconds::NotNumber(type_name()?))
+            }
+            Err(e) if e.is_instance_of::<PyValueError>(py) => {
+                Ok(Seconds::NoFloat(e.value(py).to_string()))
+            }
+            Err(e) => Err(e), // raised by the object's own __float__
+        }
+    }
+}
+
+impl Seconds {
+    fn get(self, name: &'static str) -> PyResult<f64> {
+        match self {
+            Seconds::Value(value) => Ok(value),
+            Seconds::TooBig => Err(to_py_err(Error::invalid(
+                name,
+                "must be at most a year, got a number too large for a float",
+            ))),
+            Seconds::NoFloat(why) => Err(to_py_err(Error::invalid(
+                name,
+                format!("must be a number of seconds, got one without a float value ({why})"),
+            ))),
+            Seconds::NotNumber(type_name) => Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "{name}: must be a number of seconds (int or float), got {type_name}"
+            ))),
+        }
+    }
+}
+
+/// A file-system path taken as `os.fsdecode` takes one: str, bytes, or an
+/// `os.PathLike` giving either. Bytes are kept byte for byte (a non-UTF-8 name
+/// stays that name); a str is encoded as Python encodes file names. Problems
+/// wait for `get`, which knows the argument's name.
+enum PathArg {
+    Path(PathBuf),
+    NotPath(String),
+    Unencodable(String),
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for PathArg {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        use pyo3::types::{PyBytes, PyString};
+        use std::os::unix::ffi::OsStringExt;
+        let py = obj.py();
+        let value = if obj.is_instance_of::<PyString>() || obj.is_instance_of::<PyBytes>() {
+            obj.to_owned()
+        } else {
+            match py.import("os")?.call_method1("fspath", (&*obj,)) {
+                Ok(value) => value,
+                Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => {
+                    return Ok(PathArg::NotPath(obj.get_type().name()?.to_string()));
+                }
+                Err(e) => return Err(e), // raised by the object's own __fspath__
+            }
+        };
+        if let Ok(bytes) = value.cast::<PyBytes>() {
+            let raw = std::ffi::OsString::from_vec(bytes.as_bytes().to_vec());
+            return Ok(PathArg::Path(raw.into()));
+        }
+        // A str: lone surrogates that surrogateescape cannot map fail here.
+        Ok(match value.extract::<std::ffi::OsString>() {
+            Ok(text) => PathArg::Path(text.into()),
+            Err(e) => PathArg::Unencodable(e.value(py).to_string()),
+        })
+    }
+}
+
+impl PathArg {
+    fn get(self, name: &'static str) -> PyResult<PathBuf> {
+        match self {
+            PathArg::Path(path) => crate::config::path(name, path).map_err(to_py_err),
+            PathArg::NotPath(type_name) => Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "{name}: must be a path (str, bytes or os.PathLike), got {type_name}"
+            ))),
+            PathArg::Unencodable(why) => Err(to_py_err(Error::invalid(
+                name,
+                format!("cannot be encoded as a file name: {why}"),
+            ))),
+        }
+    }
+
+    fn get_opt(arg: Option<PathArg>, name: &'static str) -> PyResult<Option<PathBuf>> {
+        arg.map(|a| a.get(name)).transpose()
+    }
+}
+
 #[pyclass(
     name = "DynamicPortManager",
     module = "dynamic_port_manager",
@@ -151,7 +266,7 @@ impl PyManager {
         start = WideInt::Fits(3000),
         end = WideInt::Fits(9000),
         json_path = None,
-        refresh_interval = 10.0,
+        refresh_interval = Seconds::Value(10.0),
         history_max = WideInt::Fits(50),
         *,
         backup_max = WideInt::Fits(20),
@@ -170,24 +285,25 @@ impl PyManager {
         py: Python<'_>,
         start: WideInt,
         end: WideInt,
-        json_path: Option<PathBuf>,
-        refresh_interval: f64,
+        json_path: Option<PathArg>,
+        refresh_interval: Seconds,
         history_max: WideInt,
         backup_max: WideInt,
         durable: bool,
-        registry_dir: Option<PathBuf>,
+        registry_dir: Option<PathArg>,
         console_log: bool,
         skip_unsafe: bool,
     ) -> PyResult<Self> {
         let args = Args {
             start: start.get("start")?,
             end: end.get("end")?,
-            json_path: json_path.unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH)),
-            refresh_interval,
+            json_path: PathArg::get_opt(json_path, "json_path")?
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH)),
+            refresh_interval: refresh_interval.get("refresh_interval")?,
             history_max: history_max.get("history_max")?,
             backup_max: backup_max.get("backup_max")?,
             durable,
-            registry_dir,
+            registry_dir: PathArg::get_opt(registry_dir, "registry_dir")?,
             console_log,
             skip_unsafe,
         };
@@ -200,7 +316,10 @@ impl PyManager {
 
     /// Picks the lowest free port and makes it the active port.
     #[pyo3(signature = (*, pid = None))]
-    fn pick_port(&self, py: Python<'_>, pid: Option<u32>) -> PyResult<u16> {
+    fn pick_port(&self, py: Python<'_>, pid: Option<WideInt>) -> PyResult<u16> {
+        let pid = pid
+            .map(|p| crate::config::pid(p.get("pid")?).map_err(to_py_err))
+            .transpose()?;
         let manager = &self.manager;
         interruptible(py, || manager.pick_port(pid))
     }
@@ -211,17 +330,24 @@ impl PyManager {
     fn pick_socket<'py>(
         &self,
         py: Python<'py>,
-        pid: Option<u32>,
+        pid: Option<WideInt>,
         host: Option<String>,
         backlog: Option<i32>,
         reuse_port: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let pid = pid
+            .map(|p| crate::config::pid(p.get("pid")?).map_err(to_py_err))
+            .transpose()?;
         handoff::pick_socket(py, &self.manager, pid, host.as_deref(), backlog, reuse_port)
     }
 
     /// Who holds each used port of the range (or of `ports`): processes and lease.
     #[pyo3(signature = (ports = None))]
-    fn owners<'py>(&self, py: Python<'py>, ports: Option<Vec<i64>>) -> PyResult<Bound<'py, PyAny>> {
+    fn owners<'py>(
+        &self,
+        py: Python<'py>,
+        ports: Option<Vec<WideInt>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let config = self.manager.config();
         let ports = match ports {
             Some(ports) => port_set(ports)?,
@@ -264,7 +390,7 @@ impl PyManager {
         if !stdout.is_none() {
             // A broken stdout must not break the caller: the record is returned.
             let _ = stdout
-                .call_method1("write", (format!("{record}\n"),))
+                .call_method1("write", (crate::events::json_line(&record) + "\n",))
                 .and_then(|_| stdout.call_method0("flush"));
         }
         json_loads(py, record.to_string())
@@ -406,16 +532,17 @@ fn read_state(
     py: Python<'_>,
     start: WideInt,
     end: WideInt,
-    json_path: Option<PathBuf>,
+    json_path: Option<PathArg>,
     history_max: WideInt,
-    registry_dir: Option<PathBuf>,
+    registry_dir: Option<PathArg>,
 ) -> PyResult<Bound<'_, PyAny>> {
     let config = Args {
         start: start.get("start")?,
         end: end.get("end")?,
-        json_path: json_path.unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH)),
+        json_path: PathArg::get_opt(json_path, "json_path")?
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH)),
         history_max: history_max.get("history_max")?,
-        registry_dir,
+        registry_dir: PathArg::get_opt(registry_dir, "registry_dir")?,
         ..Args::default()
     }
     .check()
@@ -430,8 +557,9 @@ fn read_state(
 /// Names of the backups of the state file `json_path`, oldest first.
 #[pyfunction]
 #[pyo3(signature = (json_path = None))]
-fn list_backups(py: Python<'_>, json_path: Option<PathBuf>) -> PyResult<Vec<String>> {
-    let path = json_path.unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH));
+fn list_backups(py: Python<'_>, json_path: Option<PathArg>) -> PyResult<Vec<String>> {
+    let path = PathArg::get_opt(json_path, "json_path")?
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH));
     py.detach(|| crate::inspect::list_backups(&path))
         .map(|backups| backups.into_iter().map(|b| b.name).collect())
         .map_err(to_py_err)
@@ -440,7 +568,9 @@ fn list_backups(py: Python<'_>, json_path: Option<PathBuf>) -> PyResult<Vec<Stri
 /// Removes the lease on `port` from the registry; True if there was one.
 #[pyfunction]
 #[pyo3(signature = (port, *, registry_dir = None))]
-fn release_lease(py: Python<'_>, port: u16, registry_dir: Option<PathBuf>) -> PyResult<bool> {
+fn release_lease(py: Python<'_>, port: WideInt, registry_dir: Option<PathArg>) -> PyResult<bool> {
+    let port = crate::config::port("port", port.get("port")?).map_err(to_py_err)?;
+    let registry_dir = PathArg::get_opt(registry_dir, "registry_dir")?;
     py.detach(|| crate::release_lease(registry_dir.as_deref(), port))
         .map(|removed| !removed.is_empty())
         .map_err(to_py_err)
@@ -449,7 +579,8 @@ fn release_lease(py: Python<'_>, port: u16, registry_dir: Option<PathBuf>) -> Py
 /// Every lease in the registry, as dicts (port, pid, start_time, owner, since, alive).
 #[pyfunction]
 #[pyo3(signature = (*, registry_dir = None))]
-fn list_leases(py: Python<'_>, registry_dir: Option<PathBuf>) -> PyResult<Bound<'_, PyAny>> {
+fn list_leases(py: Python<'_>, registry_dir: Option<PathArg>) -> PyResult<Bound<'_, PyAny>> {
+    let registry_dir = PathArg::get_opt(registry_dir, "registry_dir")?;
     let leases = py
         .detach(|| crate::list_leases(registry_dir.as_deref()))
         .map_err(to_py_err)?;
@@ -465,10 +596,11 @@ fn list_leases(py: Python<'_>, registry_dir: Option<PathBuf>) -> PyResult<Bound<
 }
 
 /// `ports` as a set: each 1..=65535, else ValueError naming `ports`.
-fn port_set(ports: Vec<i64>) -> PyResult<crate::scan::PortSet> {
+fn port_set(ports: Vec<WideInt>) -> PyResult<crate::scan::PortSet> {
     ports
         .into_iter()
         .map(|p| {
+            let p = p.get("ports")?;
             u16::try_from(p).ok().filter(|&p| p != 0).ok_or_else(|| {
                 to_py_err(Error::invalid(
                     "ports",
@@ -484,10 +616,11 @@ fn port_set(ports: Vec<i64>) -> PyResult<crate::scan::PortSet> {
 #[pyo3(signature = (ports, *, registry_dir = None))]
 fn port_owners(
     py: Python<'_>,
-    ports: Vec<i64>,
-    registry_dir: Option<PathBuf>,
+    ports: Vec<WideInt>,
+    registry_dir: Option<PathArg>,
 ) -> PyResult<Bound<'_, PyAny>> {
     let ports = port_set(ports)?;
+    let registry_dir = PathArg::get_opt(registry_dir, "registry_dir")?;
     let report = py.detach(|| {
         crate::port_owners(registry_dir.as_deref(), &ports).map(|r| serde_json::to_string(&r))
     });

@@ -77,6 +77,19 @@ def new_registry(get_state: Callable[[], dict[str, Any]]) -> CollectorRegistry:
 
 
 def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
-    """The body and content type the scraper asked for (text or OpenMetrics)."""
-    encoder, content_type = choose_encoder(accept)
+    """The body and content type the scraper asked for (text or OpenMetrics).
+
+    An Accept header prometheus_client cannot read falls back to the plain text
+    format, as for a scraper that asks for nothing: it compares versions as
+    tuples of ints and strings, so ``version=abc`` or ``1..0`` raised a
+    TypeError (a 500), and ``int()`` takes control characters around digits,
+    which would then be echoed into the Content-Type header.
+    """
+    try:
+        encoder, content_type = choose_encoder(accept)
+        if content_type.isascii() and content_type.isprintable():
+            return encoder(registry), content_type
+    except (TypeError, ValueError):
+        pass
+    encoder, content_type = choose_encoder("")  # the plain text format
     return encoder(registry), content_type

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any, Callable, Optional
 
 from dynamic_port_manager import DynamicPortManager, ManagerStoppedError, NoFreePortError
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Response
 from pydantic import Field
 
 from . import models
@@ -148,8 +148,18 @@ def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRo
             }
         },
     )
-    def metrics(request: Request) -> Response:
-        body, content_type = render(metrics_registry, request.headers.get("accept", ""))
+    def metrics(
+        # Declared (FastAPI reads the header either way) so that the schema shows
+        # it and schemathesis sends generated values.
+        accept: Annotated[
+            str,
+            Header(
+                description="`application/openmetrics-text` for OpenMetrics; anything "
+                "else, also a malformed value, gets the Prometheus text format."
+            ),
+        ] = "",
+    ) -> Response:
+        body, content_type = render(metrics_registry, accept)
         return Response(body, headers={"Content-Type": content_type})
 
     return router

@@ -35,7 +35,8 @@ class ManagerStoppedError(RuntimeError):
 class RegistryError(OSError):
     """The host-wide lease registry could not be read or written; no port was handed out."""
 
-_Path = Union[str, "os.PathLike[str]"]
+# Taken as os.fsdecode takes a path: bytes (also non-UTF-8) are kept byte for byte.
+_Path = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 @disjoint_base
 class DynamicPortManager:
@@ -65,7 +66,8 @@ class DynamicPortManager:
 
         ``start``/``end``: the inclusive port range (1..65535).
         ``json_path``: the state file (default ``utils/port_state/dynamic_ports.json``).
-        ``refresh_interval``: seconds between background re-scans (int or float, > 0).
+        ``refresh_interval``: seconds between background re-scans (int or float,
+        from 0.05 to a year; bool, NaN and infinity are refused).
         ``history_max``: history entries kept (>= 0). ``backup_max``: backups kept.
         ``durable``: fsync file and folder on each save.
         ``registry_dir``: where leases live (default ``$DPM_REGISTRY_DIR`` or
@@ -74,8 +76,10 @@ class DynamicPortManager:
         ports web browsers refuse to open (ERR_UNSAFE_PORT); they are listed
         in the state's ``skipped_ports`` instead of ``free_ports``.
 
-        Raises ``ValueError`` naming the bad argument, ``RegistryError`` when
-        the registry folder is unusable.
+        Raises ``ValueError`` naming the bad argument (out of range, also a
+        number too large for any type, or a path with a NUL byte),
+        ``TypeError`` naming it for a value of the wrong type, ``RegistryError``
+        when the registry folder is unusable.
         """
 
     def pick_port(self, *, pid: int | None = None) -> int:
@@ -83,7 +87,8 @@ class DynamicPortManager:
 
         A second call moves to another free port and frees the previous one.
         With ``pid``, the lease is held by that process until it exits, and this
-        manager's active port is unchanged.
+        manager's active port is unchanged. ``pid`` is an int >= 1 of a running
+        process (``ValueError`` otherwise; a bool is a ``TypeError``).
 
         Raises ``NoFreePortError`` when no port is free, ``ManagerStoppedError``
         after ``stop()``, ``RegistryError`` if the lease cannot be recorded.
@@ -187,7 +192,8 @@ def _refresh_thread_running() -> bool:
     """Whether this process's refresh thread is running."""
 
 def release_lease(port: int, *, registry_dir: _Path | None = None) -> bool:
-    """Remove the lease on ``port`` from the registry; True if there was one."""
+    """Remove the lease on ``port`` (1..65535, else ``ValueError``) from the registry;
+    True if there was one."""
 
 def list_leases(*, registry_dir: _Path | None = None) -> list[dict[str, Any]]:
     """Every lease in the registry: port, pid, start_time, owner, since, alive."""

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import sys
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -65,8 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(message: str, status: int) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
+    print(f"{PROG}: {_visible(message)}", file=sys.stderr)
     return status
+
+
+def _visible(text: str) -> str:
+    """Control characters written out (``\\n``, ``\\x1b``, ``\\u2028``), as the core
+    does in its log lines: a file name in an error must not forge a line."""
+    return "".join(
+        repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text
+    )
 
 
 # ---- arguments -------------------------------------------------------------
