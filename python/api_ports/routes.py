@@ -19,6 +19,7 @@ from pydantic import Field
 
 from . import models
 from .backup_file import NAME_MAX, NAME_PATTERN, attachment_header, read_backup
+from .dashboard import add_dashboard
 from .metrics import new_registry, render
 
 ManagerSource = Callable[[], DynamicPortManager]
@@ -152,6 +153,7 @@ def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRo
         body, content_type = render(metrics_registry, request.headers.get("accept", ""))
         return Response(body, headers={"Content-Type": content_type})
 
+    add_dashboard(router)
     return router
 
 
