@@ -306,7 +306,9 @@ def test_dashboard_shows_each_lease_with_its_pid_and_follows_a_new_pick_without_
     other.close()
 
 
-def test_dashboard_shows_any_path_as_text_and_an_error_while_it_holds(tmp_path: Path) -> None:
+def test_dashboard_shows_paths_as_text_the_error_in_effect_and_a_lost_server(
+    tmp_path: Path,
+) -> None:
     # A folder name that is markup, if anything treats it as such.
     folder = tmp_path / '<img id=injected src=x onerror="window.pwned=1">&amp;'
     folder.mkdir()
@@ -342,3 +344,9 @@ def test_dashboard_shows_any_path_as_text_and_an_error_while_it_holds(tmp_path: 
         if in_effect:
             assert state["last_error"] in shown["text"]
         assert page.errors() == []
+
+        # The server goes away: the page says so and keeps what it last saw.
+        server.proc.terminate()
+        assert server.proc.wait(timeout=30) == 0
+        page.wait_for("!document.getElementById('conn-banner').hidden")
+        assert page.evaluate("document.getElementById('state-file').textContent") == str(state_file)

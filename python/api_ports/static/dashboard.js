@@ -177,19 +177,41 @@
   // ---- the data --------------------------------------------------------------
 
   class HttpError extends Error {
-    constructor(path, status) {
-      super(path + ": HTTP " + status);
+    constructor(path, status, detail) {
+      super(path + ": HTTP " + status + (detail ? " (" + detail + ")" : ""));
       this.status = status;
     }
   }
 
+  // A request that hangs must not stop the polling: give up after a while.
+  const REQUEST_MS = Math.max(10000, 3 * POLL_MS);
+
   async function getJSON(path) {
-    const response = await fetch(API + path, {
-      cache: "no-store",
-      headers: { Accept: "application/json" },
-    });
-    if (!response.ok) throw new HttpError(path, response.status);
-    return response.json();
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), REQUEST_MS);
+    try {
+      const response = await fetch(API + path, {
+        cache: "no-store",
+        headers: { Accept: "application/json" },
+        signal: abort.signal,
+      });
+      if (!response.ok) {
+        let detail = null;
+        try {
+          const body = await response.json();
+          if (body && typeof body.detail === "string") detail = body.detail;
+        } catch (e) {
+          // not JSON: the status says enough
+        }
+        throw new HttpError(path, response.status, detail);
+      }
+      return await response.json();
+    } catch (e) {
+      if (e && e.name === "AbortError") throw new Error(path + ": no answer in " + REQUEST_MS / 1000 + " s");
+      throw e;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   // Who holds each port, from the owners endpoint, whatever its exact shape:
@@ -385,6 +407,7 @@
         }),
       );
     }
+    const edge = pitch > 2 ? 0.5 : 0;
     for (let i = 0; i < c.n; i++) {
       const kind = c.kinds[i];
       if (kind === 0) continue;
@@ -399,10 +422,11 @@
           {
             class: "cell cell-" + name,
             fill: "url(#pat-" + name + ")",
-            x: x0 + col * pitch,
-            y: y0 + row * pitch,
-            width: cell,
-            height: cell,
+            // Inset by half the outline, so neighbours' outlines keep the gap.
+            x: x0 + col * pitch + edge,
+            y: y0 + row * pitch + edge,
+            width: cell - 2 * edge,
+            height: cell - 2 * edge,
             "data-port": port,
             "data-state": name,
           },
@@ -679,6 +703,7 @@
       drawError(state);
       drawCounts(c);
       drawGrid(c);
+      if (hovered !== null) describeHovered();
       drawLeases(state, c, now);
       drawOthers(c, ownersAvailable);
       showIf($("leases-note"), !ownersAvailable);
@@ -711,13 +736,23 @@
     }
   }
 
-  function hover(event) {
-    const port = portAt(event);
+  let hovered = null; // the port under the pointer, described again after each poll
+
+  function describeHovered() {
     const caption = $("grid-hover");
-    caption.textContent = port === null ? "Point at a cell to read its port." : describePort(port);
+    const known = hovered !== null && view.kinds && hovered >= view.start && hovered <= view.end;
+    caption.textContent = known ? describePort(hovered) : "Point at a cell to read its port.";
+  }
+
+  function hover(event) {
+    hovered = portAt(event);
+    describeHovered();
   }
 
   $("grid").addEventListener("mousemove", hover);
-  $("grid").addEventListener("mouseleave", hover);
+  $("grid").addEventListener("mouseleave", () => {
+    hovered = null;
+    describeHovered();
+  });
   poll();
 })();
