@@ -42,7 +42,9 @@
   }
 
   function showIf(node, visible) {
-    node.hidden = !visible;
+    // `hidden` is an HTML attribute: an SVG element is hidden through its style.
+    if (node instanceof HTMLElement) node.hidden = !visible;
+    else node.style.display = visible ? "" : "none";
   }
 
   function isPort(value) {
@@ -633,6 +635,12 @@
       mark.append(s("title", {}, label));
       nodes.push(mark);
     });
+    // A stack taller than the marks drawn says how many it holds.
+    for (const [t, count] of stack) {
+      if (count <= 5) continue;
+      const x = left + ((t - lo) / (hi - lo)) * (right - left);
+      nodes.push(s("text", { x: x + 5, y: axisY - 22, class: "label-muted" }, "×" + count));
+    }
     const firstText = history[0].time;
     const lastText = history[history.length - 1].time;
     nodes.push(s("text", { x: left, y: axisY + 14, class: "label-muted" }, String(firstText)));
