@@ -9,7 +9,6 @@ there (this is how ``docs/dashboard.png`` is made).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -306,15 +305,20 @@ def test_dashboard_shows_each_lease_with_its_pid_and_follows_a_new_pick_without_
     other.close()
 
 
-def test_dashboard_shows_paths_as_text_the_error_in_effect_and_a_lost_server(
+def test_dashboard_shows_paths_as_text_errors_while_in_effect_skipped_ports_and_a_lost_server(
     tmp_path: Path,
 ) -> None:
-    # A folder name that is markup, if anything treats it as such.
+    # A folder name that is markup, if anything treats it as such; it is in
+    # the state file's path and so in the error message too.
     folder = tmp_path / '<img id=injected src=x onerror="window.pwned=1">&amp;'
     folder.mkdir()
     state_file = folder / "ports.json"
-    state_file.write_text('{"current_port": 1, "free_ports": [')  # torn: recovered at start
-    start, end = port_block()
+    # A file where the backup folder goes: every save reports it, so the
+    # error stays in effect.
+    (folder / "backups").write_text("")
+    # A block holding 10080, a port browsers refuse: skipped, never handed out.
+    start = random.randint(10073, 10080)
+    end = start + 7
     with ExitStack() as stack:
         server = stack.enter_context(
             serve(tmp_path, "--range", f"{start}-{end}", "--state", str(state_file))
@@ -329,20 +333,19 @@ def test_dashboard_shows_paths_as_text_the_error_in_effect_and_a_lost_server(
             "[...document.querySelectorAll('#leases td.path')].map(td => td.textContent)"
         )
         assert paths == [str(state_file)]
+
+        state = http.get("/api/v1/port/state").json()
+        assert state["error_active"] and str(folder) in state["last_error"]
+        page.wait_for("!document.getElementById('error-banner').hidden")
+        shown = page.evaluate("document.getElementById('error-text').textContent")
+        assert shown == state["last_error"]
+        # Nothing of the path became markup, nor ran.
         assert page.evaluate("document.getElementById('injected') === null")
         assert page.evaluate("window.pwned === undefined")
 
-        state = http.get("/api/v1/port/state").json()
-        assert state["last_error"], "recovering a torn state file records an error"
-        # Shown while in effect: as `error_active` says, where the state has it.
-        in_effect = state.get("error_active", True)
-        hidden = json.dumps(not in_effect)
-        shown = page.wait_for(
-            "(() => { const b = document.getElementById('error-banner');"
-            f" return b.hidden === {hidden} ? {{text: b.textContent}} : null; }})()"
-        )
-        if in_effect:
-            assert state["last_error"] in shown["text"]
+        assert state["skipped_ports"] == [10080]
+        assert _cell_state(page, 10080) == "skipped"
+        assert page.evaluate("document.getElementById('count-skipped').textContent") == "1"
         assert page.errors() == []
 
         # The server goes away: the page says so and keeps what it last saw.

@@ -491,6 +491,7 @@
     $("leases").tBodies[0].replaceChildren(...rows);
     $("leases-count").textContent = "(" + rows.length + ")";
     showIf($("leases-empty"), rows.length === 0);
+    showIf($("leases").parentElement, rows.length > 0);
   }
 
   function drawOthers(c, ownersKnown) {
@@ -518,6 +519,7 @@
     $("others").tBodies[0].replaceChildren(...rows);
     $("other-count").textContent = "(" + total + ")";
     showIf($("others-empty"), total === 0);
+    showIf($("others").parentElement, total > 0);
     const notes = [];
     if (total > rows.length) notes.push("The first " + rows.length + " of " + total + " are shown.");
     if (total && !ownersKnown) notes.push("Process names need the server's owners endpoint, which it does not have.");
@@ -680,6 +682,18 @@
     }
   }
 
+  function drawEphemeral(state) {
+    const o = state.ephemeral_overlap;
+    const known = o && typeof o === "object" && isPort(o.first) && isPort(o.last);
+    showIf($("ephemeral-note"), Boolean(known));
+    if (!known) return;
+    const kernel = Array.isArray(o.ephemeral_range) ? " " + o.ephemeral_range.join("–") : "";
+    $("ephemeral-note").textContent =
+      "Ports " + o.first + "–" + o.last + (Number.isInteger(o.count) ? " (" + plural(o.count, "port") + ")" : "") +
+      " of this range lie in the kernel's ephemeral range" + kernel +
+      ": any outgoing connection may take one of them without asking.";
+  }
+
   function drawHeader(state, c) {
     $("range-label").textContent = c.start + "–" + c.end;
     $("state-file").textContent = String((state.settings && state.settings.json_path) ?? "");
@@ -709,6 +723,7 @@
       const c = classify(state, ownersByPort(owners));
       drawHeader(state, c);
       drawError(state);
+      drawEphemeral(state);
       drawCounts(c);
       drawGrid(c);
       if (hovered !== null) describeHovered();
