@@ -263,19 +263,9 @@
     return byPort;
   }
 
-  // Skipped ports from the state's extras, if the core lists them: numbers,
-  // [first, last] pairs or {"port": n} objects.
+  // Free ports never handed out (browsers refuse them), if the state lists them.
   function skippedSet(state) {
-    const raw = state.skipped_ports ?? state.unsafe_ports ?? (state.skipped && state.skipped.ports);
-    if (!Array.isArray(raw)) return null;
-    const set = new Set();
-    for (const item of raw) {
-      if (isPort(item)) set.add(item);
-      else if (Array.isArray(item) && isPort(item[0]) && isPort(item[1])) {
-        for (let p = item[0]; p <= item[1] && p - item[0] < 70000; p++) set.add(p);
-      } else if (item && isPort(item.port)) set.add(item.port);
-    }
-    return set;
+    return Array.isArray(state.skipped_ports) ? new Set(state.skipped_ports.filter(isPort)) : null;
   }
 
   function stateFileOf(owner) {
