@@ -92,7 +92,7 @@ def test_the_page_and_every_file_and_endpoint_it_names_are_served(
         assert response.status_code == 200, url
     # The script asks for these, relative to the API folder the page names.
     api = page.text.split('data-api="', 1)[1].split('"', 1)[0]
-    for endpoint in ("state", "backup/list"):
+    for endpoint in ("state", "backup/list", "owners"):
         assert client.get(urljoin(page_url, api + endpoint)).status_code == 200
 
 
@@ -167,6 +167,11 @@ def _cell_state(page: Page, port: int) -> str | None:
     return state
 
 
+def _comm(pid: int) -> str:
+    """A process's name as the kernel keeps it (what the owners data shows)."""
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
 def _minutes_around(before: float, after: float) -> set[str]:
     """ISO minutes (with this host's UTC offset) between two times."""
     found = set()
@@ -183,9 +188,10 @@ def test_dashboard_shows_each_lease_with_its_pid_and_follows_a_new_pick_without_
 ) -> None:
     start, end = _range_of(6001)  # the size of the original's 3000-9000
     state_file = tmp_path / "port_state" / "dynamic_ports.json"
+    worker_state = tmp_path / "port_state" / "worker.json"
     # A program holding a port of the range without asking the manager, and a
-    # port the command line leases to another process (through the same state
-    # file: the state lists the leases of its own file).
+    # port the command line leases to another process through another state
+    # file (the owners endpoint names that lease; the state has its own only).
     other = _listen_in(start, end)
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     with ExitStack() as stack:
@@ -208,7 +214,7 @@ def test_dashboard_shows_each_lease_with_its_pid_and_follows_a_new_pick_without_
             "--range",
             f"{start}-{end}",
             "--state",
-            str(state_file),
+            str(worker_state),
         )
         assert picked.returncode == 0, picked.stderr
         worker_port = int(picked.stdout)
@@ -220,24 +226,33 @@ def test_dashboard_shows_each_lease_with_its_pid_and_follows_a_new_pick_without_
         page.navigate(server.url + "/")
         page.wait_for("Number(document.body.dataset.updates) >= 1")
 
-        # The port picked over HTTP, leased to the server's process.
+        # The port picked over HTTP, leased to the server's process, named
+        # (from the owners data: it holds a socket on its own port).
         page.wait_for(f"!!document.querySelector('#leases tr[data-port=\"{first}\"]')")
         row = _row(page, "leases", first)
         assert row is not None
         assert row["PID"] == str(server.proc.pid)
+        assert row["Process"] == _comm(server.proc.pid)
         assert row["State file"] == str(state_file)
         assert row["Port"].startswith(str(first)) and "active" in row["Port"]
         assert _cell_state(page, first) == "leased"
-        # The other process's lease, with its own pid.
+        # The other process's lease, with its own pid and state file; it holds
+        # no socket, so its name is not known.
         row = _row(page, "leases", worker_port)
         assert row is not None and row["PID"] == str(worker.pid)
-        assert row["State file"] == str(state_file)
+        assert row["State file"] == str(worker_state)
+        assert row["Process"] == "unknown"
         assert _cell_state(page, worker_port) == "leased"
         # The port bound without a lease: in use by another program, once a
         # refresh (every second here) has seen it.
         other_port = other.getsockname()[1]
         page.wait_for(f"{_cell_js(other_port)}?.dataset.state === 'other'")
-        assert _row(page, "others", other_port) is not None
+        row = _row(page, "others", other_port)
+        assert row == {
+            "Port": str(other_port),
+            "PID": str(os.getpid()),
+            "Process": _comm(os.getpid()),
+        }
         # The counts are the range's, and the cells agree with them.
         counts = page.evaluate(
             "Object.fromEntries(['free', 'leased', 'other', 'skipped', 'total'].map(k => [k,"
@@ -256,7 +271,7 @@ def test_dashboard_shows_each_lease_with_its_pid_and_follows_a_new_pick_without_
         )
         page.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
         caption = page.evaluate("document.getElementById('grid-hover').textContent")
-        assert caption == f"Port {first}: leased (pid {server.proc.pid})"
+        assert caption == f"Port {first}: leased (pid {server.proc.pid} {_comm(server.proc.pid)})"
         # History: Jalali as the state file has it, ISO (this host's offset) on hover.
         entry = page.evaluate(
             f"(() => {{ const li = document.querySelector('#history li[data-new=\"{first}\"]');"

@@ -216,49 +216,32 @@
     }
   }
 
-  // Who holds each port, from the owners endpoint, whatever its exact shape:
-  // a list (or {"owners": [...]}, or an object keyed by port) of entries with
-  // a port; the processes as the entry's own pid and name, or under
-  // "process", or as a list of "processes"/"holders"; a lease as "lease".
-  // port -> {procs: [{pid, name}], lease: {pid, owner, since} | null}
+  // Who holds each used port, from the owners endpoint ({"owners": [{port,
+  // processes: [{pid, name}], unknown_uids, lease: {pid, state_file, since,
+  // alive} | null}]}), where the server has it.
+  // port -> {procs: [{pid, name}], lease: a state-like lease | null, hidden: [uid]}
   function ownersByPort(data) {
     const byPort = new Map();
-    if (!data || typeof data !== "object") return byPort;
-    let entries = Array.isArray(data) ? data : data.owners !== undefined ? data.owners : data.ports;
-    if (entries && !Array.isArray(entries) && typeof entries === "object") {
-      entries = Object.entries(entries).map(([port, v]) =>
-        Object.assign({ port: Number(port) }, Array.isArray(v) ? { processes: v } : v),
-      );
-    }
-    if (!Array.isArray(entries)) return byPort;
+    const entries = data && Array.isArray(data.owners) ? data.owners : [];
     for (const entry of entries) {
-      if (!entry || typeof entry !== "object" || !isPort(Number(entry.port))) continue;
-      let procs = entry.processes || entry.holders;
-      if (!Array.isArray(procs)) {
-        procs = [entry.process && typeof entry.process === "object" ? entry.process : entry];
-      }
-      const list = [];
-      for (const p of procs) {
-        if (!p || typeof p !== "object") continue;
-        const pid = Number(p.pid);
-        const raw = p.name ?? p.process_name ?? p.comm ?? (typeof p.process === "string" ? p.process : null);
-        const name = raw === null || raw === undefined || raw === "" ? null : String(raw);
-        if (Number.isInteger(pid) && pid > 0) list.push({ pid, name });
-        else if (name !== null) list.push({ pid: null, name });
-      }
-      let lease = null;
+      if (!entry || typeof entry !== "object" || !isPort(entry.port)) continue;
+      const procs = (Array.isArray(entry.processes) ? entry.processes : [])
+        .filter((p) => p && Number.isInteger(p.pid))
+        .map((p) => ({ pid: p.pid, name: p.name === null || p.name === undefined ? null : String(p.name) }));
       const l = entry.lease;
-      if (l && typeof l === "object" && Number.isInteger(Number(l.pid))) {
-        const file = l.state_file ?? l.json_path;
-        lease = {
-          port: Number(entry.port),
-          pid: Number(l.pid),
-          // Shaped like a state's lease: "<state file>#<holder>".
-          owner: file !== undefined && file !== null ? String(file) + "#" : String(l.owner ?? ""),
-          since: l.since ?? null,
-        };
-      }
-      byPort.set(Number(entry.port), { procs: list, lease });
+      const lease =
+        l && typeof l === "object" && Number.isInteger(l.pid)
+          ? {
+              port: entry.port,
+              pid: l.pid,
+              // Shaped like a state's lease, whose owner is "<state file>#<holder>".
+              owner: l.state_file !== undefined ? String(l.state_file) + "#" : String(l.owner ?? ""),
+              since: l.since ?? null,
+              alive: l.alive !== false,
+            }
+          : null;
+      const hidden = Array.isArray(entry.unknown_uids) ? entry.unknown_uids.filter(Number.isInteger) : [];
+      byPort.set(entry.port, { procs, lease, hidden });
     }
     return byPort;
   }
@@ -317,7 +300,7 @@
       kinds[port - start] = kind;
       counts[STATES[kind]]++;
     }
-    return { start, end, n, kinds, counts, leases, leased, owners };
+    return { start, end, n, kinds, counts, leases, leased, owners, names: pidNames(owners) };
   }
 
   function procsOf(c, port) {
@@ -330,8 +313,9 @@
     const procs = procsOf(c, port);
     const parts = [];
     if (lease) {
-      const proc = procs.find((p) => p.pid === lease.pid) || procs[0];
-      parts.push("pid " + lease.pid + (proc && proc.name ? " " + proc.name : ""));
+      const proc = procs.find((p) => p.pid === lease.pid);
+      const name = (proc && proc.name) || c.names.get(lease.pid);
+      parts.push("pid " + lease.pid + (name ? " " + name : ""));
     } else {
       for (const p of procs) parts.push((p.pid ? "pid " + p.pid : "") + (p.name ? " " + p.name : ""));
     }
@@ -453,9 +437,24 @@
   }
 
   // The holder's name: the owners entry of that pid, else a nameless-pid one.
-  function processCell(procs, pid) {
-    const proc = procs.find((p) => p.pid === pid) || procs.find((p) => p.pid === null && p.name);
-    if (proc && proc.name) return h("td", {}, proc.name);
+  // Names of every pid the owners data shows holding a socket anywhere: a
+  // lease's holder is named even when the leased port itself is not bound.
+  function pidNames(owners) {
+    const names = new Map();
+    for (const info of owners.values()) {
+      for (const p of info.procs) if (p.pid !== null && p.name) names.set(p.pid, p.name);
+    }
+    return names;
+  }
+
+  function processCell(c, lease) {
+    const procs = procsOf(c, lease.port);
+    const proc = procs.find((p) => p.pid === lease.pid);
+    const name = (proc && proc.name) || c.names.get(lease.pid);
+    if (lease.alive === false) {
+      return h("td", { class: "unknown" }, (name ? name + ": " : "") + "exited (the next pick reclaims it)");
+    }
+    if (name) return h("td", {}, name);
     return h("td", { class: "unknown" }, "unknown");
   }
 
@@ -463,7 +462,6 @@
     const rows = [...c.leases]
       .sort((a, b) => a.port - b.port)
       .map((lease) => {
-        const procs = procsOf(c, lease.port);
         const portCell = h("td", { class: "num" }, String(lease.port));
         if (lease.port === state.current_port) {
           portCell.append(h("span", { class: "tag", title: "this server's manager's active port" }, "active"));
@@ -473,7 +471,7 @@
           { "data-port": lease.port, "data-pid": lease.pid },
           portCell,
           h("td", { class: "num pid" }, String(lease.pid)),
-          processCell(procs, lease.pid),
+          processCell(c, lease),
           h("td", { class: "path" }, stateFileOf(lease.owner)),
           h("td", {}, isoTime(lease.since, now)),
         );
@@ -493,16 +491,18 @@
       if (rows.length >= OTHERS_SHOWN) continue;
       const port = c.start + i;
       const procs = procsOf(c, port);
+      const info = c.owners.get(port);
       const pids = procs.map((p) => p.pid).filter((p) => p !== null);
+      const names = procs.map((p) => p.name).filter(Boolean);
+      // Sockets of another user's processes: the server may not look into them.
+      const hidden = info && info.hidden.length ? "a process of uid " + info.hidden.join(", ") + " (not visible)" : null;
       rows.push(
         h(
           "tr",
           { "data-port": port },
           h("td", { class: "num" }, String(port)),
           pids.length ? h("td", { class: "num" }, pids.join(", ")) : h("td", { class: "unknown" }, "unknown"),
-          procs.some((p) => p.name)
-            ? h("td", {}, procs.map((p) => p.name).filter(Boolean).join(", "))
-            : h("td", { class: "unknown" }, "unknown"),
+          names.length ? h("td", {}, names.join(", ")) : h("td", { class: "unknown" }, hidden || "unknown"),
         ),
       );
     }
