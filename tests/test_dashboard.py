@@ -195,6 +195,8 @@ def test_dashboard_shows_each_lease_with_its_pid_and_follows_a_new_pick_without_
     other = _listen_in(start, end)
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     with ExitStack() as stack:
+        # The browser first: without one, the test skips before starting anything.
+        browser = stack.enter_context(chromium(tmp_path / "profile"))
         server = stack.enter_context(
             serve(
                 tmp_path,
@@ -206,7 +208,6 @@ def test_dashboard_shows_each_lease_with_its_pid_and_follows_a_new_pick_without_
             )
         )
         http = stack.enter_context(httpx.Client(base_url=server.url, timeout=30))
-        browser = stack.enter_context(chromium(tmp_path / "profile"))
         picked = cli(
             "pick",
             "--pid",
@@ -335,11 +336,12 @@ def test_dashboard_shows_paths_as_text_errors_while_in_effect_skipped_ports_and_
     start = random.randint(10073, 10080)
     end = start + 7
     with ExitStack() as stack:
+        # The browser first: without one, the test skips before starting anything.
+        browser = stack.enter_context(chromium(tmp_path / "profile"))
         server = stack.enter_context(
             serve(tmp_path, "--range", f"{start}-{end}", "--state", str(state_file))
         )
         http = stack.enter_context(httpx.Client(base_url=server.url, timeout=30))
-        browser = stack.enter_context(chromium(tmp_path / "profile"))
         page = browser.new_page()
         page.navigate(server.url + "/")
         page.wait_for("Number(document.body.dataset.updates) >= 1")

@@ -62,8 +62,9 @@ def test_docs_and_redoc_draw_the_api_in_chromium_with_no_other_host_reachable(
 ) -> None:
     start, end = port_block()
     with ExitStack() as stack:
-        server = stack.enter_context(serve(tmp_path, "--range", f"{start}-{end}"))
+        # The browser first: without one, the test skips before starting anything.
         browser = stack.enter_context(chromium(tmp_path / "profile"))
+        server = stack.enter_context(serve(tmp_path, "--range", f"{start}-{end}"))
 
         docs = browser.new_page()
         docs.navigate(server.url + "/docs")
