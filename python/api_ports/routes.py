@@ -4,7 +4,8 @@ Every endpoint is a plain ``def``: FastAPI runs it in its threadpool, so the
 manager's blocking calls (file locks, disk, port scans) never run on the
 event loop. Errors follow FastAPI's convention, ``{"detail": ...}``: 503 when
 no port is free or the manager cannot serve, 404 for an unknown backup, 422
-for a bad query; nothing a client sends can cause a 500.
+for a bad query; nothing a client sends can cause a 500. The dashboard page
+(``port/dashboard``, see ``dashboard.py``) rides along, outside the schema.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import Field
 
 from . import models
 from .backup_file import NAME_MAX, NAME_PATTERN, attachment_header, read_backup
+from .dashboard import add_dashboard
 from .metrics import new_registry, render
 
 ManagerSource = Callable[[], DynamicPortManager]
@@ -162,6 +164,7 @@ def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRo
         body, content_type = render(metrics_registry, accept)
         return Response(body, headers={"Content-Type": content_type})
 
+    add_dashboard(router)
     return router
 
 

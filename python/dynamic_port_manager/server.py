@@ -17,24 +17,31 @@ from typing import Any, Callable
 
 import uvicorn
 from api_ports import create_router
+from api_ports.dashboard import page_response
 from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
+from fastapi.responses import HTMLResponse
+from fastapi_offline import FastAPIOffline
 
 from . import DynamicPortManager, __version__, release_lease
 
 
 def create_app(manager: DynamicPortManager) -> FastAPI:
-    """The monitoring app: the port router at ``/api/v1``, docs at ``/docs``."""
-    app = FastAPI(
+    """The monitoring app: the dashboard at ``/``, the port router at ``/api/v1``,
+    docs at ``/docs`` and ``/redoc``, every asset served from installed packages."""
+    # FastAPIOffline serves Swagger UI and ReDoc from files its wheel ships,
+    # where FastAPI's own pages load them from a CDN (a blank page offline).
+    app = FastAPIOffline(
         title="dynamic-port-manager",
         version=__version__,
         description=f"Ports {manager.start}-{manager.end}, state file `{manager.json_path}`.",
+        # Swagger UI would otherwise load a badge from its online validator.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.include_router(create_router(manager), prefix="/api/v1")
 
-    @app.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    def root() -> HTMLResponse:
+        return page_response(api="api/v1/port/", assets="api/v1/port/dashboard/", docs="docs")
 
     return app
 
@@ -102,7 +109,10 @@ def serve(manager: DynamicPortManager, host: str = "127.0.0.1", log_level: str =
             def announce() -> None:
                 try:
                     print(f"Serving on {url}", flush=True)
-                    print(f"API: {url}/api/v1/port/state  Docs: {url}/docs", flush=True)
+                    print(
+                        f"Dashboard: {url}/  API: {url}/api/v1/port/state  Docs: {url}/docs",
+                        flush=True,
+                    )
                 except OSError:
                     pass  # stdout closed (`serve | head -1`): keep serving regardless
 

@@ -1,0 +1,82 @@
+"""`serve`'s `/`, `/docs` and `/redoc` need nothing but the server itself.
+
+FastAPI's own docs pages load Swagger UI and ReDoc from a CDN: a blank page on
+a host without internet access. `serve` takes them from the `fastapi-offline`
+wheel instead. Checked twice: the pages' markup names no other host and every
+file it names is served; and a real Chromium that cannot resolve any host
+name draws them, asking nothing of anyone but the server.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from browser import chromium, serve
+from dynamic_port_manager import DynamicPortManager
+from dynamic_port_manager.server import create_app
+from fastapi.testclient import TestClient
+from router_helpers import clean_env, new_manager, port_block
+
+PAGES = ("/", "/docs", "/redoc")
+# Attribute values and `url: '...'` in the pages' inline script.
+URL_IN_PAGE = re.compile(r"""(?:\b(?:href|src|spec-url)=|\burl:\s*)["']([^"']*)["']""")
+# A reference to a host: `//name`, with or without a scheme before it.
+HOST = re.compile(r"(?:[a-z][a-z0-9+.-]*:)?//[^/\s\"'<>]+", re.I)
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch, registry: Path, tmp_path: Path) -> None:
+    clean_env(monkeypatch)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+
+
+@pytest.fixture
+def manager(state_path: Path) -> Iterator[DynamicPortManager]:
+    m = new_manager(state_path, *port_block())
+    yield m
+    m.stop()
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_page_names_no_other_host_and_every_file_it_names_is_served(
+    manager: DynamicPortManager, path: str
+) -> None:
+    client = TestClient(create_app(manager))
+    page = client.get(path)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert HOST.findall(page.text) == []
+    urls = [u for u in URL_IN_PAGE.findall(page.text) if not u.startswith("data:")]
+    assert urls, "the page names its files"
+    base = "/" if path == "/" else "/docs"  # the folder relative URLs resolve in
+    for url in urls:
+        target = url if url.startswith("/") else base.rstrip("/") + "/" + url
+        assert client.get(target).status_code == 200, url
+
+
+def test_docs_and_redoc_draw_the_api_in_chromium_with_no_other_host_reachable(
+    tmp_path: Path,
+) -> None:
+    start, end = port_block()
+    with ExitStack() as stack:
+        # The browser first: without one, the test skips before starting anything.
+        browser = stack.enter_context(chromium(tmp_path / "profile"))
+        server = stack.enter_context(serve(tmp_path, "--range", f"{start}-{end}"))
+
+        docs = browser.new_page()
+        docs.navigate(server.url + "/docs")
+        # Swagger UI has drawn an operation block per endpoint.
+        assert docs.wait_for("document.querySelectorAll('.opblock').length") >= 10
+        text = docs.evaluate("document.body.innerText")
+        assert "/api/v1/port/pick" in text and "/api/v1/port/state" in text
+
+        redoc = browser.new_page()
+        redoc.navigate(server.url + "/redoc")
+        redoc.wait_for("document.body.innerText.includes('Pick a free port')")
+
+        for page in (docs, redoc):
+            assert page.foreign_urls(server.url) == []
+            assert page.errors() == []
