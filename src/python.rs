@@ -3,6 +3,7 @@
 //! core errors to Python exceptions.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use pyo3::create_exception;
@@ -50,6 +51,36 @@ fn to_py_err(error: Error) -> PyErr {
     }
 }
 
+/// The thread that ran the package's `atexit` hook (`_shutdown`), once it has:
+/// from then on the interpreter is finalizing, and any other thread that
+/// takes the GIL is ended with `pthread_exit`, whose forced unwinding cannot
+/// cross Rust frames (the process would abort). So other threads never enter
+/// Python again: calls returning to Python park their thread for good (only
+/// daemon threads are left by then, and they die with the process), and
+/// events they report are not logged.
+static EXIT_THREAD: AtomicU64 = AtomicU64::new(0);
+
+fn this_thread() -> u64 {
+    // SAFETY: gettid cannot fail.
+    unsafe { libc::gettid() as u64 }
+}
+
+fn may_enter_python() -> bool {
+    let exit = EXIT_THREAD.load(Ordering::SeqCst);
+    exit == 0 || exit == this_thread()
+}
+
+/// `py.detach(f)`, safe at interpreter exit (see `EXIT_THREAD`).
+fn detach<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    py.detach(|| {
+        let result = f();
+        while !may_enter_python() {
+            std::thread::park();
+        }
+        result
+    })
+}
+
 thread_local! {
     /// The exception a signal handler raised while a lock wait polled for it
     /// (`python_interrupted`), to be raised once the call has unwound.
@@ -60,6 +91,9 @@ thread_local! {
 /// GIL for a moment: no thread holding the GIL ever waits for a lock of the
 /// library (every call releases the GIL first), so this cannot deadlock.
 fn python_interrupted() -> bool {
+    if !may_enter_python() {
+        return false;
+    }
     Python::attach(|py| match py.check_signals() {
         Ok(()) => false,
         Err(e) => {
@@ -76,7 +110,9 @@ fn interruptible<T: Send>(
     py: Python<'_>,
     call: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    let result = py.detach(|| crate::fsutil::with_interrupt_check(python_interrupted, call));
+    let result = detach(py, || {
+        crate::fsutil::with_interrupt_check(python_interrupted, call)
+    });
     result.map_err(|error| {
         let pending = PENDING.with(|p| p.borrow_mut().take());
         match (error.io_error().map(std::io::Error::kind), pending) {
@@ -308,9 +344,7 @@ impl PyManager {
             skip_unsafe,
         };
         let config = args.check().map_err(to_py_err)?;
-        let manager = py
-            .detach(|| crate::start_manager(config))
-            .map_err(to_py_err)?;
+        let manager = detach(py, || crate::start_manager(config)).map_err(to_py_err)?;
         Ok(PyManager { manager })
     }
 
@@ -354,7 +388,7 @@ impl PyManager {
             None => (config.start..=config.end).collect(),
         };
         let manager = &self.manager;
-        let report = py.detach(|| {
+        let report = detach(py, || {
             let registry = manager.registry()?;
             crate::owners_with(&registry, &ports).map(|r| serde_json::to_string(&r))
         });
@@ -376,7 +410,7 @@ impl PyManager {
     fn get_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let manager = &self.manager;
         // Serialized from the struct (not a Value) so keys keep the file's order.
-        let text = py.detach(|| serde_json::to_string(&manager.state()));
+        let text = detach(py, || serde_json::to_string(&manager.state()));
         let text = text.map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
         json_loads(py, text)
     }
@@ -384,7 +418,7 @@ impl PyManager {
     /// Writes one JSON line for ELK to stdout and returns the record.
     fn log_json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let manager = &self.manager;
-        let record = py.detach(|| manager.json_record());
+        let record = detach(py, || manager.json_record());
         // Through sys.stdout, so Python-level redirection and capture see it.
         let stdout = py.import("sys")?.getattr("stdout")?;
         if !stdout.is_none() {
@@ -399,25 +433,27 @@ impl PyManager {
     /// Re-scans the range now (what the refresh thread does every interval).
     fn refresh(&self, py: Python<'_>) {
         let manager = &self.manager;
-        py.detach(|| crate::refresh_manager(manager));
+        detach(py, || crate::refresh_manager(manager));
     }
 
     /// Stops refreshing and releases the active port. Idempotent.
     fn stop(&self, py: Python<'_>) {
         let manager = &self.manager;
-        py.detach(|| crate::stop_manager(manager));
+        detach(py, || crate::stop_manager(manager));
     }
 
     /// Names of this state file's backups, oldest first.
     fn backups(&self, py: Python<'_>) -> Vec<String> {
         let manager = &self.manager;
-        py.detach(|| manager.backups().into_iter().map(|b| b.name).collect())
+        detach(py, || {
+            manager.backups().into_iter().map(|b| b.name).collect()
+        })
     }
 
     /// The path of backup `name`, or None unless it is one of this state file's backups.
     fn backup_path(&self, py: Python<'_>, name: &str) -> Option<PathBuf> {
         let manager = &self.manager;
-        py.detach(|| manager.backup_path(name))
+        detach(py, || manager.backup_path(name))
     }
 
     /// The port this manager holds, or None.
@@ -426,7 +462,7 @@ impl PyManager {
         // The manager's mutex may be held by the refresh thread during a save:
         // wait for it without the GIL.
         let manager = &self.manager;
-        py.detach(|| manager.active_port())
+        detach(py, || manager.active_port())
     }
 
     /// The absolute path of the state file.
@@ -448,7 +484,7 @@ impl PyManager {
     #[getter]
     fn stopped(&self, py: Python<'_>) -> bool {
         let manager = &self.manager;
-        py.detach(|| manager.is_stopped())
+        detach(py, || manager.is_stopped())
     }
 
     #[getter]
@@ -459,7 +495,7 @@ impl PyManager {
     #[getter]
     fn backup_dir(&self, py: Python<'_>) -> PathBuf {
         let manager = &self.manager;
-        py.detach(|| manager.backup_dir())
+        detach(py, || manager.backup_dir())
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -474,7 +510,7 @@ impl PyManager {
 
     fn __repr__(&self, py: Python<'_>) -> String {
         let m = &self.manager;
-        let (active, stopped) = py.detach(|| (m.active_port(), m.is_stopped()));
+        let (active, stopped) = detach(py, || (m.active_port(), m.is_stopped()));
         format!(
             "DynamicPortManager(start={}, end={}, json_path={:?}, active_port={}, stopped={})",
             m.config().start,
@@ -505,7 +541,10 @@ impl Drop for PyManager {
 /// busy threads a moment at most. Registered with `atexit` by the package.
 #[pyfunction]
 fn _shutdown(py: Python<'_>) {
-    py.detach(|| crate::release_at_exit(std::time::Duration::from_secs(1)));
+    EXIT_THREAD.store(this_thread(), Ordering::SeqCst);
+    detach(py, || {
+        crate::release_at_exit(std::time::Duration::from_secs(1))
+    });
 }
 
 /// Is this process's refresh thread running?
@@ -547,10 +586,11 @@ fn read_state(
     }
     .check()
     .map_err(to_py_err)?;
-    let text = py
-        .detach(|| crate::inspect::read_state(&config).map(|s| serde_json::to_string(&s)))
-        .map_err(to_py_err)?
-        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let text = detach(py, || {
+        crate::inspect::read_state(&config).map(|s| serde_json::to_string(&s))
+    })
+    .map_err(to_py_err)?
+    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     json_loads(py, text)
 }
 
@@ -560,7 +600,7 @@ fn read_state(
 fn list_backups(py: Python<'_>, json_path: Option<PathArg>) -> PyResult<Vec<String>> {
     let path = PathArg::get_opt(json_path, "json_path")?
         .unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH));
-    py.detach(|| crate::inspect::list_backups(&path))
+    detach(py, || crate::inspect::list_backups(&path))
         .map(|backups| backups.into_iter().map(|b| b.name).collect())
         .map_err(to_py_err)
 }
@@ -571,7 +611,7 @@ fn list_backups(py: Python<'_>, json_path: Option<PathArg>) -> PyResult<Vec<Stri
 fn release_lease(py: Python<'_>, port: WideInt, registry_dir: Option<PathArg>) -> PyResult<bool> {
     let port = crate::config::port("port", port.get("port")?).map_err(to_py_err)?;
     let registry_dir = PathArg::get_opt(registry_dir, "registry_dir")?;
-    py.detach(|| crate::release_lease(registry_dir.as_deref(), port))
+    detach(py, || crate::release_lease(registry_dir.as_deref(), port))
         .map(|removed| !removed.is_empty())
         .map_err(to_py_err)
 }
@@ -581,9 +621,7 @@ fn release_lease(py: Python<'_>, port: WideInt, registry_dir: Option<PathArg>) -
 #[pyo3(signature = (*, registry_dir = None))]
 fn list_leases(py: Python<'_>, registry_dir: Option<PathArg>) -> PyResult<Bound<'_, PyAny>> {
     let registry_dir = PathArg::get_opt(registry_dir, "registry_dir")?;
-    let leases = py
-        .detach(|| crate::list_leases(registry_dir.as_deref()))
-        .map_err(to_py_err)?;
+    let leases = detach(py, || crate::list_leases(registry_dir.as_deref())).map_err(to_py_err)?;
     let records: Vec<serde_json::Value> = leases
         .iter()
         .map(|l| {
@@ -621,7 +659,7 @@ fn port_owners(
 ) -> PyResult<Bound<'_, PyAny>> {
     let ports = port_set(ports)?;
     let registry_dir = PathArg::get_opt(registry_dir, "registry_dir")?;
-    let report = py.detach(|| {
+    let report = detach(py, || {
         crate::port_owners(registry_dir.as_deref(), &ports).map(|r| serde_json::to_string(&r))
     });
     json_loads(
@@ -639,7 +677,7 @@ mod handoff {
     use pyo3::prelude::*;
     use pyo3::types::PyModule;
 
-    use super::to_py_err;
+    use super::{detach, to_py_err};
     use crate::manager::Manager;
 
     /// A pick can lose its port to a program that binds it without asking the
@@ -664,7 +702,7 @@ mod handoff {
         let mut lost = Vec::new();
         let mut outcome = None;
         for _ in 0..BIND_ATTEMPTS {
-            let port = match py.detach(|| manager.pick_port(pid)) {
+            let port = match detach(py, || manager.pick_port(pid)) {
                 Ok(port) => port,
                 Err(e) => {
                     outcome = Some(Err(to_py_err(e)));
@@ -685,7 +723,7 @@ mod handoff {
                 }
             }
         }
-        py.detach(|| give_back(manager, pid, &lost));
+        detach(py, || give_back(manager, pid, &lost));
         outcome.unwrap_or_else(|| {
             let message = format!(
                 "ports {lost:?} were each taken by another program before they could be bound"
@@ -818,6 +856,9 @@ impl log::Log for ContainedLogger {
 
     fn log(&self, record: &log::Record<'_>) {
         // try_attach declines during interpreter shutdown: the record is dropped.
+        if !may_enter_python() {
+            return;
+        }
         Python::try_attach(|py| {
             let callers_error = PyErr::take(py);
             self.0.log(record);
@@ -841,6 +882,9 @@ struct PythonStderr;
 
 impl crate::events::Console for PythonStderr {
     fn write_line(&self, render: &dyn Fn(bool) -> String) {
+        if !may_enter_python() {
+            return;
+        }
         Python::try_attach(|py| {
             let callers_error = PyErr::take(py);
             let written = (|| -> PyResult<()> {

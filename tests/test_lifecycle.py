@@ -230,7 +230,8 @@ def picker():
         other.get_state()
 
 threading.Thread(target=sleeper, daemon=True).start()
-threading.Thread(target=picker, daemon=True).start()
+for _ in range(4):  # threads inside the library when the interpreter exits
+    threading.Thread(target=picker, daemon=True).start()
 print(json.dumps({"port": pm.pick_port()}), flush=True)
 """
 
