@@ -49,7 +49,7 @@ fn main() {
         json_path: work.join("svc.json"),
         refresh_interval: 3600.0,
         registry_dir: Some(work.join("registry")),
-        console_log: false,
+        console_log: dynamic_port_manager::events::ConsoleLog::Off,
         ..Args::default()
     }
     .check()

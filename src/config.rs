@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::events::ConsoleLog;
 
 /// The state file the original module used when none was given.
 pub const DEFAULT_JSON_PATH: &str = "utils/port_state/dynamic_ports.json";
@@ -20,7 +21,7 @@ pub struct Config {
     pub backup_max: usize,
     pub durable: bool,
     pub registry_dir: Option<PathBuf>,
-    pub console_log: bool,
+    pub console_log: ConsoleLog,
     /// Never hand out the ports web browsers refuse to open.
     pub skip_unsafe: bool,
 }
@@ -36,7 +37,7 @@ pub struct Args {
     pub backup_max: i64,
     pub durable: bool,
     pub registry_dir: Option<PathBuf>,
-    pub console_log: bool,
+    pub console_log: ConsoleLog,
     pub skip_unsafe: bool,
 }
 
@@ -51,7 +52,7 @@ impl Default for Args {
             backup_max: DEFAULT_BACKUP_MAX as i64,
             durable: false,
             registry_dir: None,
-            console_log: true,
+            console_log: ConsoleLog::Auto,
             skip_unsafe: true,
         }
     }

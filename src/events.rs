@@ -228,6 +228,12 @@ pub trait Console: Send + Sync {
     /// Writes one line; `render(colour)` makes it, `colour` being whether the
     /// destination is a terminal (NO_COLOR is applied by the caller).
     fn write_line(&self, render: &dyn Fn(bool) -> String);
+
+    /// Does the host program show log records itself (has it configured its
+    /// logging)? Then `ConsoleLog::Auto` leaves the event to the record.
+    fn host_shows_records(&self) -> bool {
+        false
+    }
 }
 
 struct ProcessStderr;
@@ -252,11 +258,24 @@ fn console() -> &'static dyn Console {
     CONSOLE.get().map_or(&ProcessStderr, |c| c.as_ref())
 }
 
+/// When the console line is printed. Each event also becomes a log record;
+/// the line is for a host that shows no records, so an event reaches a
+/// terminal once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleLog {
+    /// Decided per event: only while the host shows no log records.
+    Auto,
+    /// Always (even beside the host's own log handlers).
+    On,
+    /// Never.
+    Off,
+}
+
 /// Where events go.
 #[derive(Debug, Clone, Copy)]
 pub struct Sink {
-    /// Print the console line on stderr.
-    pub console: bool,
+    /// When to print the console line on stderr.
+    pub console: ConsoleLog,
 }
 
 impl Sink {
@@ -275,7 +294,12 @@ impl Sink {
         } else {
             tracing::info!(target: "dynamic_port_manager", "{message}");
         }
-        if self.console {
+        let print = match self.console {
+            ConsoleLog::On => true,
+            ConsoleLog::Off => false,
+            ConsoleLog::Auto => !console().host_shows_records(),
+        };
+        if print {
             console().write_line(&|terminal| event.console_line(use_colour(terminal)));
         }
     }

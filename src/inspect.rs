@@ -100,7 +100,7 @@ mod tests {
             end: 24205,
             json_path: dir.path().join("s.json"),
             registry_dir: Some(dir.path().join("registry")),
-            console_log: false,
+            console_log: crate::events::ConsoleLog::Off,
             ..Args::default()
         }
         .check()

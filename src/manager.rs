@@ -395,9 +395,10 @@ impl Manager {
             let leases = self.drop_lease(local, port)?;
             mine.active = None;
             // The holder has usually closed its listener by now: look again,
-            // so the state shows the port free at once.
-            if probe_port(port) == Probe::Free {
-                file.bound.remove(port);
+            // so the state shows the port free at once (or still in use).
+            match probe_port(port) {
+                Probe::Free => file.bound.remove(port),
+                Probe::InUse | Probe::Unusable => file.bound.insert(port),
             }
             let problems = self.registry_notice(local);
             let problems = file.update(

@@ -14,22 +14,25 @@ use pyo3::prelude::*;
 
 use crate::config::{Args, DEFAULT_JSON_PATH};
 use crate::error::Error;
+use crate::events::ConsoleLog;
 use crate::manager::Manager;
 
+// Named after the package that exports them (not `_core`), so tracebacks say
+// `dynamic_port_manager.NoFreePortError` and pickle finds the class again.
 create_exception!(
-    _core,
+    dynamic_port_manager,
     NoFreePortError,
     PyRuntimeError,
     "Every port of the manager's range is held or in use."
 );
 create_exception!(
-    _core,
+    dynamic_port_manager,
     ManagerStoppedError,
     PyRuntimeError,
     "The manager was stopped and hands out nothing any more."
 );
 create_exception!(
-    _core,
+    dynamic_port_manager,
     RegistryError,
     PyOSError,
     "The host-wide lease registry could not be read or written; no port was handed out."
@@ -285,6 +288,43 @@ impl PathArg {
     }
 }
 
+/// `json_path` with the object the caller gave (the original kept that
+/// object as its `json_path` attribute).
+struct GivenPath {
+    arg: PathArg,
+    given: Py<PyAny>,
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for GivenPath {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        Ok(GivenPath {
+            given: obj.to_owned().unbind(),
+            arg: PathArg::extract(obj)?,
+        })
+    }
+}
+
+/// `refresh_interval`, remembering whether it was given as an int (the
+/// original's attribute keeps the caller's type: `10` stays `10`).
+struct Interval {
+    seconds: Seconds,
+    int: bool,
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Interval {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        Ok(Interval {
+            int: obj.is_instance_of::<pyo3::types::PyInt>()
+                && !obj.is_instance_of::<pyo3::types::PyBool>(),
+            seconds: Seconds::extract(obj)?,
+        })
+    }
+}
+
 #[pyclass(
     name = "DynamicPortManager",
     module = "dynamic_port_manager",
@@ -293,6 +333,10 @@ impl PathArg {
 )]
 struct PyManager {
     manager: Arc<Manager>,
+    /// The constructor's `json_path` object (None: the default path).
+    json_path: Option<Py<PyAny>>,
+    /// `refresh_interval` in seconds, and whether it was given as an int.
+    refresh_interval: (f64, bool),
 }
 
 #[pymethods]
@@ -302,18 +346,18 @@ impl PyManager {
         start = WideInt::Fits(3000),
         end = WideInt::Fits(9000),
         json_path = None,
-        refresh_interval = Seconds::Value(10.0),
+        refresh_interval = Interval { seconds: Seconds::Value(10.0), int: true },
         history_max = WideInt::Fits(50),
         *,
         backup_max = WideInt::Fits(20),
         durable = false,
         registry_dir = None,
-        console_log = true,
+        console_log = None,
         skip_unsafe = true
     ))]
     #[pyo3(
-        text_signature = "(start=3000, end=9000, json_path=None, refresh_interval=10.0, \
-        history_max=50, *, backup_max=20, durable=False, registry_dir=None, console_log=True, \
+        text_signature = "(start=3000, end=9000, json_path=None, refresh_interval=10, \
+        history_max=50, *, backup_max=20, durable=False, registry_dir=None, console_log=None, \
         skip_unsafe=True)"
     )]
     #[allow(clippy::too_many_arguments)]
@@ -321,31 +365,45 @@ impl PyManager {
         py: Python<'_>,
         start: WideInt,
         end: WideInt,
-        json_path: Option<PathArg>,
-        refresh_interval: Seconds,
+        json_path: Option<GivenPath>,
+        refresh_interval: Interval,
         history_max: WideInt,
         backup_max: WideInt,
         durable: bool,
         registry_dir: Option<PathArg>,
-        console_log: bool,
+        console_log: Option<bool>,
         skip_unsafe: bool,
     ) -> PyResult<Self> {
+        let (json_path, given_path) = match json_path {
+            Some(GivenPath { arg, given }) => (Some(arg), Some(given)),
+            None => (None, None),
+        };
+        let interval_int = refresh_interval.int;
         let args = Args {
             start: start.get("start")?,
             end: end.get("end")?,
             json_path: PathArg::get_opt(json_path, "json_path")?
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH)),
-            refresh_interval: refresh_interval.get("refresh_interval")?,
+            refresh_interval: refresh_interval.seconds.get("refresh_interval")?,
             history_max: history_max.get("history_max")?,
             backup_max: backup_max.get("backup_max")?,
             durable,
             registry_dir: PathArg::get_opt(registry_dir, "registry_dir")?,
-            console_log,
+            console_log: match console_log {
+                None => ConsoleLog::Auto,
+                Some(true) => ConsoleLog::On,
+                Some(false) => ConsoleLog::Off,
+            },
             skip_unsafe,
         };
+        let refresh_interval = (args.refresh_interval, interval_int);
         let config = args.check().map_err(to_py_err)?;
         let manager = detach(py, || crate::start_manager(config)).map_err(to_py_err)?;
-        Ok(PyManager { manager })
+        Ok(PyManager {
+            manager,
+            json_path: given_path,
+            refresh_interval,
+        })
     }
 
     /// Picks the lowest free port and makes it the active port.
@@ -465,10 +523,48 @@ impl PyManager {
         detach(py, || manager.active_port())
     }
 
+    /// The state file as the constructor was given it (the original's attribute).
+    #[getter]
+    fn json_path<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        match &self.json_path {
+            Some(given) => given.bind(py).clone(),
+            None => pyo3::types::PyString::new(py, DEFAULT_JSON_PATH).into_any(),
+        }
+    }
+
     /// The absolute path of the state file.
     #[getter]
-    fn json_path(&self) -> PathBuf {
+    fn state_path(&self) -> PathBuf {
         self.manager.path().to_path_buf()
+    }
+
+    /// Seconds between refreshes, int or float as given.
+    #[getter]
+    fn refresh_interval<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let (value, int) = self.refresh_interval;
+        // An int interval passed the core's check (at most a year): exact in an f64.
+        Ok(if int {
+            (value as i64).into_pyobject(py)?.into_any()
+        } else {
+            value.into_pyobject(py)?.into_any()
+        })
+    }
+
+    #[getter]
+    fn history_max(&self) -> usize {
+        self.manager.config().history_max
+    }
+
+    /// The active port (the state's `current_port`), or None.
+    #[getter]
+    fn current_port(&self, py: Python<'_>) -> Option<u16> {
+        self.active_port(py)
+    }
+
+    /// The full state, as `get_state()` returns it.
+    #[getter(state)]
+    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.get_state(py)
     }
 
     #[getter]
@@ -907,6 +1003,45 @@ impl crate::events::Console for PythonStderr {
             }
         });
     }
+
+    fn host_shows_records(&self) -> bool {
+        if !may_enter_python() {
+            return false;
+        }
+        Python::try_attach(|py| {
+            let callers_error = PyErr::take(py);
+            // A logging module too broken to ask: print the line, lose nothing.
+            let shown = logging_configured(py).unwrap_or(false);
+            if let Some(error) = callers_error {
+                error.restore(py);
+            }
+            shown
+        })
+        .unwrap_or(false)
+    }
+}
+
+/// Has the application configured `logging`? True when the package's logger
+/// or one of its ancestors (the root included) has a handler other than a
+/// `NullHandler` (the package's own). Asked per event: an app may configure
+/// logging after it made its manager.
+fn logging_configured(py: Python<'_>) -> PyResult<bool> {
+    let logging = py.import("logging")?;
+    let null_handler = logging.getattr("NullHandler")?;
+    let mut logger = logging.call_method1("getLogger", ("dynamic_port_manager",))?;
+    // The chain ends at the root (parent None); the bound only guards a cycle.
+    for _ in 0..64 {
+        if logger.is_none() {
+            break;
+        }
+        for handler in logger.getattr("handlers")?.try_iter()? {
+            if !handler?.is_instance(&null_handler)? {
+                return Ok(true);
+            }
+        }
+        logger = logger.getattr("parent")?;
+    }
+    Ok(false)
 }
 
 #[pymodule]

@@ -17,7 +17,7 @@ fn manager(dir: &Path, name: &str, start: i64, end: i64) -> Arc<Manager> {
         json_path: dir.join(name),
         refresh_interval: 3600.0,
         registry_dir: Some(dir.join("registry")),
-        console_log: false,
+        console_log: dynamic_port_manager::events::ConsoleLog::Off,
         backup_max: 5,
         ..Args::default()
     }

@@ -148,8 +148,8 @@ def test_defaults_are_the_original_modules(
     m = DynamicPortManager(console_log=False)
     try:
         assert (m.start, m.end) == (3000, 9000)
-        assert m.json_path == tmp_path / "utils" / "port_state" / "dynamic_ports.json"
-        assert m.json_path.is_file()
+        assert m.state_path == tmp_path / "utils" / "port_state" / "dynamic_ports.json"
+        assert m.state_path.is_file()
         state = m.get_state()
         assert state["settings"] == {
             "port_range": [3000, 9000],
@@ -160,7 +160,7 @@ def test_defaults_are_the_original_modules(
         assert state["options"]["backup_max"] == 20
         assert Path(state["options"]["registry_dir"]) == registry
         assert m.registry_dir == registry
-        assert m.backup_dir == m.json_path.parent / "backups"
+        assert m.backup_dir == m.state_path.parent / "backups"
         assert m.active_port is None
         assert m.stopped is False
     finally:
@@ -171,7 +171,7 @@ def test_positional_arguments_in_the_original_order(make: Factory, tmp_path: Pat
     path = tmp_path / "svc" / "positional.json"
     m = make(21000, 21009, str(path), 2.5, 7)
     assert (m.start, m.end) == (21000, 21009)
-    assert m.json_path == path
+    assert m.state_path == path
     state = m.get_state()
     assert state["settings"] == {
         "port_range": [21000, 21009],
@@ -199,7 +199,7 @@ def test_keyword_arguments_and_path_objects(make: Factory, tmp_path: Path) -> No
     assert state["options"]["backup_max"] == 2
     assert state["options"]["durable"] is True
     assert state["options"]["refresh_interval"] == 3.0
-    assert m.json_path == path
+    assert m.state_path == path
 
 
 def test_extra_options_are_keyword_only(registry: Path, tmp_path: Path) -> None:
@@ -281,7 +281,7 @@ def test_pick_returns_the_lowest_free_port_and_records_it(make: Factory) -> None
     assert [(h["prev"], h["new"]) for h in state["history"]] == [(None, 21070)]
     assert leased_ports() == {21070}
     # The state file says the same as get_state().
-    assert json.loads(m.json_path.read_text()) == state
+    assert json.loads(m.state_path.read_text()) == state
 
 
 def test_a_second_pick_moves_and_frees_the_old_port(make: Factory, tmp_path: Path) -> None:
@@ -475,7 +475,7 @@ def test_get_state_has_exactly_the_spec_keys_and_types(make: Factory) -> None:
     assert state["stats"]["picks"] == 2
     assert set(state["options"]) >= {"refresh_interval", "backup_max", "durable", "registry_dir"}
     # The file on disk has the same layout.
-    assert json.loads(m.json_path.read_text()) == state
+    assert json.loads(m.state_path.read_text()) == state
 
 
 def test_times_are_local_jalali(make: Factory) -> None:
@@ -536,7 +536,7 @@ def test_history_is_bounded_at_history_max(make: Factory) -> None:
     # The newest three changes are kept, the oldest dropped.
     assert [(h["prev"], h["new"]) for h in state["history"]] == list(zip(picked[3:6], picked[4:7]))
     assert sum(state["port_usage"].values()) == 7
-    assert len(json.loads(m.json_path.read_text())["history"]) == 3
+    assert len(json.loads(m.state_path.read_text())["history"]) == 3
 
 
 def test_a_smaller_history_max_trims_a_longer_saved_history(
@@ -559,10 +559,10 @@ def test_a_smaller_history_max_trims_a_longer_saved_history(
 def test_every_save_backs_up_the_previous_file_under_the_stem(make: Factory) -> None:
     before = dt.datetime.now()
     m = make(21220, 21229, backup_max=50)
-    snapshots = [json.loads(m.json_path.read_text())]
+    snapshots = [json.loads(m.state_path.read_text())]
     for _ in range(4):
         m.pick_port()
-        snapshots.append(json.loads(m.json_path.read_text()))
+        snapshots.append(json.loads(m.state_path.read_text()))
     after = dt.datetime.now()
     names = m.backups()
     on_disk = sorted(p.name for p in m.backup_dir.iterdir())
@@ -572,7 +572,7 @@ def test_every_save_backs_up_the_previous_file_under_the_stem(make: Factory) -> 
     for name in names:
         match = BACKUP_RE.match(name)
         assert match, name
-        assert match["stem"] == m.json_path.stem
+        assert match["stem"] == m.state_path.stem
         stamp = f"{match['date']}_{match['time']}"
         assert min(stamps) <= stamp <= max(stamps), (name, stamps)
     # Oldest first, and each one is the file as it was before a save: the newest
@@ -617,8 +617,8 @@ def test_backup_path_names_only_this_files_backups(make: Factory, tmp_path: Path
     (name,) = m.backups()
     assert m.backup_path(name) == m.backup_dir / name
     assert m.backup_path("../" + name) is None
-    assert m.backup_path(m.json_path.name) is None
-    other = make(21260, 21269, json_path=m.json_path.parent / "other.json")
+    assert m.backup_path(m.state_path.name) is None
+    other = make(21260, 21269, json_path=m.state_path.parent / "other.json")
     other.pick_port()
     (other_name,) = other.backups()
     assert m.backup_path(other_name) is None
@@ -648,7 +648,7 @@ def test_log_json_prints_one_ecs_line_and_returns_it(
     assert record["active_port"] == port
     assert record["free_count"] == 9
     assert record["used_count"] == 1
-    assert Path(record["state_file"]) == m.json_path
+    assert Path(record["state_file"]) == m.state_path
     assert record["change_count"] == 1
 
 
@@ -706,7 +706,7 @@ def test_repr_shows_range_file_port_and_status(make: Factory) -> None:
     port = m.pick_port()
     text = repr(m)
     assert text.startswith("DynamicPortManager(")
-    for part in ("21320", "21329", str(m.json_path), str(port), "stopped=False"):
+    for part in ("21320", "21329", str(m.state_path), str(port), "stopped=False"):
         assert part in text, (part, text)
     m.stop()
     assert "stopped=True" in repr(m)
@@ -917,7 +917,7 @@ def test_a_port_taken_by_any_socket_is_never_picked(
     m = make(base, base + 1)
     with opener(base):
         assert m.pick_port() == base + 1
-        lonely = make(base, base, json_path=m.json_path.with_name("lonely.json"))
+        lonely = make(base, base, json_path=m.state_path.with_name("lonely.json"))
         with pytest.raises(NoFreePortError):
             lonely.pick_port()
 
@@ -932,7 +932,7 @@ def test_a_relative_json_path_stays_where_it_was_when_the_cwd_changes(
     monkeypatch.chdir(home)
     m = DynamicPortManager(21450, 21459, "state/ports.json", console_log=False)
     try:
-        assert m.json_path == home / "state" / "ports.json"
+        assert m.state_path == home / "state" / "ports.json"
         monkeypatch.chdir(elsewhere)
         port = m.pick_port()
         assert json.loads((home / "state" / "ports.json").read_text())["current_port"] == port

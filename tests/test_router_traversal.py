@@ -28,7 +28,7 @@ class Folder:
         self.backups = manager.backups()
         assert self.backups, "the manager made no backup to compare with"
         folder = manager.backup_dir
-        stem = manager.json_path.stem
+        stem = manager.state_path.stem
         self.secret = tmp_path / "secret.json"
         self.secret.write_bytes(SECRET)
         # Named exactly like backups of this state file, but not regular files.
@@ -86,7 +86,7 @@ def test_paths_and_encoded_traversal_are_refused(folder: Folder, raw_query: str)
 
 def test_absolute_paths_to_real_files_are_refused(folder: Folder) -> None:
     client = TestClient(app_with(api_ports.create_router(folder.manager)))
-    for path in (folder.secret, folder.manager.json_path, folder.manager.backup_dir / folder.notes):
+    for path in (folder.secret, folder.manager.state_path, folder.manager.backup_dir / folder.notes):
         response = client.get(URL, params={"filename": str(path)})
         assert response.status_code == 422
         assert SECRET not in response.content and NOTES not in response.content
@@ -100,7 +100,7 @@ def test_symlinks_folders_and_other_files_in_the_folder_are_refused(folder: Fold
         assert "no backup named" in response.json()["detail"]
         assert SECRET not in response.content and OTHER not in response.content
     # The state file itself and its lock are not backups either.
-    for name in (folder.manager.json_path.name, folder.manager.json_path.name + ".lock"):
+    for name in (folder.manager.state_path.name, folder.manager.state_path.name + ".lock"):
         assert client.get(URL, params={"filename": name}).status_code in (404, 422)
     # And the real backups still download: the refusals above are not blanket ones.
     response = client.get(URL, params={"filename": folder.backups[0]})

@@ -6,11 +6,13 @@
     app = FastAPI()
     app.include_router(port_router, prefix="/api/v1")
 
-``router`` serves one manager per process, configured from ``DPM_START``,
-``DPM_END``, ``DPM_JSON_PATH``, ``DPM_REFRESH_INTERVAL`` and
-``DPM_HISTORY_MAX`` when it is first needed, and stopped at app shutdown.
-``create_router(manager)`` serves a manager the app made (and stops) itself.
-``get_manager()``/``close_manager()`` reach the manager behind ``router``.
+``router`` serves one manager per process, made at app start-up from
+``DPM_START``, ``DPM_END``, ``DPM_JSON_PATH``, ``DPM_REFRESH_INTERVAL``,
+``DPM_HISTORY_MAX`` and ``DPM_CONSOLE_LOG``, and stopped at app shutdown.
+``create_router(start=..., end=..., json_path=..., ...)`` does the same with
+the constructor's arguments; ``create_router(manager)`` serves a manager the
+app made (and stops) itself. ``get_manager()``/``close_manager()`` reach the
+manager behind ``router``.
 """
 
 from __future__ import annotations

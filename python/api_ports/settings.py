@@ -20,6 +20,20 @@ ENV_VARS = {
     "DPM_JSON_PATH": "json_path",
     "DPM_REFRESH_INTERVAL": "refresh_interval",
     "DPM_HISTORY_MAX": "history_max",
+    "DPM_CONSOLE_LOG": "console_log",
+}
+
+#: ``DPM_CONSOLE_LOG`` values: on, off, or the default rule (``auto``).
+_SWITCH = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+    "auto": None,
 }
 
 
@@ -27,7 +41,9 @@ ENV_VARS = {
 class ManagerSettings:
     """The constructor arguments a router or the CLI passes to ``DynamicPortManager``.
 
-    ``json_path=None`` means the core's default (``utils/port_state/dynamic_ports.json``).
+    ``json_path=None`` means the core's default (``utils/port_state/dynamic_ports.json``);
+    ``console_log=None`` the core's rule (the coloured line only while the
+    application has not configured ``logging``).
     """
 
     start: int = 3000
@@ -35,6 +51,7 @@ class ManagerSettings:
     json_path: str | None = None
     refresh_interval: float = 10.0
     history_max: int = 50
+    console_log: bool | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ManagerSettings:
@@ -50,13 +67,16 @@ class ManagerSettings:
             json_path=env.get("DPM_JSON_PATH") or base.json_path,
             refresh_interval=_number(env, "DPM_REFRESH_INTERVAL", base.refresh_interval),
             history_max=_integer(env, "DPM_HISTORY_MAX", base.history_max),
+            console_log=_switch(env, "DPM_CONSOLE_LOG", base.console_log),
         )
 
     def create(self, **options: Any) -> DynamicPortManager:
-        """A new manager with these settings (``options``: keyword-only extras).
+        """A new manager with these settings (``options``: keyword-only extras,
+        ``console_log`` among them overriding this one).
 
         Raises ``ValueError`` naming the bad argument (the core checks ranges).
         """
+        options.setdefault("console_log", self.console_log)
         return DynamicPortManager(
             self.start,
             self.end,
@@ -85,3 +105,13 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+
+
+def _switch(env: Mapping[str, str], name: str, default: bool | None) -> bool | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return _SWITCH[raw.lower()]
+    except KeyError:
+        raise ValueError(f"{name} must be 1/true/on, 0/false/off or auto, got {raw!r}") from None

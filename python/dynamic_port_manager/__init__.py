@@ -3,11 +3,16 @@
 ``DynamicPortManager`` is implemented in Rust (``dynamic_port_manager._core``);
 this package re-exports it and stops the shared refresh thread at interpreter
 exit, before Python's logging is torn down.
+
+Each event is a ``logging`` record of the ``dynamic_port_manager`` logger and,
+while the application has not configured logging, a coloured line on stderr
+(``console_log=None``, the default; ``True``/``False`` force the line on/off).
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 
 from ._core import (
     DynamicPortManager,
@@ -35,5 +40,9 @@ __all__ = [
     "read_state",
     "release_lease",
 ]
+
+# As libraries do: with logging unconfigured, records stop here instead of
+# reaching Python's last-resort handler (the console line says it already).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 atexit.register(_shutdown)

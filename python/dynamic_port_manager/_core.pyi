@@ -53,13 +53,13 @@ class DynamicPortManager:
         start: int = 3000,
         end: int = 9000,
         json_path: _Path | None = None,
-        refresh_interval: float = 10.0,
+        refresh_interval: float = 10,
         history_max: int = 50,
         *,
         backup_max: int = 20,
         durable: bool = False,
         registry_dir: _Path | None = None,
-        console_log: bool = True,
+        console_log: bool | None = None,
         skip_unsafe: bool = True,
     ) -> Self:
         """Open (or create) the state file and join the host's lease registry.
@@ -71,10 +71,15 @@ class DynamicPortManager:
         ``history_max``: history entries kept (>= 0). ``backup_max``: backups kept.
         ``durable``: fsync file and folder on each save.
         ``registry_dir``: where leases live (default ``$DPM_REGISTRY_DIR`` or
-        ``/tmp/dynamic-port-manager-<uid>``). ``console_log``: print the
-        coloured event line on stderr. ``skip_unsafe``: never hand out the
-        ports web browsers refuse to open (ERR_UNSAFE_PORT); they are listed
-        in the state's ``skipped_ports`` instead of ``free_ports``.
+        ``/tmp/dynamic-port-manager-<uid>``). ``console_log``: the coloured
+        event line on stderr; ``None`` prints it only while the application has
+        not configured ``logging`` (no handler but ``NullHandler`` on the
+        ``dynamic_port_manager`` logger's chain, root included), so each event
+        reaches a terminal once; ``True``/``False`` force it on/off. Every
+        event is also a record of the ``dynamic_port_manager`` logger.
+        ``skip_unsafe``: never hand out the ports web browsers refuse to open
+        (ERR_UNSAFE_PORT); they are listed in the state's ``skipped_ports``
+        instead of ``free_ports``.
 
         Raises ``ValueError`` naming the bad argument (out of range, also a
         number too large for any type, or a path with a NUL byte),
@@ -154,8 +159,29 @@ class DynamicPortManager:
         """The port this manager holds, or None."""
 
     @property
-    def json_path(self) -> Path:
+    def json_path(self) -> _Path:
+        """The state file as given to the constructor (``str`` by default),
+        as the original module kept it."""
+
+    @property
+    def state_path(self) -> Path:
         """The absolute path of the state file."""
+
+    @property
+    def refresh_interval(self) -> float:
+        """Seconds between refreshes, ``int`` or ``float`` as given."""
+
+    @property
+    def history_max(self) -> int:
+        """History entries kept."""
+
+    @property
+    def current_port(self) -> int | None:
+        """The active port (the state's ``current_port``), or None."""
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The full state, as ``get_state()`` returns it."""
 
     @property
     def start(self) -> int:
