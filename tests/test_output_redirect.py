@@ -14,7 +14,11 @@ from dynamic_port_manager import DynamicPortManager
 def test_console_lines_follow_a_redirected_sys_stderr(tmp_path: Path, registry: Path) -> None:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        m = DynamicPortManager(24400, 24409, tmp_path / "s.json", refresh_interval=3600)
+        # Forced on: pytest's log capture is a handler on the root logger, which
+        # the default rule reads as an application that configured logging.
+        m = DynamicPortManager(
+            24400, 24409, tmp_path / "s.json", refresh_interval=3600, console_log=True
+        )
         port = m.pick_port()
         m.stop()
     lines = err.getvalue().splitlines()
