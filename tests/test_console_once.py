@@ -50,7 +50,16 @@ EVENTS = ["START", "PICK", "PICK", "RELEASE", "START", "ERROR", "STOP", "STOP"]
 
 def run(tmp_path: Path, lo: int, when: str, console: str = "auto") -> list[str]:
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "s.json"), str(lo), str(lo + 9), when, console],
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(tmp_path / "s.json"),
+            str(lo),
+            str(lo + 9),
+            when,
+            console,
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -86,7 +86,11 @@ def test_paths_and_encoded_traversal_are_refused(folder: Folder, raw_query: str)
 
 def test_absolute_paths_to_real_files_are_refused(folder: Folder) -> None:
     client = TestClient(app_with(api_ports.create_router(folder.manager)))
-    for path in (folder.secret, folder.manager.state_path, folder.manager.backup_dir / folder.notes):
+    for path in (
+        folder.secret,
+        folder.manager.state_path,
+        folder.manager.backup_dir / folder.notes,
+    ):
         response = client.get(URL, params={"filename": str(path)})
         assert response.status_code == 422
         assert SECRET not in response.content and NOTES not in response.content

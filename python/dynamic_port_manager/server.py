@@ -33,7 +33,7 @@ def create_app(manager: DynamicPortManager) -> FastAPI:
     app = FastAPIOffline(
         title="dynamic-port-manager",
         version=__version__,
-        description=f"Ports {manager.start}-{manager.end}, state file `{manager.json_path}`.",
+        description=f"Ports {manager.start}-{manager.end}, state file `{manager.state_path}`.",
         # Swagger UI would otherwise load a badge from its online validator.
         swagger_ui_parameters={"validatorUrl": None},
     )
