@@ -304,7 +304,7 @@ def test_api_ports_is_the_installed_typed_package() -> None:
     assert (package / "py.typed").is_file()
 
 
-# ---- the default `router`: one lazily created manager per process ----------
+# ---- the default `router`: one manager per process, made at start-up ------
 
 
 @pytest.fixture
