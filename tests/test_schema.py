@@ -21,10 +21,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from router_helpers import app_with, clean_env, port_block
 
-# The app exists at import (schemathesis reads its schema then); its manager
-# only on the first request of each test, from that test's environment.
+# The app exists at import, and its schema is read from it directly: reading
+# it over ASGI (`from_asgi`) would run the app's lifespan at import, making the
+# router's manager in the current folder from an environment no test has set.
+# Requests go to the app over ASGI; schemathesis runs its lifespan per test.
 app = app_with(api_ports.router)
-schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+schema = schemathesis.openapi.from_dict(app.openapi())
+schema.app = app
 
 
 @schema.hook
