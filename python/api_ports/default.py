@@ -100,6 +100,7 @@ def create_router(
     durable: bool = False,
     registry_dir: str | os.PathLike[str] | None = None,
     console_log: bool | None = None,
+    skip_unsafe: bool = True,
 ) -> APIRouter: ...
 
 
