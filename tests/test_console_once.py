@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 LINE_RE = re.compile(r"^\[\d{4}/\d{2}/\d{2} \d{2}:\d{2} [a-z]+\] \| (?P<event>[A-Z]+) +\| Active:")
-RECORD_RE = re.compile(r"^(?:INFO|ERROR):dynamic_port_manager:(?P<event>[A-Z]+) \| Active:")
+RECORD_RE = re.compile(r"^(?:INFO|WARNING|ERROR):dynamic_port_manager:(?P<event>[A-Z]+) \| Active:")
 
 # Every kind of line the events below make: START, PICK (twice), RELEASE,
-# an ERROR (a range whose only port another program listens on), STOP.
+# an ERROR (a range whose only port, the last of the first range, another
+# program listens on), STOP.
 CHILD = """
 import logging, socket, sys
 from dynamic_port_manager import DynamicPortManager, NoFreePortError
@@ -32,9 +33,9 @@ if when == "between":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 m.pick_port()
 m.release_port()
+busy = int(hi)  # never picked above; below the ephemeral range (no WARNING event)
 with socket.socket() as s:
-    s.bind(("127.0.0.1", 0)); s.listen()
-    busy = s.getsockname()[1]
+    s.bind(("127.0.0.1", busy)); s.listen()
     lonely = DynamicPortManager(busy, busy, path + ".2", refresh_interval=3600,
                                 console_log=console_log)
     try:
