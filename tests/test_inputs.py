@@ -243,7 +243,7 @@ def test_bytes_and_path_like_paths_name_the_same_file_as_str(
     saved = 0
     for form in forms:
         with DynamicPortManager(start, end, form, console_log=False) as m:
-            assert os.fsencode(m.json_path) == raw
+            assert os.fsencode(m.state_path) == raw
             assert m.get_state()["change_count"] == saved  # the same file each time
             m.pick_port()
         saved = json.loads(Path(os.fsdecode(raw)).read_bytes())["change_count"]
@@ -430,8 +430,8 @@ def test_the_constructor_raises_only_type_and_value_errors_for_any_value(
     try:
         # What started is usable: saved under a name the OS takes, refreshing
         # no faster than the floor.
-        assert b"\0" not in os.fsencode(m.json_path)
-        assert Path(m.json_path).is_file()
+        assert b"\0" not in os.fsencode(m.state_path)
+        assert m.state_path.is_file()
         assert m.get_state()["options"]["refresh_interval"] >= 0.05
         pid = data.draw(st.one_of(st.just(os.getpid()), ANYTHING), label="pid")
         try:

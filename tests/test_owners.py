@@ -98,8 +98,8 @@ def test_a_port_held_and_leased_by_another_process_shows_both(
     check_held_by(row, holder)
     lease = row["lease"]
     assert lease["pid"] == holder.pid and lease["alive"] is True
-    assert lease["state_file"] == str(manager.json_path)
-    assert lease["owner"].startswith(f"{manager.json_path}#")
+    assert lease["state_file"] == str(manager.state_path)
+    assert lease["owner"].startswith(f"{manager.state_path}#")
 
 
 def test_a_lease_with_no_socket_and_a_socket_with_no_lease(
