@@ -63,7 +63,9 @@ def test_console_lines_and_logging_messages_write_control_characters_out(
     start, end = port_block(4)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        m = DynamicPortManager(start, end, hostile_path)
+        # Forced on: with a handler on the logger (and pytest's on the root),
+        # the default rule would leave the events to the records alone.
+        m = DynamicPortManager(start, end, hostile_path, console_log=True)
         m.pick_port()
         m.stop()
     lines = err.getvalue().split("\n")
