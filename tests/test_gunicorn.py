@@ -3,7 +3,7 @@ each worker's lifespan, give every worker a port of its own (issue 6).
 
 A real `gunicorn --preload -w 4 -k uvicorn.workers.UvicornWorker` run; the
 workers are forked from the master after the manager exists and has picked.
-Ports 33800-33899.
+Ports 14800-14899.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from fastapi import FastAPI
 from dynamic_port_manager import DynamicPortManager
 
 OUT = Path(os.environ["DPM_TEST_OUT"])
-pm = DynamicPortManager(33800, 33899, OUT / "state.json", console_log=False)
+pm = DynamicPortManager(14800, 14899, OUT / "state.json", console_log=False)
 (OUT / "master.json").write_text(json.dumps({"pid": os.getpid(), "port": pm.pick_port()}))
 
 @asynccontextmanager
@@ -45,7 +45,7 @@ app = FastAPI(lifespan=lifespan)
 
 def test_preloaded_gunicorn_workers_each_get_their_own_port(tmp_path: Path, registry: Path) -> None:
     (tmp_path / "preload_app.py").write_text(APP)
-    with DynamicPortManager(33890, 33899, tmp_path / "bind.json", console_log=False) as binder:
+    with DynamicPortManager(14890, 14899, tmp_path / "bind.json", console_log=False) as binder:
         bind_port = binder.pick_port()
     env = {**os.environ, "DPM_TEST_OUT": str(tmp_path), "PYTHONPATH": str(tmp_path)}
     server = subprocess.Popen(

@@ -3,7 +3,7 @@
 fork (os.fork, multiprocessing), exit with busy threads, holders that died,
 Ctrl-C during a lock wait, and many managers in one process. Every scenario
 runs in real processes; the test's private registry reaches them through
-``DPM_REGISTRY_DIR``. Ports 33000-33999.
+``DPM_REGISTRY_DIR``. Ports 14000-14999.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import gc, json, os, sys
 from dynamic_port_manager import DynamicPortManager, list_leases
 
 work, action = sys.argv[1], sys.argv[2]
-pm = DynamicPortManager(33000, 33009, f"{work}/s.json", console_log=False)
+pm = DynamicPortManager(14000, 14009, f"{work}/s.json", console_log=False)
 parent_port = pm.pick_port()
 r, w = os.pipe()
 pid = os.fork()
@@ -68,7 +68,7 @@ os.close(w)
 child = json.loads(os.read(r, 65536))
 _, status = os.waitpid(pid, 0)
 mine = [l for l in list_leases() if l["port"] == parent_port]
-newcomer = DynamicPortManager(33000, 33009, f"{work}/other.json", console_log=False)
+newcomer = DynamicPortManager(14000, 14009, f"{work}/other.json", console_log=False)
 print(json.dumps({
     "status": os.waitstatus_to_exitcode(status),
     "parent_port": parent_port,
@@ -107,7 +107,7 @@ import json, multiprocessing as mp, os, socket, sys
 
 work = sys.argv[1]
 from dynamic_port_manager import DynamicPortManager, list_leases
-pm = DynamicPortManager(33100, 33139, f"{work}/s.json", refresh_interval=0.05,
+pm = DynamicPortManager(14100, 14139, f"{work}/s.json", refresh_interval=0.05,
                         console_log=False)
 parent_port = pm.pick_port()
 
@@ -117,6 +117,7 @@ def worker(barrier, queue):
         port = pm.pick_port()
         result["port"] = port
         s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
         try:
             s.bind(("127.0.0.1", port))
             s.listen()
@@ -165,9 +166,9 @@ import json, os, sys, threading, time
 from dynamic_port_manager import DynamicPortManager
 
 work = sys.argv[1]
-busy = DynamicPortManager(33200, 33219, f"{work}/busy.json", refresh_interval=0.05,
+busy = DynamicPortManager(14200, 14219, f"{work}/busy.json", refresh_interval=0.05,
                           console_log=False)
-others = [DynamicPortManager(33220, 33239, f"{work}/o{i}.json", refresh_interval=0.05,
+others = [DynamicPortManager(14220, 14239, f"{work}/o{i}.json", refresh_interval=0.05,
                              console_log=False) for i in range(3)]
 stop = threading.Event()
 
@@ -185,7 +186,7 @@ for i in range(200):
         if what == 0:
             busy.get_state()
         elif what == 1:
-            DynamicPortManager(33240, 33259, f"{work}/c{i}.json", console_log=False).stop()
+            DynamicPortManager(14240, 14259, f"{work}/c{i}.json", console_log=False).stop()
         os._exit(0) if i % 2 else sys.exit(0)
     children.append(pid)
 deadline = time.monotonic() + 10
@@ -216,9 +217,9 @@ import json, sys, threading, time
 from dynamic_port_manager import DynamicPortManager
 
 work = sys.argv[1]
-pm = DynamicPortManager(33300, 33309, f"{work}/s.json", refresh_interval=0.05,
+pm = DynamicPortManager(14300, 14309, f"{work}/s.json", refresh_interval=0.05,
                         console_log=False)
-other = DynamicPortManager(33300, 33309, f"{work}/t.json", console_log=False)
+other = DynamicPortManager(14300, 14309, f"{work}/t.json", console_log=False)
 other.pick_port()
 
 def sleeper():
@@ -243,9 +244,9 @@ def test_exit_with_busy_daemon_threads_gives_the_lease_back(tmp_path: Path, regi
     assert list_leases() == [], "every lease of the exited process is given back"
     assert elapsed < 20, f"exit took {elapsed:.1f} s"
     # The port is free for the next one at once.
-    pm = DynamicPortManager(33300, 33309, tmp_path / "next.json", console_log=False)
-    assert out["port"] == 33301  # `other` held 33300
-    assert pm.pick_port() == 33300
+    pm = DynamicPortManager(14300, 14309, tmp_path / "next.json", console_log=False)
+    assert out["port"] == 14301  # `other` held 14300
+    assert pm.pick_port() == 14300
     pm.stop()
 
 
@@ -259,22 +260,22 @@ def test_cli_picks_from_exited_shells_return_the_lowest_free_port(
     for _ in range(3):
         # The lease belongs to the shell (the CLI's parent), which exits at once.
         result = subprocess.run(
-            ["sh", "-c", f'"{cli}" pick --range 33400-33420 --state "{state}"'],
+            ["sh", "-c", f'"{cli}" pick --range 14400-14420 --state "{state}"'],
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert result.returncode == 0, result.stderr
         picked.append(int(result.stdout.strip()))
-    assert picked == [33400, 33400, 33400]
+    assert picked == [14400, 14400, 14400]
     history = json.loads(state.read_text())["history"]
-    assert any(h["prev"] == 33400 and h["new"] is None for h in history), history
+    assert any(h["prev"] == 14400 and h["new"] is None for h in history), history
 
 
 PICK_WAITING = r"""
 import sys
 from dynamic_port_manager import DynamicPortManager
-pm = DynamicPortManager(33500, 33509, sys.argv[1], console_log=False)
+pm = DynamicPortManager(14500, 14509, sys.argv[1], console_log=False)
 print("ready", flush=True)
 sys.stdin.readline()
 try:
@@ -320,7 +321,7 @@ work, n = sys.argv[1], int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_NOFILE, (n // 2, n // 2))
 managers, failed = [], 0
 for i in range(n):
-    m = DynamicPortManager(33600, 33600 + n + 20, f"{work}/shared.json",
+    m = DynamicPortManager(14600, 14600 + n + 20, f"{work}/shared.json",
                            refresh_interval=60, backup_max=2, console_log=False)
     managers.append(m)
     try:
@@ -351,8 +352,8 @@ def test_many_managers_on_one_file_share_descriptors_and_stop_without_new_ones(
 
 
 def test_a_damaged_lease_slot_falls_back_to_the_other(tmp_path: Path, registry: Path) -> None:
-    a = DynamicPortManager(33700, 33709, tmp_path / "a.json", console_log=False)
-    b = DynamicPortManager(33700, 33709, tmp_path / "b.json", console_log=False)
+    a = DynamicPortManager(14700, 14709, tmp_path / "a.json", console_log=False)
+    b = DynamicPortManager(14700, 14709, tmp_path / "b.json", console_log=False)
     pa = a.pick_port()
     pb = b.pick_port()
     # Damage the current slot (the lock file's counter names it).
@@ -364,7 +365,7 @@ def test_a_damaged_lease_slot_falls_back_to_the_other(tmp_path: Path, registry: 
     a.refresh()
     b.refresh()
     assert sorted(lease["port"] for lease in list_leases()) == sorted([pa, pb])
-    c = DynamicPortManager(33700, 33709, tmp_path / "c.json", console_log=False)
+    c = DynamicPortManager(14700, 14709, tmp_path / "c.json", console_log=False)
     assert c.pick_port() not in (pa, pb)
     for m in (a, b, c):
         m.stop()
