@@ -1,0 +1,317 @@
+//! `DynamicPortManager`: the Python class over one core `Manager`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+
+use super::args::*;
+use super::*;
+
+#[pyclass(
+    name = "DynamicPortManager",
+    module = "dynamic_port_manager",
+    frozen,
+    subclass
+)]
+pub(super) struct PyManager {
+    manager: Arc<Manager>,
+    /// The constructor's `json_path` object (None: the default path).
+    json_path: Option<Py<PyAny>>,
+    /// `refresh_interval` in seconds, and whether it was given as an int.
+    refresh_interval: (f64, bool),
+}
+
+#[pymethods]
+impl PyManager {
+    #[new]
+    #[pyo3(signature = (
+        start = WideInt::Fits(3000),
+        end = WideInt::Fits(9000),
+        json_path = None,
+        refresh_interval = Interval { seconds: Seconds::Value(10.0), int: true },
+        history_max = WideInt::Fits(50),
+        *,
+        backup_max = WideInt::Fits(20),
+        durable = false,
+        registry_dir = None,
+        console_log = None,
+        skip_unsafe = true
+    ))]
+    #[pyo3(
+        text_signature = "(start=3000, end=9000, json_path=None, refresh_interval=10, \
+        history_max=50, *, backup_max=20, durable=False, registry_dir=None, console_log=None, \
+        skip_unsafe=True)"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        start: WideInt,
+        end: WideInt,
+        json_path: Option<GivenPath>,
+        refresh_interval: Interval,
+        history_max: WideInt,
+        backup_max: WideInt,
+        durable: bool,
+        registry_dir: Option<PathArg>,
+        console_log: Option<bool>,
+        skip_unsafe: bool,
+    ) -> PyResult<Self> {
+        let (json_path, given_path) = match json_path {
+            Some(GivenPath { arg, given }) => (Some(arg), Some(given)),
+            None => (None, None),
+        };
+        let interval_int = refresh_interval.int;
+        let args = Args {
+            start: start.get("start")?,
+            end: end.get("end")?,
+            json_path: PathArg::get_opt(json_path, "json_path")?
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_JSON_PATH)),
+            refresh_interval: refresh_interval.seconds.get("refresh_interval")?,
+            history_max: history_max.get("history_max")?,
+            backup_max: backup_max.get("backup_max")?,
+            durable,
+            registry_dir: PathArg::get_opt(registry_dir, "registry_dir")?,
+            console_log: match console_log {
+                None => ConsoleLog::Auto,
+                Some(true) => ConsoleLog::On,
+                Some(false) => ConsoleLog::Off,
+            },
+            skip_unsafe,
+        };
+        let refresh_interval = (args.refresh_interval, interval_int);
+        let config = args.check().map_err(to_py_err)?;
+        let manager = detach(py, || crate::start_manager(config)).map_err(to_py_err)?;
+        Ok(PyManager {
+            manager,
+            json_path: given_path,
+            refresh_interval,
+        })
+    }
+
+    /// Picks the lowest free port and makes it the active port.
+    #[pyo3(signature = (*, pid = None))]
+    fn pick_port(&self, py: Python<'_>, pid: Option<WideInt>) -> PyResult<u16> {
+        let pid = pid
+            .map(|p| crate::config::pid(p.get("pid")?).map_err(to_py_err))
+            .transpose()?;
+        let manager = &self.manager;
+        interruptible(py, || manager.pick_port(pid))
+    }
+
+    /// Picks as `pick_port` does and returns a listening `socket.socket`
+    /// bound to the port, so no program can take it between pick and use.
+    #[pyo3(signature = (*, pid = None, host = None, backlog = None, reuse_port = false))]
+    fn pick_socket<'py>(
+        &self,
+        py: Python<'py>,
+        pid: Option<WideInt>,
+        host: Option<String>,
+        backlog: Option<i32>,
+        reuse_port: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let pid = pid
+            .map(|p| crate::config::pid(p.get("pid")?).map_err(to_py_err))
+            .transpose()?;
+        handoff::pick_socket(py, &self.manager, pid, host.as_deref(), backlog, reuse_port)
+    }
+
+    /// Who holds each used port of the range (or of `ports`): processes and lease.
+    #[pyo3(signature = (ports = None))]
+    fn owners<'py>(
+        &self,
+        py: Python<'py>,
+        ports: Option<Vec<WideInt>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let config = self.manager.config();
+        let ports = match ports {
+            Some(ports) => port_set(ports)?,
+            None => (config.start..=config.end).collect(),
+        };
+        let manager = &self.manager;
+        let report = detach(py, || {
+            let registry = manager.registry()?;
+            crate::owners_with(&registry, &ports).map(|r| serde_json::to_string(&r))
+        });
+        json_loads(
+            py,
+            report
+                .map_err(to_py_err)?
+                .map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
+        )
+    }
+
+    /// Frees the active port; True if there was one.
+    fn release_port(&self, py: Python<'_>) -> PyResult<bool> {
+        let manager = &self.manager;
+        interruptible(py, || manager.release_port())
+    }
+
+    /// The full state, as the state file holds it.
+    fn get_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let manager = &self.manager;
+        // Serialized from the struct (not a Value) so keys keep the file's order.
+        let text = detach(py, || serde_json::to_string(&manager.state()));
+        let text = text.map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        json_loads(py, text)
+    }
+
+    /// Writes one JSON line for ELK to stdout and returns the record.
+    fn log_json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let manager = &self.manager;
+        let record = detach(py, || manager.json_record());
+        // Through sys.stdout, so Python-level redirection and capture see it.
+        let stdout = py.import("sys")?.getattr("stdout")?;
+        if !stdout.is_none() {
+            // A broken stdout must not break the caller: the record is returned.
+            let _ = stdout
+                .call_method1("write", (crate::events::json_line(&record) + "\n",))
+                .and_then(|_| stdout.call_method0("flush"));
+        }
+        json_loads(py, record.to_string())
+    }
+
+    /// Re-scans the range now (what the refresh thread does every interval).
+    fn refresh(&self, py: Python<'_>) {
+        let manager = &self.manager;
+        detach(py, || crate::refresh_manager(manager));
+    }
+
+    /// Stops refreshing and releases the active port. Idempotent.
+    fn stop(&self, py: Python<'_>) {
+        let manager = &self.manager;
+        detach(py, || crate::stop_manager(manager));
+    }
+
+    /// Names of this state file's backups, oldest first.
+    fn backups(&self, py: Python<'_>) -> Vec<String> {
+        let manager = &self.manager;
+        detach(py, || {
+            manager.backups().into_iter().map(|b| b.name).collect()
+        })
+    }
+
+    /// The path of backup `name`, or None unless it is one of this state file's backups.
+    fn backup_path(&self, py: Python<'_>, name: &str) -> Option<PathBuf> {
+        let manager = &self.manager;
+        detach(py, || manager.backup_path(name))
+    }
+
+    /// The port this manager holds, or None.
+    #[getter]
+    fn active_port(&self, py: Python<'_>) -> Option<u16> {
+        // The manager's mutex may be held by the refresh thread during a save:
+        // wait for it without the GIL.
+        let manager = &self.manager;
+        detach(py, || manager.active_port())
+    }
+
+    /// The state file as the constructor was given it (the original's attribute).
+    #[getter]
+    fn json_path<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        match &self.json_path {
+            Some(given) => given.bind(py).clone(),
+            None => pyo3::types::PyString::new(py, DEFAULT_JSON_PATH).into_any(),
+        }
+    }
+
+    /// The absolute path of the state file.
+    #[getter]
+    fn state_path(&self) -> PathBuf {
+        self.manager.path().to_path_buf()
+    }
+
+    /// Seconds between refreshes, int or float as given.
+    #[getter]
+    fn refresh_interval<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let (value, int) = self.refresh_interval;
+        // An int interval passed the core's check (at most a year): exact in an f64.
+        Ok(if int {
+            (value as i64).into_pyobject(py)?.into_any()
+        } else {
+            value.into_pyobject(py)?.into_any()
+        })
+    }
+
+    #[getter]
+    fn history_max(&self) -> usize {
+        self.manager.config().history_max
+    }
+
+    /// The active port (the state's `current_port`), or None.
+    #[getter]
+    fn current_port(&self, py: Python<'_>) -> Option<u16> {
+        self.active_port(py)
+    }
+
+    /// The full state, as `get_state()` returns it.
+    #[getter(state)]
+    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.get_state(py)
+    }
+
+    #[getter]
+    fn start(&self) -> u16 {
+        self.manager.config().start
+    }
+
+    #[getter]
+    fn end(&self) -> u16 {
+        self.manager.config().end
+    }
+
+    #[getter]
+    fn stopped(&self, py: Python<'_>) -> bool {
+        let manager = &self.manager;
+        detach(py, || manager.is_stopped())
+    }
+
+    #[getter]
+    fn registry_dir(&self) -> PathBuf {
+        self.manager.registry_dir().to_path_buf()
+    }
+
+    #[getter]
+    fn backup_dir(&self, py: Python<'_>) -> PathBuf {
+        let manager = &self.manager;
+        detach(py, || manager.backup_dir())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) {
+        // Returns None: an exception in the block is never swallowed.
+        self.stop(py);
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let m = &self.manager;
+        let (active, stopped) = detach(py, || (m.active_port(), m.is_stopped()));
+        format!(
+            "DynamicPortManager(start={}, end={}, json_path={:?}, active_port={}, stopped={})",
+            m.config().start,
+            m.config().end,
+            m.path().display().to_string(),
+            active.map_or_else(|| "None".to_string(), |p| p.to_string()),
+            if stopped { "True" } else { "False" }
+        )
+    }
+}
+
+impl Drop for PyManager {
+    /// A manager garbage-collected without `stop()` gives its port back. The
+    /// registry lock may be busy, so wait for it without the GIL when the
+    /// interpreter is still running (during shutdown, `try_attach` declines
+    /// and the lease is released with no GIL to give up).
+    fn drop(&mut self) {
+        let manager = &self.manager;
+        let give_back = || manager.abandon();
+        if Python::try_attach(|py| py.detach(give_back)).is_none() {
+            give_back();
+        }
+    }
+}
