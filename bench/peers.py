@@ -57,6 +57,8 @@ PORTSERVER = "portpicker + portserver"
 BIND0 = "socket.bind(0) + close"
 EPHEMERAL = "ephemeral-port-reserve"
 TOOLS = (OURS, PORTSERVER, BIND0, EPHEMERAL)
+NEW = OURS + ": new manager + first pick"
+MADE = OURS + ": first pick, manager made before"
 
 
 @dataclass
@@ -219,8 +221,8 @@ def held_picks(root: Path, args: argparse.Namespace, rows: dict[tuple[str, str],
     a burst of load from elsewhere on the machine hits them all alike."""
     from dynamic_port_manager import DynamicPortManager
 
-    new_row = rows[("a", OURS + " (new manager + first pick)")]
-    made_row = rows[("a", OURS + " (first pick, manager made before)")]
+    new_row = rows[("a", NEW)]
+    made_row = rows[("a", MADE)]
     held: list[Any] = []
     registry = root / "a" / "registry"
     opts = ours_options(registry)
@@ -421,34 +423,50 @@ def concurrent(
 # ------------------------------------------------------------------ report
 
 
-def labels(args: argparse.Namespace) -> dict[str, str]:
-    size = args.end - args.start + 1
-    return {
-        "a": "(a) held pick",
-        "b": "(b) pick + release",
-        "c0": f"(c) pick, empty {size:,}-port range",
-        "c98": f"(c) pick, range {args.held:.0%} leased",
-        "d": f"(d) {args.procs} procs x {args.picks} held picks",
-    }
-
-
 def us(value: float) -> str:
     return f"{value:.1f}" if value < 10 else f"{value:,.0f}"
 
 
-def print_table(rows: dict[tuple[str, str], Row], reference: float, label: dict[str, str]) -> None:
-    print("| operation | tool | n | median us | x ps | p99 us | x ps | note |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    ps_p99 = rows[("a", PORTSERVER)].p99_us()
-    for (op, tool), row in rows.items():
+def print_table(
+    rows: dict[tuple[str, str], Row],
+    args: argparse.Namespace,
+    concurrency: dict[str, tuple[float, int]],
+) -> None:
+    """One line per operation, one column per tool; a cell is the median in us
+    (its ratio to portserver's held-pick median) and the p99 in us."""
+    reference = rows[("a", PORTSERVER)].median_us()
+
+    def cell(key: tuple[str, str] | None) -> str:
+        if key is None:
+            return ""
+        row = rows[key]
         if not row.samples:
-            print(f"| {label[op]} | {tool} | | | | | | {row.note or 'no such operation'} |")
-            continue
-        med, p99 = row.median_us(), row.p99_us()
-        print(
-            f"| {label[op]} | {tool} | {len(row.samples)} | {us(med)} | {med / reference:.2f} "
-            f"| {us(p99)} | {p99 / ps_p99:.2f} | {row.note} |"
-        )
+            return "n/a"
+        med = row.median_us()
+        return f"{us(med)} ({med / reference:.2f}x), p99 {us(row.p99_us())}"
+
+    size = args.end - args.start + 1
+    each = {tool: ("a", tool) for tool in TOOLS if tool != OURS}
+    lines: list[tuple[str, dict[str, tuple[str, str]]]] = [
+        ("(a) held pick (ours: new manager + its first pick)", {OURS: ("a", NEW), **each}),
+        ("(a) held pick (ours: first pick, manager made before)", {OURS: ("a", MADE)}),
+        ("(b) pick + release cycle", {tool: ("b", tool) for tool in TOOLS}),
+        (f"(c) pick, empty {size:,}-port range", {OURS: ("c0", OURS)}),
+        (f"(c) pick, same range {args.held:.0%} leased", {OURS: ("c98", OURS)}),
+        (
+            f"(d) {args.procs} processes x {args.picks} held picks at once",
+            {tool: ("d", tool) for tool in TOOLS},
+        ),
+    ]
+    print("| operation | " + " | ".join(TOOLS) + " |")
+    print("| --- |" + " --- |" * len(TOOLS))
+    for label, keys in lines:
+        print(f"| {label} | " + " | ".join(cell(keys.get(tool)) for tool in TOOLS) + " |")
+    print(
+        "| (d) picks/s; ports held twice | "
+        + " | ".join(f"{concurrency[t][0]:,.0f}/s; {concurrency[t][1]}" for t in TOOLS)
+        + " |"
+    )
 
 
 def main() -> None:
@@ -483,7 +501,7 @@ def main() -> None:
     began = time.monotonic()
     rows: dict[tuple[str, str], Row] = {}
     for op, tools in (
-        ("a", (OURS + " (new manager + first pick)", OURS + " (first pick, manager made before)")),
+        ("a", (NEW, MADE)),
         ("a", (PORTSERVER, BIND0, EPHEMERAL)),
         ("b", (OURS, PORTSERVER, BIND0, EPHEMERAL)),
         ("c0", (OURS,)),
@@ -496,8 +514,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dpm-peers-", dir=args.dir) as tmp:
         root = Path(tmp)
+        fs = file_system(root)
+        fstype = fs.split(" ", 1)[0]
         print(
-            f"state files + registry in {root}: {file_system(root)}\n"
+            f"state files + registry in {root}: {fs}\n"
             f"{platform.node()}: {os.cpu_count()} cores, Linux {platform.release()}, "
             f"Python {platform.python_version()}; {', '.join(versions)}\n"
             f"range {args.start}-{args.end} ({pool:,} ports), "
@@ -510,18 +530,27 @@ def main() -> None:
             cycles(root, args, rows)
             print(f"(b) done at {time.monotonic() - began:.0f} s", flush=True)
             fill = full_range(root, args, rows)
-            print(
-                f"(c) done at {time.monotonic() - began:.0f} s "
-                f"(leasing {rows[('c98', OURS)].note.split(' of')[0]} ports took {fill:.1f} s)",
-                flush=True,
-            )
-            concurrent(root, args, rows)
+            print(f"(c) done at {time.monotonic() - began:.0f} s", flush=True)
+            concurrency = concurrent(root, args, rows)
             print(f"(d) done at {time.monotonic() - began:.0f} s\n", flush=True)
 
-    reference = rows[("a", PORTSERVER)].median_us()
-    print(f"x ps = ratio to portserver's held pick (median {reference:,.0f} us, same for p99)\n")
-    print_table(rows, reference, labels(args))
-    print(f"\ncommand: python bench/peers.py {' '.join(sys.argv[1:])}".rstrip())
+    print(
+        "Medians in us (ratio to portserver's held-pick median), then p99 in us; "
+        f"state files on {fstype}.\n"
+    )
+    print_table(rows, args, concurrency)
+    print(
+        f"\n(a) Every port stays held. Ours: one state file per manager, all in one folder, "
+        f"one registry ({rows[('a', NEW)].note}).\n"
+        "(b) Ours: one manager, after backup_max cycles (backups are being recycled). "
+        "portpicker: return_port() keeps the port in-process and the next pick reuses it "
+        "without asking the server. ephemeral-port-reserve has nothing to release.\n"
+        f"(c) Ours only: {rows[('c98', OURS)].note}, through pick_port(pid=...); "
+        f"that took {fill:.1f} s.\n"
+        "(d) Every process reports its ports while still holding all of them; "
+        "a port in two reports was held twice at once.\n"
+        f"command: python bench/peers.py {' '.join(sys.argv[1:])}".rstrip()
+    )
 
 
 if __name__ == "__main__":
