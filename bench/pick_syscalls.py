@@ -52,11 +52,15 @@ def child(root: Path, n: int, held: float) -> None:
         cycler.pick_port()
         cycler.release_port()
     full_reg = root / "full" / "reg"
-    filler = DynamicPortManager(
-        START, END, json_path=root / "full" / "filler.json", backup_max=1, **opts(full_reg)
-    )
-    for _ in range(int((END - START + 1) * held)):
-        filler.pick_port(pid=os.getpid())
+    hold = int((END - START + 1) * held)
+    fillers = []
+    for first in range(0, hold, 100):  # 100 leases per filler's state file, as in peers.py
+        filler = DynamicPortManager(
+            START, END, json_path=root / "full" / f"filler{first}.json", **opts(full_reg)
+        )
+        for _ in range(min(100, hold - first)):
+            filler.pick_port(pid=os.getpid())
+        fillers.append(filler)
     crowded = DynamicPortManager(START, END, json_path=root / "full" / "m.json", **opts(full_reg))
     for _ in range(25):
         crowded.pick_port()
@@ -88,7 +92,7 @@ def child(root: Path, n: int, held: float) -> None:
             op(i)
         os.write(marker, b"@@end")
     os.close(marker)
-    for m in [*holding, *made, *fresh, mover, cycler, crowded, filler]:
+    for m in [*holding, *made, *fresh, *fillers, mover, cycler, crowded]:
         m.stop()
 
 
