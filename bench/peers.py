@@ -547,8 +547,10 @@ def main() -> None:
         "(b) Ours: one manager, after backup_max cycles (backups are being recycled). "
         "portpicker: return_port() keeps the port in-process and the next pick reuses it "
         "without asking the server. ephemeral-port-reserve has nothing to release.\n"
-        f"(c) Ours only: {rows[('c98', OURS)].note}, through pick_port(pid=...); "
-        f"that took {fill:.1f} s.\n"
+        f"(c) Ours only: {rows[('c98', OURS)].note} through pick_port(pid=...) "
+        f"(that took {fill:.1f} s); the pick there costs "
+        f"{rows[('c98', OURS)].median_us() / rows[('c0', OURS)].median_us():.1f}x "
+        "the same pick in the empty range.\n"
         "(d) Every process reports its ports while still holding all of them; "
         "a port in two reports was held twice at once.\n"
         f"command: python bench/peers.py {' '.join(sys.argv[1:])}".rstrip()
