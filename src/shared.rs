@@ -164,6 +164,7 @@ impl FileView {
         } = self;
         // The folder is made now so the lock can be ("folders are always
         // created"); a failure shows at the save.
+        store.revalidate();
         let guard = match store.folder(true) {
             Ok(folder) => match lock.acquire(folder, LOCK_WAIT, false) {
                 Ok((guard, _)) => Some(guard),
@@ -393,6 +394,10 @@ pub(crate) fn recompute_lists(
     state.free_ports.clear();
     state.used_ports.clear();
     state.skipped_ports.clear();
+    // The lists were moved out before the change: room for all at once
+    // instead of a dozen regrowths per save.
+    let len = range.len();
+    state.free_ports.reserve(len);
     for port in range {
         if leased.contains(port) || bound.contains(port) {
             state.used_ports.push(port);

@@ -21,7 +21,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::clock;
-use crate::fsutil::{temp_owner, write_atomic, Dir, FileId, Kind, Open};
+use crate::fsutil::{temp_owner, write_atomic, Dir, FileId, Kind, Open, Recycled};
 use crate::state::State;
 
 /// How many damaged files set aside are kept beside a state file.
@@ -137,12 +137,17 @@ impl Store {
         Ok(self.folder.as_ref().expect("just opened"))
     }
 
-    fn open_folder(&mut self, create: bool) -> io::Result<()> {
-        // Deleted or replaced under us: work in what the path names now.
+    /// Forgets the folders if the path no longer names them (deleted or
+    /// replaced under us), so the next use works in what the path names now.
+    /// Once per change (`FileView::update`), not at every file access.
+    pub fn revalidate(&mut self) {
         if self.folder.as_ref().is_some_and(|f| !f.still_at_path()) {
             self.folder = None;
             self.backups = None;
         }
+    }
+
+    fn open_folder(&mut self, create: bool) -> io::Result<()> {
         if self.folder.is_none() {
             let dir = self.path.parent().unwrap_or(Path::new("/"));
             let opened = if create {
@@ -275,7 +280,9 @@ impl Store {
         let written = write_atomic(folder, &self.name, &state.to_json(), self.durable, reuse);
         if let (Some(old), Some(dir)) = (&recycle, backups) {
             // Not recycled (declined, or the write failed): still past backup_max.
-            let _ = dir.remove(OsStr::new(old));
+            if !matches!(written, Ok(Recycled::Yes)) {
+                let _ = dir.remove(OsStr::new(old));
+            }
         }
         if let Err(e) = written {
             // Only the counter moved (we bumped it for this save).

@@ -244,6 +244,11 @@ impl Dir {
         })?;
         // SAFETY: a descriptor we just opened and own.
         let file = unsafe { File::from_raw_fd(fd) };
+        if let Open::CreateNew(_) = how {
+            // O_CREAT|O_EXCL made a new regular file: nothing to check, and
+            // O_NONBLOCK means nothing for it.
+            return Ok(file);
+        }
         let st = Stat::of_file(&file)?;
         if st.kind != Kind::File {
             return Err(not_regular(&self.path.join(name), st.kind));
