@@ -134,7 +134,7 @@ fn one_line<S: serde::Serializer>(ports: &[u16], serializer: S) -> Result<S::Ok,
 }
 
 /// Four decimal digits of each number below 10,000, zero-padded.
-const DIGITS4: [[u8; 4]; 10_000] = {
+static DIGITS4: [[u8; 4]; 10_000] = {
     let mut table = [[0u8; 4]; 10_000];
     let mut n = 0;
     while n < 10_000 {
