@@ -133,10 +133,11 @@ impl Store {
         }
         if self.folder.is_none() {
             let dir = self.path.parent().unwrap_or(Path::new("/"));
+            // The folder the user named: a link there is followed (once).
             let opened = if create {
-                Dir::create(dir, 0o755)?
+                Dir::create_following(dir, 0o755)?
             } else {
-                Dir::open(dir)?
+                Dir::open_following(dir)?
             };
             self.folder = Some(opened);
         }

@@ -346,6 +346,25 @@ def test_3_a_backups_folder_that_is_a_link_is_not_used(state_path: Path, tmp_pat
     assert json.loads(state_path.read_text())["change_count"] == 3
 
 
+def test_3_a_state_folder_the_user_linked_is_followed_but_backups_are_not(
+    tmp_path: Path, registry: Path
+) -> None:
+    # `port_state -> shared/port_state` is a deployment's own layout, not an
+    # attack: the state lands in the folder it reaches (pinned once opened).
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (tmp_path / "port_state").symlink_to(shared)
+    m = manager(tmp_path / "port_state" / "s.json", 34135, 34139)
+    try:
+        port = m.pick_port()
+        m.pick_port()
+        assert m.get_state()["last_error"] is None
+    finally:
+        m.stop()
+    assert json.loads((shared / "s.json").read_text())["history"][0]["new"] == port
+    assert (shared / "backups").is_dir() and not (shared / "backups").is_symlink()
+
+
 def test_3_a_registry_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
@@ -365,10 +384,9 @@ def test_3_a_registry_folder_swapped_for_a_link_later_is_not_followed(tmp_path: 
         reg.rename(moved)
         reg.symlink_to(decoy)
         port = m.pick_port()
-        leases = json.loads(
-            max((moved / n for n in ("leases-0.json", "leases-1.json")), key=os.path.getmtime)
-            .read_text()
-        )["leases"]
+        # The lock file's change counter names the current slot.
+        current = int.from_bytes((moved / "leases.lock").read_bytes()[:8], "little") % 2
+        leases = json.loads((moved / f"leases-{current}.json").read_text())["leases"]
     finally:
         m.stop()
     assert os.listdir(decoy) == []

@@ -111,8 +111,20 @@ impl Dir {
     /// Opens the folder `path`; its last component must not be a symbolic
     /// link (a link planted in a sticky /tmp is refused, not followed).
     pub fn open(path: &Path) -> io::Result<Dir> {
+        Dir::open_with(path, libc::O_NOFOLLOW)
+    }
+
+    /// Opens the folder `path` the user named for a state file, following a
+    /// link there (`port_state -> ../shared/port_state` is a deployment's own
+    /// layout), once: the descriptor then pins the folder it reached. The
+    /// folders the library makes inside it are opened with `open`'s rules.
+    pub fn open_following(path: &Path) -> io::Result<Dir> {
+        Dir::open_with(path, 0)
+    }
+
+    fn open_with(path: &Path, follow: libc::c_int) -> io::Result<Dir> {
         let c = cstr(path.as_os_str())?;
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | follow | libc::O_CLOEXEC;
         // SAFETY: a valid C string; the result is checked.
         let fd = unsafe { libc::open(c.as_ptr(), flags) };
         let fd = check(fd).map_err(|e| explain_dir(path, e))?;
@@ -125,22 +137,31 @@ impl Dir {
 
     /// `open`, creating the folder (and its parents, new ones with `mode`) first.
     pub fn create(path: &Path, mode: u32) -> io::Result<Dir> {
+        Dir::make(path, mode)?;
+        Dir::open(path)
+    }
+
+    /// `open_following`, creating the folder (and its parents) first.
+    pub fn create_following(path: &Path, mode: u32) -> io::Result<Dir> {
+        Dir::make(path, mode)?;
+        Dir::open_following(path)
+    }
+
+    fn make(path: &Path, mode: u32) -> io::Result<()> {
         match fs::symlink_metadata(path) {
-            Ok(_) => {}
+            Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 match fs::DirBuilder::new()
                     .recursive(true)
                     .mode(mode)
                     .create(path)
                 {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(e),
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+                    _ => Ok(()),
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => Err(e),
         }
-        Dir::open(path)
     }
 
     pub fn path(&self) -> &Path {

@@ -12,11 +12,9 @@ pub use lock::{
 };
 
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-use std::path::Path;
 
 /// Enough of a file's metadata to tell "the file I read before" from "a file
 /// someone has written since". Every save is a rename of a new inode, so the
@@ -40,16 +38,6 @@ impl FileId {
             mtime_ns: st.mtime_ns,
         }
     }
-
-    pub fn of(path: &Path) -> io::Result<FileId> {
-        let m = fs::metadata(path)?;
-        Ok(FileId {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-        })
-    }
 }
 
 /// `name` as text, losing nothing: UTF-8 as it is, and if it is not all
@@ -69,14 +57,6 @@ pub fn printable(name: &OsStr) -> String {
             out
         }
     }
-}
-
-/// Creates `dir` (and parents) if missing, new folders with `mode`.
-pub fn ensure_dir(dir: &Path, mode: u32) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    fs::DirBuilder::new().recursive(true).mode(mode).create(dir)
 }
 
 /// The name of the temporary file a save of `name` by process `pid` writes.
@@ -177,6 +157,21 @@ fn recycle(from: &Dir, old: &OsStr, dir: &Dir, tmp: &OsStr) -> Option<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+
+    impl FileId {
+        fn of(path: &Path) -> io::Result<FileId> {
+            let m = fs::metadata(path)?;
+            Ok(FileId {
+                dev: m.dev(),
+                ino: m.ino(),
+                size: m.size(),
+                mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            })
+        }
+    }
 
     fn n(s: &str) -> &OsStr {
         OsStr::new(s)
@@ -249,14 +244,5 @@ mod tests {
         .unwrap();
         assert_eq!(fs::read(&twin).unwrap(), b"new");
         assert_eq!(fs::read(&path).unwrap(), b"newer");
-    }
-
-    #[test]
-    fn ensure_dir_creates_parents() {
-        let dir = tempfile::tempdir().unwrap();
-        let deep = dir.path().join("a/b/c");
-        ensure_dir(&deep, 0o700).unwrap();
-        assert!(deep.is_dir());
-        ensure_dir(&deep, 0o700).unwrap();
     }
 }
