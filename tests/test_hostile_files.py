@@ -238,12 +238,13 @@ def test_1_the_router_serves_a_manager_whose_file_became_a_fifo(state_path: Path
     assert "dpm_error_active 1.0" in result["metrics"]
 
 
-def test_1_3_a_fifo_as_a_lease_slot_does_not_hang_the_constructor(
-    tmp_path: Path, registry: Path
+@pytest.mark.parametrize("names", [("leases-0.json", "leases-1.json"), ("leases.lock",)])
+def test_1_3_a_fifo_in_the_registry_does_not_hang_the_constructor(
+    names: tuple[str, ...], tmp_path: Path, registry: Path
 ) -> None:
     registry.mkdir(mode=0o700)
-    os.mkfifo(registry / "leases-0.json")
-    os.mkfifo(registry / "leases-1.json")
+    for name in names:
+        os.mkfifo(registry / name)
     result = child(
         """
         m = DynamicPortManager(34060, 34064, sys.argv[1], console_log=False)
@@ -256,8 +257,10 @@ def test_1_3_a_fifo_as_a_lease_slot_does_not_hang_the_constructor(
         """,
         tmp_path / "s.json",
     )
-    assert result["port"] == 34060, result
-    assert "leases-0.json" in result["error"]
+    # Slots that are not regular files are set aside and remade; a lock file
+    # that is not one is refused (and left for its owner to look at).
+    assert result["port"] == ("RegistryError" if names == ("leases.lock",) else 34060), result
+    assert names[0] in result["error"], result
 
 
 # ---- 2. /dev/null: see the parametrized test above ------------------------
@@ -483,3 +486,16 @@ def test_5_temporary_files_of_killed_savers_are_removed(state_path: Path) -> Non
     assert temporaries(state_path.parent) == []
     assert json.loads(state_path.read_text())["settings"]["port_range"] == [34300, 34304]
     m.stop()
+
+
+def test_5_damaged_copies_set_aside_stay_bounded(state_path: Path) -> None:
+    m = manager(state_path, 34310, 34314)
+    try:
+        for _ in range(8):
+            state_path.write_text("{damaged")
+            m.pick_port()  # reads the file first: sets it aside, rewrites it
+        assert "damaged" in m.get_state()["last_error"]
+    finally:
+        m.stop()
+    aside = [n for n in os.listdir(state_path.parent) if ".corrupt-" in n]
+    assert len(aside) == 5, aside
