@@ -383,17 +383,16 @@ def test_3_a_registry_folder_swapped_for_a_link_later_is_not_followed(tmp_path: 
     decoy.mkdir(mode=0o700)
     m = manager(tmp_path / "s.json", 34150, 34154, registry_dir=reg)
     try:
-        m.pick_port()
+        port = m.pick_port()
         reg.rename(moved)
         reg.symlink_to(decoy)
-        port = m.pick_port()
-        # The lock file's change counter names the current slot.
-        current = int.from_bytes((moved / "leases.lock").read_bytes()[:8], "little") % 2
-        leases = json.loads((moved / f"leases-{current}.json").read_text())["leases"]
+        # Reopened at the path, with every check again: the link is refused.
+        with pytest.raises(RegistryError, match="symbolic link"):
+            m.pick_port()
+        assert m.active_port == port
     finally:
         m.stop()
     assert os.listdir(decoy) == []
-    assert [lease["port"] for lease in leases] == [port]
 
 
 # ---- 4. folders another user owns or can write ---------------------------

@@ -99,6 +99,8 @@ pub enum Open {
 pub struct Dir {
     fd: OwnedFd,
     path: PathBuf,
+    /// Opened through a link at `path` (`open_following`).
+    follows: bool,
 }
 
 impl std::fmt::Debug for Dir {
@@ -132,6 +134,7 @@ impl Dir {
             // SAFETY: a descriptor we just opened and own.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             path: path.to_path_buf(),
+            follows: follow == 0,
         })
     }
 
@@ -180,7 +183,12 @@ impl Dir {
     /// renamed, or replaced (by a link, say): the caller then reopens it,
     /// with every check again, rather than work in a folder no one else sees.
     pub fn still_at_path(&self) -> bool {
-        let Ok(on_disk) = fs::symlink_metadata(&self.path) else {
+        let on_disk = if self.follows {
+            fs::metadata(&self.path)
+        } else {
+            fs::symlink_metadata(&self.path)
+        };
+        let Ok(on_disk) = on_disk else {
             return false;
         };
         use std::os::unix::fs::MetadataExt;
@@ -360,6 +368,7 @@ impl Dir {
             // SAFETY: a descriptor we just opened and own.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             path,
+            follows: false,
         })
     }
 
