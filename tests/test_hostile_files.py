@@ -41,7 +41,14 @@ def manager(path: Path | str, lo: int, hi: int, **kwargs: Any) -> DynamicPortMan
 def child(code: str, *args: object) -> dict[str, Any]:
     """Runs `code` in a new interpreter (args as sys.argv[1:]); returns the JSON
     its last output line holds. A child that hangs fails the test (TimeoutExpired)."""
-    prelude = "import json, os, sys\nfrom dynamic_port_manager import DynamicPortManager\n"
+    prelude = (
+        "import json, os, sys\nfrom dynamic_port_manager import DynamicPortManager\n"
+        # This process's own peak (VmHWM): getrusage's ru_maxrss would carry
+        # the forking parent's peak across exec.
+        "def peak_rss_kib():\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    return int(status.split('VmHWM:')[1].split()[0])\n"
+    )
     done = subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code), *map(str, args)],
         capture_output=True,
@@ -134,12 +141,11 @@ def test_1_a_link_to_an_endless_device_is_not_read(device: str, state_path: Path
     state_path.symlink_to(device)
     result = child(
         """
-        import resource
         m = DynamicPortManager(34010, 34014, sys.argv[1], console_log=False)
         port = m.pick_port()
         s = m.get_state()
         m.stop()
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = peak_rss_kib()
         print(json.dumps({"port": port, "error": s["last_error"], "rss": rss}))
         """,
         state_path,
@@ -160,11 +166,10 @@ def test_1_an_oversized_state_file_is_set_aside_not_read_whole(state_path: Path)
         f.write(b" " * (50 * 1024 * 1024))
     result = child(
         """
-        import resource
         m = DynamicPortManager(34020, 34024, sys.argv[1], console_log=False)
         s = m.get_state()
         m.stop()
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = peak_rss_kib()
         print(json.dumps({"error": s["last_error"], "rss": rss, "count": s["change_count"]}))
         """,
         state_path,
