@@ -56,7 +56,7 @@ pub struct FileView {
 pub enum Save {
     Always,
     /// Only if `free_ports`, `used_ports` or the leases changed, or an error
-    /// is in effect: an idle refresh writes nothing (and so takes no backup:
+    /// in effect is now over: an idle refresh writes nothing (and so takes no backup:
     /// the backups hold the last `backup_max` distinct states).
     IfChanged,
 }
