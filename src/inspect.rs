@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::registry::{self, Registry};
 use crate::scan;
-use crate::shared::{adopt, initial_state, leased_in, recompute_lists};
+use crate::shared::{adopt, initial_state, leased_in, owner_prefix, recompute_lists};
 use crate::state::State;
 use crate::store::{Backup, Store};
 
@@ -49,7 +49,7 @@ pub fn read_state(config: &Config) -> Result<State> {
         }
     }
     let range = config.start..=config.end;
-    let prefix = format!("{}#", path.display());
+    let prefix = owner_prefix(&path);
     let leased = registry.transact(|t| leased_in(t, &range, &prefix))?;
     let bound = scan::ports_in_use(range.clone());
     state.leases = leased.mine;

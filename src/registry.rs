@@ -373,7 +373,17 @@ impl Registry {
         *cache = None;
         let next = generation.wrapping_add(1);
         let path = self.dir.join(slot_name(next));
-        let slot = slot(folder, slots, next).map_err(|e| Error::registry(&path, e))?;
+        let slot = match slot(folder, slots, next) {
+            // Not a regular file (a link, a FIFO: never ours): it holds no
+            // table, so it is set aside and a new slot made in its place.
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let moved = set_aside(folder, &slot_name(next));
+                add_notice(notice, format!("lease registry {e}; {moved}"));
+                slot(folder, slots, next)
+            }
+            other => other,
+        }
+        .map_err(|e| Error::registry(&path, e))?;
         write_in_place(&slot.file, &bytes).map_err(|e| Error::registry(&path, e))?;
         let id = Stat::of_file(&slot.file)
             .map(|st| FileId::from_stat(&st))
@@ -427,9 +437,7 @@ impl Registry {
             Ok(leases) => Ok((leases, Some(id), false)),
             Err(e) => {
                 // Keep the evidence; the next write makes a new slot file.
-                let mut aside = name.clone();
-                aside.push_str(&format!(".corrupt-{}", crate::clock::now().compact));
-                let moved = folder.rename_new(OsStr::new(&name), folder, OsStr::new(&aside));
+                let moved = set_aside(folder, &name);
                 slots[(generation % 2) as usize] = None;
                 let other = generation.wrapping_sub(1);
                 let other_name = slot_name(other);
@@ -440,19 +448,19 @@ impl Registry {
                     Ok(None) => Ok(None),
                     Err(e) => Err(e),
                 };
-                *notice = Some(format!(
-                    "lease registry {} was unreadable ({e}); {}; {}",
-                    path.display(),
-                    match moved {
-                        Ok(()) => format!("moved aside to {aside}"),
-                        Err(m) => format!("could not move it aside ({m})"),
-                    },
-                    match &fallback {
-                        Ok(Some(_)) => format!("using the table before it, from {other_name}"),
-                        Ok(None) => "no table before it; starting empty".into(),
-                        Err(_) => "the table before it is unreadable too; starting empty".into(),
-                    }
-                ));
+                add_notice(
+                    notice,
+                    format!(
+                        "lease registry {} was unreadable ({e}); {moved}; {}",
+                        path.display(),
+                        match &fallback {
+                            Ok(Some(_)) => format!("using the table before it, from {other_name}"),
+                            Ok(None) => "no table before it; starting empty".into(),
+                            Err(_) =>
+                                "the table before it is unreadable too; starting empty".into(),
+                        }
+                    ),
+                );
                 // Written back at once, so every process reads the same table.
                 Ok((fallback.ok().flatten().unwrap_or_default(), None, true))
             }
@@ -519,6 +527,23 @@ fn open_private(dir: &Path) -> Result<Dir> {
         .check_trusted()
         .map_err(|e| Error::registry(dir, e))?;
     Ok(folder)
+}
+
+/// Moves the slot file `name` aside under a name never reused; says what happened.
+fn set_aside(folder: &Dir, name: &str) -> String {
+    let aside = format!("{name}.corrupt-{}", crate::clock::now().compact);
+    match folder.rename_new(OsStr::new(name), folder, OsStr::new(&aside)) {
+        Ok(()) => format!("moved aside to {aside}"),
+        Err(e) => format!("could not move it aside ({e})"),
+    }
+}
+
+/// Adds a problem to those not yet reported (one transaction can meet two).
+fn add_notice(notice: &mut Option<String>, message: String) {
+    *notice = Some(match notice.take() {
+        Some(earlier) => format!("{earlier}; then {message}"),
+        None => message,
+    });
 }
 
 fn slot_name(generation: u64) -> String {
@@ -760,9 +785,18 @@ mod tests {
             std::os::unix::fs::symlink(&victim, reg_dir.join(name)).unwrap();
         }
         let reg = Registry::create(&reg_dir).unwrap();
-        assert!(reg
-            .transact(|t| t.insert(lease(3000, Holder::current(), "a")))
-            .is_err());
+        // Set aside (links are never ours) and replaced by slots of our own.
+        reg.transact(|t| t.insert(lease(3000, Holder::current(), "a")))
+            .unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(reg.take_notice().unwrap().contains("moved aside"));
+        assert_eq!(reg.snapshot().unwrap().len(), 1);
+        fs::remove_file(reg_dir.join("leases.lock")).unwrap();
+        std::os::unix::fs::symlink(&victim, reg_dir.join("leases.lock")).unwrap();
+        assert!(
+            reg.snapshot().is_err(),
+            "a lock file that is a link is refused"
+        );
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         let linked = dir.path().join("linked");
         std::os::unix::fs::symlink(&reg_dir, &linked).unwrap();

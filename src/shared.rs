@@ -16,7 +16,9 @@ use std::time::Instant;
 use crate::clock::Stamp;
 use crate::config::Config;
 use crate::events::Kind;
-use crate::fsutil::{read_generation, write_generation, Kind as FileKind, LockFile, LOCK_WAIT};
+use crate::fsutil::{
+    printable, read_generation, write_generation, Kind as FileKind, LockFile, LOCK_WAIT,
+};
 use crate::per_process::PerProcess;
 use crate::registry::{LeaseTable, Registry};
 use crate::scan::PortSet;
@@ -54,7 +56,7 @@ pub struct FileView {
 pub enum Save {
     Always,
     /// Only if `free_ports`, `used_ports` or the leases changed, or an error
-    /// is in effect: an idle refresh writes nothing (and so takes no backup:
+    /// in effect is now over: an idle refresh writes nothing (and so takes no backup:
     /// the backups hold the last `backup_max` distinct states).
     IfChanged,
 }
@@ -74,7 +76,7 @@ impl SharedFile {
         // settings and options are theirs.
         let key = format!(
             "{}\0{:?}",
-            path.display(),
+            printable(path.as_os_str()),
             (
                 config.start,
                 config.end,
@@ -96,7 +98,7 @@ impl SharedFile {
         let view = Arc::new(SharedFile {
             path: path.to_path_buf(),
             range: config.start..=config.end,
-            owner_prefix: format!("{}#", path.display()),
+            owner_prefix: owner_prefix(path),
             view: Mutex::new(FileView {
                 state: initial_state(config, registry),
                 store,
@@ -177,6 +179,12 @@ impl FileView {
                     ));
                     None
                 }
+                // Something not a regular file at the lock file's name (a
+                // link, a FIFO) is never used: saves go on unlocked, said so.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    problems.push((Kind::Error, format!("cannot lock the state file: {e}")));
+                    None
+                }
                 // No lock file can be made (read-only folder): the save reports it.
                 Err(_) => None,
             },
@@ -184,7 +192,7 @@ impl FileView {
         };
         let generation = guard.as_ref().map_or(0, |g| read_generation(g));
         let fresh = state.change_count == 0 && state.last_checked.is_none();
-        let mut must_write = save == Save::Always || state.error_active;
+        let mut must_write = save == Save::Always;
         match store.load(generation) {
             Loaded::Unchanged => {}
             Loaded::Missing => {
@@ -261,7 +269,15 @@ impl FileView {
             && before.1 == state.used_ports
             && before.2 == state.leases
             && before.3 == state.current_port;
-        if !must_write && unchanged && problems.is_empty() {
+        // An error in effect is cleared by the next clean save; one that
+        // merely goes on (the same message again) is logged, not re-saved,
+        // or every refresh would take a backup while it lasts.
+        let clean_again = state.error_active && problems.is_empty();
+        let same_again = state.error_active
+            && problems
+                .iter()
+                .all(|(_, m)| state.last_error.as_deref() == Some(m.as_str()));
+        if !must_write && unchanged && !clean_again && (problems.is_empty() || same_again) {
             return problems;
         }
         if problems.is_empty() {
@@ -314,6 +330,13 @@ impl FileView {
             _ => Ok(()),
         }
     }
+}
+
+/// What every lease taken through the state file `path` has as its owner's
+/// start: the path, with bytes that are not UTF-8 escaped (two files whose
+/// names differ only there must not count each other's leases as theirs).
+pub(crate) fn owner_prefix(path: &Path) -> String {
+    format!("{}#", printable(path.as_os_str()))
 }
 
 /// Restores the best valid backup into `state`, saying what was done.

@@ -21,7 +21,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::clock;
-use crate::fsutil::{temp_owner, write_atomic, Dir, FileId, Kind, Open, Recycled};
+use crate::fsutil::{printable, temp_owner, write_atomic, Dir, FileId, Kind, Open, Recycled};
 use crate::state::State;
 
 /// How many damaged files set aside are kept beside a state file.
@@ -77,23 +77,11 @@ pub struct Store {
     backup_cache: Option<Vec<Backup>>,
 }
 
-/// Backup names are made from the state file's stem. A stem that is not
-/// UTF-8 is written with its other bytes as `%XX` (and `%` as `%25`), so two
-/// state files whose names differ only there never share backups.
+/// Backup names are made from the state file's stem, written as
+/// `fsutil::printable` does, so two state files whose names differ only in
+/// bytes that are not UTF-8 never share backups.
 pub fn backup_stem(stem: &OsStr) -> String {
-    match stem.to_str() {
-        Some(text) => text.to_string(),
-        None => {
-            let mut out = String::new();
-            for chunk in stem.as_bytes().utf8_chunks() {
-                out.push_str(&chunk.valid().replace('%', "%25"));
-                for byte in chunk.invalid() {
-                    out.push_str(&format!("%{byte:02X}"));
-                }
-            }
-            out
-        }
-    }
+    printable(stem)
 }
 
 impl Store {
@@ -150,10 +138,11 @@ impl Store {
     fn open_folder(&mut self, create: bool) -> io::Result<()> {
         if self.folder.is_none() {
             let dir = self.path.parent().unwrap_or(Path::new("/"));
+            // The folder the user named: a link there is followed (once).
             let opened = if create {
-                Dir::create(dir, 0o755)?
+                Dir::create_following(dir, 0o755)?
             } else {
-                Dir::open(dir)?
+                Dir::open_following(dir)?
             };
             self.folder = Some(opened);
         }

@@ -28,7 +28,7 @@ def read_backup(manager: DynamicPortManager, name: str) -> bytes | None:
     if path is None or path.name != name:
         return None
     try:
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:

@@ -18,8 +18,8 @@ PREFIX = "dpm_"
 
 
 class PortCollector:
-    """Collects the free/used counts, change count, pick/release/error counters
-    and last refresh time of one manager's state."""
+    """Collects the free/used counts, change count, pick/release/error counters,
+    whether an error is in effect and the last refresh time of one manager's state."""
 
     def __init__(self, get_state: Callable[[], dict[str, Any]]) -> None:
         self._get_state = get_state
@@ -62,6 +62,11 @@ def _families(state: dict[str, Any] | None) -> Iterator[Metric]:
     yield counter("picks", "Ports picked.", stats.get("picks") if known else None)
     yield counter("releases", "Ports released.", stats.get("releases") if known else None)
     yield counter("errors", "Errors recorded.", stats.get("errors") if known else None)
+    yield gauge(
+        "error_active",
+        "1 while last_error is in effect (cleared by the next clean save), else 0.",
+        float(bool(s.get("error_active"))) if known else None,
+    )
     # Left without a sample until the first refresh has a time stamp.
     yield gauge(
         "last_refresh_timestamp_seconds",

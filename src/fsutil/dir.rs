@@ -99,6 +99,8 @@ pub enum Open {
 pub struct Dir {
     fd: OwnedFd,
     path: PathBuf,
+    /// Opened through a link at `path` (`open_following`).
+    follows: bool,
 }
 
 impl std::fmt::Debug for Dir {
@@ -111,8 +113,20 @@ impl Dir {
     /// Opens the folder `path`; its last component must not be a symbolic
     /// link (a link planted in a sticky /tmp is refused, not followed).
     pub fn open(path: &Path) -> io::Result<Dir> {
+        Dir::open_with(path, libc::O_NOFOLLOW)
+    }
+
+    /// Opens the folder `path` the user named for a state file, following a
+    /// link there (`port_state -> ../shared/port_state` is a deployment's own
+    /// layout), once: the descriptor then pins the folder it reached. The
+    /// folders the library makes inside it are opened with `open`'s rules.
+    pub fn open_following(path: &Path) -> io::Result<Dir> {
+        Dir::open_with(path, 0)
+    }
+
+    fn open_with(path: &Path, follow: libc::c_int) -> io::Result<Dir> {
         let c = cstr(path.as_os_str())?;
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | follow | libc::O_CLOEXEC;
         // SAFETY: a valid C string; the result is checked.
         let fd = unsafe { libc::open(c.as_ptr(), flags) };
         let fd = check(fd).map_err(|e| explain_dir(path, e))?;
@@ -120,27 +134,37 @@ impl Dir {
             // SAFETY: a descriptor we just opened and own.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             path: path.to_path_buf(),
+            follows: follow == 0,
         })
     }
 
     /// `open`, creating the folder (and its parents, new ones with `mode`) first.
     pub fn create(path: &Path, mode: u32) -> io::Result<Dir> {
+        Dir::make(path, mode)?;
+        Dir::open(path)
+    }
+
+    /// `open_following`, creating the folder (and its parents) first.
+    pub fn create_following(path: &Path, mode: u32) -> io::Result<Dir> {
+        Dir::make(path, mode)?;
+        Dir::open_following(path)
+    }
+
+    fn make(path: &Path, mode: u32) -> io::Result<()> {
         match fs::symlink_metadata(path) {
-            Ok(_) => {}
+            Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 match fs::DirBuilder::new()
                     .recursive(true)
                     .mode(mode)
                     .create(path)
                 {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(e),
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+                    _ => Ok(()),
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => Err(e),
         }
-        Dir::open(path)
     }
 
     pub fn path(&self) -> &Path {
@@ -159,7 +183,12 @@ impl Dir {
     /// renamed, or replaced (by a link, say): the caller then reopens it,
     /// with every check again, rather than work in a folder no one else sees.
     pub fn still_at_path(&self) -> bool {
-        let Ok(on_disk) = fs::symlink_metadata(&self.path) else {
+        let on_disk = if self.follows {
+            fs::metadata(&self.path)
+        } else {
+            fs::symlink_metadata(&self.path)
+        };
+        let Ok(on_disk) = on_disk else {
             return false;
         };
         use std::os::unix::fs::MetadataExt;
@@ -344,6 +373,7 @@ impl Dir {
             // SAFETY: a descriptor we just opened and own.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             path,
+            follows: false,
         })
     }
 

@@ -12,11 +12,9 @@ pub use lock::{
 };
 
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-use std::path::Path;
 
 /// Enough of a file's metadata to tell "the file I read before" from "a file
 /// someone has written since". Every save is a rename of a new inode, so the
@@ -40,24 +38,25 @@ impl FileId {
             mtime_ns: st.mtime_ns,
         }
     }
-
-    pub fn of(path: &Path) -> io::Result<FileId> {
-        let m = fs::metadata(path)?;
-        Ok(FileId {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-        })
-    }
 }
 
-/// Creates `dir` (and parents) if missing, new folders with `mode`.
-pub fn ensure_dir(dir: &Path, mode: u32) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
+/// `name` as text, losing nothing: UTF-8 as it is, and if it is not all
+/// UTF-8, each other byte as `%XX` and `%` as `%25`. Names that differ only in
+/// such bytes stay different (where `to_string_lossy` would make both `\u{FFFD}`).
+pub fn printable(name: &OsStr) -> String {
+    match name.to_str() {
+        Some(text) => text.to_string(),
+        None => {
+            let mut out = String::new();
+            for chunk in name.as_bytes().utf8_chunks() {
+                out.push_str(&chunk.valid().replace('%', "%25"));
+                for byte in chunk.invalid() {
+                    out.push_str(&format!("%{byte:02X}"));
+                }
+            }
+            out
+        }
     }
-    fs::DirBuilder::new().recursive(true).mode(mode).create(dir)
 }
 
 /// The name of the temporary file a save of `name` by process `pid` writes.
@@ -172,6 +171,21 @@ fn recycle(from: &Dir, old: &OsStr, dir: &Dir, tmp: &OsStr) -> Option<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+
+    impl FileId {
+        fn of(path: &Path) -> io::Result<FileId> {
+            let m = fs::metadata(path)?;
+            Ok(FileId {
+                dev: m.dev(),
+                ino: m.ino(),
+                size: m.size(),
+                mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            })
+        }
+    }
 
     fn n(s: &str) -> &OsStr {
         OsStr::new(s)
@@ -244,14 +258,5 @@ mod tests {
         .unwrap();
         assert_eq!(fs::read(&twin).unwrap(), b"new");
         assert_eq!(fs::read(&path).unwrap(), b"newer");
-    }
-
-    #[test]
-    fn ensure_dir_creates_parents() {
-        let dir = tempfile::tempdir().unwrap();
-        let deep = dir.path().join("a/b/c");
-        ensure_dir(&deep, 0o700).unwrap();
-        assert!(deep.is_dir());
-        ensure_dir(&deep, 0o700).unwrap();
     }
 }
