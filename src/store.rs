@@ -75,6 +75,10 @@ pub struct Store {
     /// saved the file since: backups are only taken, under the file's lock,
     /// right before a save, so an unchanged file means an unchanged list.
     backup_cache: Option<Vec<Backup>>,
+    /// The backups as listed during this change (under the file's lock): when
+    /// the save then creates the file, no backup is taken, so the listing is
+    /// the backup list as it stands, and the next save need not list again.
+    listed: Option<Vec<Backup>>,
 }
 
 /// Backup names are made from the state file's stem, written as
@@ -101,6 +105,7 @@ impl Store {
             backups: None,
             known: None,
             backup_cache: None,
+            listed: None,
         }
     }
 
@@ -129,6 +134,7 @@ impl Store {
     /// replaced under us), so the next use works in what the path names now.
     /// Once per change (`FileView::update`), not at every file access.
     pub fn revalidate(&mut self) {
+        self.listed = None;
         if self.folder.as_ref().is_some_and(|f| !f.still_at_path()) {
             self.folder = None;
             self.backups = None;
@@ -283,6 +289,9 @@ impl Store {
             .ok()
             .flatten()
             .map(|st| (FileId::from_stat(&st), generation));
+        if existing.is_none() {
+            self.backup_cache = self.listed.take();
+        }
         Ok(backup_problem)
     }
 
@@ -338,6 +347,7 @@ impl Store {
             })
             .collect();
         backups.sort_by(|a, b| a.key.cmp(&b.key));
+        self.listed = Some(backups.clone());
         Ok(backups)
     }
 
