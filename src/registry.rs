@@ -24,10 +24,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fsutil::{
-    read_generation, write_generation, Dir, FileId, LockFile, Open, Stat, LOCK_WAIT, MAX_READ,
-};
+use crate::fsutil::{Dir, FileId, LockFile, Open, Stat, LOCK_WAIT, MAX_READ};
 use crate::holder::Holder;
+use crate::lease_log::{self, Change, Header, LeaseKey};
 use crate::per_process::PerProcess;
 
 /// The environment variable that moves the registry (e.g. per test session).
@@ -65,7 +64,10 @@ struct LeaseFile {
 #[derive(Debug, Default, Clone)]
 pub struct LeaseTable {
     leases: Vec<Lease>,
-    dirty: bool,
+    /// What this transaction changed, in order: appended to the change log.
+    changes: Vec<Change>,
+    /// The whole table must be written (a damaged one was repaired).
+    rewrite: bool,
 }
 
 impl LeaseTable {
@@ -78,8 +80,12 @@ impl LeaseTable {
     }
 
     pub fn insert(&mut self, lease: Lease) {
+        self.changes.push(Change::Add(lease.clone()));
         self.leases.push(lease);
-        self.dirty = true;
+    }
+
+    fn dirty(&self) -> bool {
+        self.rewrite || !self.changes.is_empty()
     }
 
     /// Removes the leases for which `drop` is true, and returns them.
@@ -93,9 +99,8 @@ impl LeaseTable {
                 true
             }
         });
-        if !removed.is_empty() {
-            self.dirty = true;
-        }
+        self.changes
+            .extend(removed.iter().map(|l| Change::Del(LeaseKey::of(l))));
         removed
     }
 
@@ -204,9 +209,10 @@ struct Inner {
     slots: [Option<Slot>; 2],
     /// Holders seen alive lately (see `LeaseTable::remove_dead_below`).
     alive: AliveCache,
-    /// The table as last read or written, the slot file it came from and the
-    /// lock file's change counter at that moment.
-    cache: Option<(FileId, u64, Vec<Lease>)>,
+    /// The change log, kept open like the slots.
+    log: Option<Slot>,
+    /// The table as last read or written, and where it was read up to.
+    cache: Option<Cached>,
     /// A problem found while reading, for the caller to report once no lock
     /// is held (reporting may call into Python logging).
     notice: Option<String>,
@@ -216,6 +222,24 @@ struct Slot {
     file: File,
     id: (u64, u64),
 }
+
+/// A table this process has read or written, and the position it matches:
+/// while the full table and the log are the same files, only the log's lines
+/// past `log_pos` are new.
+struct Cached {
+    base: u64,
+    slot_id: Option<FileId>,
+    log_id: Option<(u64, u64)>,
+    log_pos: u64,
+    /// The size of the full table, for when to write it again (compaction).
+    table_len: u64,
+    leases: Vec<Lease>,
+}
+
+/// The log is folded into a full table once it is longer than the table
+/// (and this many bytes): a pick then writes a few hundred bytes, whatever
+/// the registry holds, and reading the log stays cheaper than the table.
+const COMPACT_AT: u64 = 64 * 1024;
 
 pub struct Registry {
     dir: PathBuf,
@@ -296,6 +320,7 @@ impl Registry {
                 folder,
                 lock: LockFile::new(LOCK_FILE),
                 slots: [None, None],
+                log: None,
                 alive: AliveCache::default(),
                 cache: None,
                 notice: None,
@@ -333,6 +358,7 @@ impl Registry {
             // path names now, so open (or make) that one, checked afresh.
             inner.folder = open_private(&self.dir)?;
             inner.slots = [None, None];
+            inner.log = None;
             inner.cache = None;
             inner.lock = LockFile::new(LOCK_FILE);
         }
@@ -340,6 +366,7 @@ impl Registry {
             folder,
             lock,
             slots,
+            log,
             alive,
             cache,
             notice,
@@ -351,47 +378,125 @@ impl Registry {
         if reopened {
             *cache = None;
         }
-        let generation = read_generation(&guard);
-        let (leases, read_id, repaired) = self.load(folder, slots, cache, notice, generation)?;
+        // Every file a change may write is opened now, while descriptors can
+        // be had: a process that runs out of them later still gives its
+        // ports back (a missing one is tried again at its next use).
+        if log.is_none() {
+            let _ = open_log(folder, log, notice);
+        }
+        for parity in 0..2 {
+            if slots[parity as usize].is_none() {
+                let _ = slot(folder, slots, parity);
+            }
+        }
+        let header = Header::read(&guard);
+        let loaded = self.load(folder, slots, log, cache, notice, header)?;
         let mut table = LeaseTable {
-            leases,
-            dirty: repaired,
+            leases: loaded.leases,
+            changes: Vec::new(),
+            rewrite: loaded.repaired,
         };
         let result = f(&mut table, alive);
-        if !table.dirty {
-            // Unchanged: keep the table as the cache of the slot it came from.
-            *cache = read_id.map(|id| (id, generation, table.leases));
+        if !table.dirty() {
+            // Unchanged: keep the table as the cache of where it came from.
+            *cache = Some(Cached {
+                leases: table.leases,
+                ..loaded.position
+            });
             return Ok(result);
         }
-        let file = LeaseFile {
-            version: 1,
-            leases: table.leases,
-        };
-        let bytes = serde_json::to_vec(&file)
-            .map_err(|e| Error::registry(&self.dir, io::Error::other(e)))?;
         // Forget the cache first: if the write fails we must re-read.
         *cache = None;
-        let next = generation.wrapping_add(1);
-        let path = self.dir.join(slot_name(next));
-        let slot = match slot(folder, slots, next) {
+        let position = loaded.position;
+        let lines = lease_log::encode(&table.changes);
+        let log_len = header.log_len + lines.len() as u64;
+        let next = if table.rewrite || log_len > COMPACT_AT.max(position.table_len) {
+            self.write_table(folder, slots, notice, header, table.leases)?
+        } else {
+            let path = self.dir.join(LOG_FILE);
+            let file = open_log(folder, log, notice).map_err(|e| Error::registry(&path, e))?;
+            file.write_all_at(&lines, header.log_len)
+                .map_err(|e| Error::registry(&path, e))?;
+            let log_id = log.as_ref().map(|l| l.id);
+            let next = Header {
+                generation: header.generation.wrapping_add(1),
+                base: header.base,
+                log_len,
+            };
+            Cached {
+                log_id,
+                log_pos: log_len,
+                leases: table.leases,
+                ..position
+            }
+            .with_header(next)
+        };
+        // The change is on disk in full; now make it the current one.
+        next.0
+            .write(&guard)
+            .map_err(|e| Error::registry(&self.dir, e))?;
+        if next.0.log_len == 0 {
+            // The log's lines are in the new full table: start it afresh
+            // (lines past the header's length are ignored anyway).
+            if let Some(l) = log.as_ref() {
+                let _ = l.file.set_len(0);
+            }
+        }
+        *cache = Some(next.1);
+        Ok(result)
+    }
+
+    /// Writes the whole table to the spare slot, which becomes the full
+    /// table with an empty log once the header says so.
+    fn write_table(
+        &self,
+        folder: &Dir,
+        slots: &mut [Option<Slot>; 2],
+        notice: &mut Option<String>,
+        header: Header,
+        leases: Vec<Lease>,
+    ) -> Result<(Header, Cached)> {
+        let file = LeaseFile { version: 1, leases };
+        let bytes = serde_json::to_vec(&file)
+            .map_err(|e| Error::registry(&self.dir, io::Error::other(e)))?;
+        let base = header.base.wrapping_add(1);
+        let path = self.dir.join(slot_name(base));
+        let slot = match slot(folder, slots, base) {
             // Not a regular file (a link, a FIFO: never ours): it holds no
             // table, so it is set aside and a new slot made in its place.
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                let moved = set_aside(folder, &slot_name(next));
+                let moved = set_aside(folder, &slot_name(base));
                 add_notice(notice, format!("lease registry {e}; {moved}"));
-                slot(folder, slots, next)
+                slot(folder, slots, base)
             }
             other => other,
         }
         .map_err(|e| Error::registry(&path, e))?;
         write_in_place(&slot.file, &bytes).map_err(|e| Error::registry(&path, e))?;
-        let id = Stat::of_file(&slot.file)
+        let slot_id = Stat::of_file(&slot.file)
             .map(|st| FileId::from_stat(&st))
             .map_err(|e| Error::registry(&path, e))?;
-        // The new table exists in full; now make it the current one.
-        write_generation(&guard, next).map_err(|e| Error::registry(&self.dir, e))?;
-        *cache = Some((id, next, file.leases));
-        Ok(result)
+        let next = Header {
+            generation: header.generation.wrapping_add(1),
+            base,
+            log_len: 0,
+        };
+        let log_id = folder
+            .stat(OsStr::new(LOG_FILE))
+            .ok()
+            .flatten()
+            .map(|st| (st.dev, st.ino));
+        Ok((
+            next,
+            Cached {
+                base,
+                slot_id: Some(slot_id),
+                log_id,
+                log_pos: 0,
+                table_len: bytes.len() as u64,
+                leases: file.leases,
+            },
+        ))
     }
 
     /// A copy of the current leases (taken under the lock).
@@ -404,67 +509,131 @@ impl Registry {
         lock(&self.inner).notice.take()
     }
 
-    /// Reads the current slot unless the cached table is still it. Takes the
-    /// cached table out (no copy); `transact` puts it back. A damaged current
-    /// slot falls back to the other one (the table one change older): live
-    /// holders re-record their own leases at their next call or refresh, and
-    /// bind probes still protect every port already bound.
+    /// The current table: the full table in the slot the header names, plus
+    /// the log's lines, or (when this process's cache is still that table)
+    /// the cached table plus only the lines written since. A damaged full
+    /// table falls back to the other slot (an older table), a damaged log to
+    /// the full table alone; either way the whole table is written back at
+    /// once, and live holders re-record their own leases at their next call
+    /// or refresh, while bind probes still protect every port already bound.
     fn load(
         &self,
         folder: &Dir,
         slots: &mut [Option<Slot>; 2],
-        cache: &mut Option<(FileId, u64, Vec<Lease>)>,
+        log: &mut Option<Slot>,
+        cache: &mut Option<Cached>,
         notice: &mut Option<String>,
-        generation: u64,
-    ) -> Result<(Vec<Lease>, Option<FileId>, bool)> {
+        header: Header,
+    ) -> Result<Loaded> {
         let cached = cache.take();
-        let name = slot_name(generation);
+        let name = slot_name(header.base);
         let path = self.dir.join(&name);
-        let st = match folder.stat(OsStr::new(&name)) {
-            Ok(Some(st)) => st,
-            // Nothing written yet (or the folder was emptied): no leases.
-            Ok(None) => return Ok((Vec::new(), None, false)),
-            Err(e) => return Err(Error::registry(&path, e)),
+        let slot_id = folder
+            .stat(OsStr::new(&name))
+            .map_err(|e| Error::registry(&path, e))?
+            .map(|st| FileId::from_stat(&st));
+        let log_path = self.dir.join(LOG_FILE);
+        let log_id = folder
+            .stat(OsStr::new(LOG_FILE))
+            .map_err(|e| Error::registry(&log_path, e))?
+            .map(|st| (st.dev, st.ino));
+        let position = |table_len: u64, log_pos: u64| Cached {
+            base: header.base,
+            slot_id,
+            log_id,
+            log_pos,
+            table_len,
+            leases: Vec::new(),
         };
-        let id = FileId::from_stat(&st);
-        if let Some((cached_id, cached_generation, leases)) = cached {
-            if cached_id == id && cached_generation == generation {
-                return Ok((leases, Some(id), false));
+        if let Some(c) = cached {
+            let same = c.base == header.base
+                && c.slot_id == slot_id
+                && (c.log_id == log_id || c.log_pos == 0)
+                && c.log_pos <= header.log_len;
+            if same {
+                let mut leases = c.leases;
+                if c.log_pos < header.log_len {
+                    let lines = open_log(folder, log, notice)
+                        .and_then(|f| lease_log::read(f, c.log_pos, header.log_len));
+                    match lines {
+                        Ok(changes) => lease_log::apply(&mut leases, changes),
+                        Err(_) => return self.load(folder, slots, log, &mut None, notice, header),
+                    }
+                }
+                return Ok(Loaded {
+                    leases,
+                    position: position(c.table_len, header.log_len),
+                    repaired: false,
+                });
             }
         }
-        let read = slot(folder, slots, generation).and_then(|slot| read_slot(&slot.file, &path));
-        match read {
-            Ok(leases) => Ok((leases, Some(id), false)),
-            Err(e) => {
-                // Keep the evidence; the next write makes a new slot file.
-                let moved = set_aside(folder, &name);
-                slots[(generation % 2) as usize] = None;
-                let other = generation.wrapping_sub(1);
-                let other_name = slot_name(other);
-                let fallback = match folder.stat(OsStr::new(&other_name)) {
-                    Ok(Some(_)) => slot(folder, slots, other)
-                        .and_then(|slot| read_slot(&slot.file, &self.dir.join(&other_name)))
-                        .map(Some),
-                    Ok(None) => Ok(None),
-                    Err(e) => Err(e),
-                };
-                add_notice(
-                    notice,
-                    format!(
-                        "lease registry {} was unreadable ({e}); {moved}; {}",
-                        path.display(),
-                        match &fallback {
-                            Ok(Some(_)) => format!("using the table before it, from {other_name}"),
-                            Ok(None) => "no table before it; starting empty".into(),
-                            Err(_) =>
-                                "the table before it is unreadable too; starting empty".into(),
-                        }
-                    ),
-                );
-                // Written back at once, so every process reads the same table.
-                Ok((fallback.ok().flatten().unwrap_or_default(), None, true))
+        let (mut leases, table_len, mut repaired) = match slot_id {
+            // No full table yet (a new registry, or an emptied folder).
+            None => (Vec::new(), 0, false),
+            Some(_) => match slot(folder, slots, header.base)
+                .and_then(|s| read_slot(&s.file, &path))
+            {
+                Ok((leases, len)) => (leases, len, false),
+                Err(e) => {
+                    // Keep the evidence; the next write makes a new slot file.
+                    let moved = set_aside(folder, &name);
+                    slots[(header.base % 2) as usize] = None;
+                    let other = header.base.wrapping_sub(1);
+                    let other_name = slot_name(other);
+                    let fallback = match folder.stat(OsStr::new(&other_name)) {
+                        Ok(Some(_)) => slot(folder, slots, other)
+                            .and_then(|slot| read_slot(&slot.file, &self.dir.join(&other_name)))
+                            .map(Some),
+                        Ok(None) => Ok(None),
+                        Err(e) => Err(e),
+                    };
+                    add_notice(
+                        notice,
+                        format!(
+                            "lease registry {} was unreadable ({e}); {moved}; {}",
+                            path.display(),
+                            match &fallback {
+                                Ok(Some(_)) =>
+                                    format!("using the table before it, from {other_name}"),
+                                Ok(None) => "no table before it; starting empty".into(),
+                                Err(_) =>
+                                    "the table before it is unreadable too; starting empty".into(),
+                            }
+                        ),
+                    );
+                    let leases = fallback.ok().flatten().map(|(l, _)| l).unwrap_or_default();
+                    (leases, 0, true)
+                }
+            },
+        };
+        // The log's lines apply on top of whichever table was read: after a
+        // damaged table they still hold the latest changes.
+        if header.log_len > 0 {
+            let lines =
+                open_log(folder, log, notice).and_then(|f| lease_log::read(f, 0, header.log_len));
+            match lines {
+                Ok(changes) => lease_log::apply(&mut leases, changes),
+                Err(e) => {
+                    // Keep the evidence; the next change starts a new log.
+                    let moved = set_aside(folder, LOG_FILE);
+                    *log = None;
+                    add_notice(
+                        notice,
+                        format!(
+                            "lease registry change log {} was unreadable ({e}); {moved}; using \
+                             the full table before it",
+                            log_path.display()
+                        ),
+                    );
+                    repaired = true;
+                }
             }
         }
+        Ok(Loaded {
+            leases,
+            position: position(table_len, header.log_len),
+            repaired,
+        })
     }
 
     /// Removes every lease `holder` (this process) has, waiting at most `wait`
@@ -546,16 +715,67 @@ fn add_notice(notice: &mut Option<String>, message: String) {
     });
 }
 
+/// What `load` found: the table, the position it matches, and whether it
+/// had to be repaired (then the whole table is written back).
+struct Loaded {
+    leases: Vec<Lease>,
+    position: Cached,
+    repaired: bool,
+}
+
+impl Cached {
+    fn with_header(self, header: Header) -> (Header, Cached) {
+        (header, self)
+    }
+}
+
+const LOG_FILE: &str = "leases.log";
+
+/// The open change log (created if missing, never through a link), reopened
+/// if the name no longer names the file held. One that is not a regular file
+/// (a link, a FIFO) is set aside and a new one made.
+fn open_log<'a>(
+    folder: &Dir,
+    held: &'a mut Option<Slot>,
+    notice: &mut Option<String>,
+) -> io::Result<&'a File> {
+    let on_disk = folder
+        .stat(OsStr::new(LOG_FILE))?
+        .map(|st| (st.dev, st.ino));
+    if held.as_ref().map(|s| s.id) != on_disk || on_disk.is_none() {
+        let open = || folder.open_file(OsStr::new(LOG_FILE), Open::ReadWriteCreate(0o600));
+        let file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let moved = set_aside(folder, LOG_FILE);
+                add_notice(notice, format!("lease registry {e}; {moved}"));
+                open()?
+            }
+            other => other?,
+        };
+        let st = Stat::of_file(&file)?;
+        *held = Some(Slot {
+            file,
+            id: (st.dev, st.ino),
+        });
+    }
+    Ok(&held.as_ref().expect("just opened").file)
+}
+
 fn slot_name(generation: u64) -> String {
     format!("leases-{}.json", generation % 2)
 }
 
-/// A slot's table: a regular file, bounded in size, in the slot format.
-fn read_slot(file: &File, path: &Path) -> io::Result<Vec<Lease>> {
+/// A slot's table (and its size): a regular file, bounded in size, in the
+/// slot format.
+fn read_slot(file: &File, path: &Path) -> io::Result<(Vec<Lease>, u64)> {
     let mut bytes = Vec::new();
     let mut reader = file;
     std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0))?;
     std::io::Read::read_to_end(&mut std::io::Read::take(reader, MAX_READ + 1), &mut bytes)?;
+    if bytes.is_empty() {
+        // Made (empty) before its first table was written: no leases.
+        return Ok((Vec::new(), 0));
+    }
     if bytes.len() as u64 > MAX_READ {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -563,7 +783,7 @@ fn read_slot(file: &File, path: &Path) -> io::Result<Vec<Lease>> {
         ));
     }
     serde_json::from_slice::<LeaseFile>(&bytes)
-        .map(|f| f.leases)
+        .map(|f| (f.leases, bytes.len() as u64))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
@@ -580,7 +800,7 @@ const LOCK_FILE: &str = "leases.lock";
 mod tests {
     use super::*;
     use std::fs::{self, File};
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
 
     fn lease(port: u16, holder: Holder, owner: &str) -> Lease {
         Lease {
@@ -607,56 +827,69 @@ mod tests {
     }
 
     #[test]
-    fn a_change_that_keeps_inode_size_and_mtime_is_still_seen() {
-        // ext4 reuses inodes at once and coarse clocks repeat mtimes: the
-        // lock file's counter, not the file's metadata, must decide.
+    fn another_handle_reads_only_the_new_lines_and_follows_a_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Registry::create(dir.path()).unwrap();
+        let reader = Registry::create(dir.path()).unwrap();
+        writer
+            .transact(|t| t.insert(lease(3000, Holder::current(), "a")))
+            .unwrap();
+        assert_eq!(reader.snapshot().unwrap().len(), 1); // cached now
+        writer
+            .transact(|t| {
+                t.insert(lease(3001, Holder::current(), "a"));
+                t.remove_where(|l| l.port == 3000);
+            })
+            .unwrap();
+        let ports = |r: &Registry| -> Vec<u16> {
+            let mut p: Vec<u16> = r.snapshot().unwrap().iter().map(|l| l.port).collect();
+            p.sort();
+            p
+        };
+        assert_eq!(ports(&reader), [3001]);
+        // A change writes a line of the log, not the whole table.
+        let slot_len = |name: &str| fs::metadata(dir.path().join(name)).unwrap().len();
+        assert_eq!(slot_len("leases-1.json"), 0, "made, never written yet");
+        let log_len = fs::metadata(dir.path().join("leases.log")).unwrap().len();
+        assert!(log_len < 1024, "{log_len}");
+        // Past 64 KiB of log the whole table is written to the spare slot
+        // and the log starts again; every handle follows.
+        let owner = "x".repeat(200);
+        for port in 4000..4400 {
+            writer
+                .transact(|t| t.insert(lease(port, Holder::current(), &owner)))
+                .unwrap();
+        }
+        assert!(slot_len("leases-0.json") + slot_len("leases-1.json") > 32 * 1024);
+        let expected: Vec<u16> = std::iter::once(3001).chain(4000..4400).collect();
+        assert_eq!(ports(&reader), expected);
+        assert_eq!(ports(&Registry::create(dir.path()).unwrap()), expected);
+        assert!(fs::metadata(dir.path().join("leases.log")).unwrap().len() < 64 * 1024);
+    }
+
+    #[test]
+    fn lines_past_the_headers_length_are_never_read() {
+        // A writer killed between its append and the header update.
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::create(dir.path()).unwrap();
         reg.transact(|t| t.insert(lease(3000, Holder::current(), "a")))
             .unwrap();
-        assert_eq!(reg.snapshot().unwrap()[0].port, 3000); // cached now
-        let path = dir.path().join("leases-1.json");
-        let mtime = fs::metadata(&path).unwrap().modified().unwrap();
-        let text = fs::read_to_string(&path).unwrap().replace("3000", "3001");
-        fs::write(&path, text).unwrap();
-        File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(mtime)
+        let log = File::options()
+            .append(true)
+            .open(dir.path().join("leases.log"))
             .unwrap();
-        let lock = File::options()
-            .read(true)
-            .write(true)
-            .open(dir.path().join("leases.lock"))
+        std::io::Write::write_all(&mut &log, b"{\"add\":{\"port\":3001,\"pid\":1,\"start").unwrap();
+        let fresh = Registry::create(dir.path()).unwrap();
+        let ports: Vec<u16> = fresh.snapshot().unwrap().iter().map(|l| l.port).collect();
+        assert_eq!(ports, [3000]);
+        // The next change overwrites the torn line.
+        fresh
+            .transact(|t| t.insert(lease(3002, Holder::current(), "b")))
             .unwrap();
-        let generation = read_generation(&lock);
-        assert_eq!(generation, 1);
-        write_generation(&lock, generation + 2).unwrap(); // same slot, new change
-        assert_eq!(reg.snapshot().unwrap()[0].port, 3001);
-    }
-
-    #[test]
-    fn changes_alternate_between_two_slots_and_reuse_their_inodes() {
-        let dir = tempfile::tempdir().unwrap();
-        let reg = Registry::create(dir.path()).unwrap();
-        for port in 3000..3004 {
-            reg.transact(|t| t.insert(lease(port, Holder::current(), "a")))
-                .unwrap();
-        }
-        let inode = |name: &str| fs::metadata(dir.path().join(name)).unwrap().ino();
-        let (slot0, slot1) = (inode("leases-0.json"), inode("leases-1.json"));
-        reg.transact(|t| t.remove_where(|l| l.port == 3000))
-            .unwrap();
-        reg.transact(|t| t.remove_where(|l| l.port == 3001))
-            .unwrap();
-        assert_eq!(
-            (inode("leases-0.json"), inode("leases-1.json")),
-            (slot0, slot1)
-        );
-        let other = Registry::create(dir.path()).unwrap();
-        let ports: Vec<u16> = other.snapshot().unwrap().iter().map(|l| l.port).collect();
-        assert_eq!(ports, vec![3002, 3003]);
+        let again = Registry::create(dir.path()).unwrap();
+        let ports: Vec<u16> = again.snapshot().unwrap().iter().map(|l| l.port).collect();
+        assert_eq!(ports, [3000, 3002]);
+        assert!(again.take_notice().is_none());
     }
 
     #[test]
@@ -737,18 +970,35 @@ mod tests {
     fn a_damaged_slot_falls_back_to_the_previous_table_with_a_notice() {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::create(dir.path()).unwrap();
-        reg.transact(|t| t.insert(lease(3000, Holder::current(), "a")))
-            .unwrap();
+        // Enough leases for a full table in slot 1, then one more in the log.
+        let owner = "x".repeat(200);
+        for port in 4000..4400 {
+            reg.transact(|t| t.insert(lease(port, Holder::current(), &owner)))
+                .unwrap();
+        }
+        assert!(
+            fs::metadata(dir.path().join("leases-1.json"))
+                .unwrap()
+                .len()
+                > 0
+        );
         reg.transact(|t| t.insert(lease(3001, Holder::current(), "a")))
             .unwrap();
-        // Generation 2 is current, in slot 0; slot 1 has the table before it.
-        fs::write(dir.path().join("leases-0.json"), b"{not json").unwrap();
+        fs::write(dir.path().join("leases-1.json"), b"{not json").unwrap();
         let fresh = Registry::create(dir.path()).unwrap();
         let ports: Vec<u16> = fresh.snapshot().unwrap().iter().map(|l| l.port).collect();
-        assert_eq!(ports, vec![3000]);
+        // The table before it (none here) plus what the log says since: the
+        // leases only the damaged table held are gone until re-recorded.
+        assert!(ports.contains(&3001) && ports.contains(&4399), "{ports:?}");
+        assert!(!ports.contains(&4000), "{ports:?}");
+        let count = ports.len();
         let notice = fresh.take_notice().unwrap();
         assert!(notice.contains("unreadable"), "{notice}");
         assert!(notice.contains("leases-1.json"), "{notice}");
+        // Written back whole at once: every process reads the same table.
+        let other = Registry::create(dir.path()).unwrap();
+        assert_eq!(other.snapshot().unwrap().len(), count);
+        assert!(other.take_notice().is_none());
     }
 
     #[test]

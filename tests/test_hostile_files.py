@@ -302,7 +302,7 @@ def test_3_a_link_at_the_lock_file_name_is_not_written_through(
     assert "lock" in error and "symbolic link" in error, error
 
 
-@pytest.mark.parametrize("name", ["leases-0.json", "leases-1.json", "leases.lock"])
+@pytest.mark.parametrize("name", ["leases-0.json", "leases-1.json", "leases.log", "leases.lock"])
 def test_3_links_in_the_registry_are_not_written_through(
     name: str, state_path: Path, registry: Path, victim: Path
 ) -> None:
@@ -330,6 +330,10 @@ def test_3_links_in_the_registry_are_not_written_through(
     if name == "leases.lock":
         assert result["picks"] == ["RegistryError"] * 3, result
         assert "leases.lock is a symbolic link" in result["error"], result
+    elif name == "leases-1.json":
+        # The spare full table: not read or written until the change log is
+        # folded into it, and then set aside and remade like the others.
+        assert result["picks"] == [34120, 34121, 34120], result  # each pick moves
     else:
         assert result["picks"] == [34120, 34121, 34120], result  # each pick moves
         assert "moved aside" in result["error"], result

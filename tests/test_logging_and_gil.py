@@ -402,7 +402,7 @@ def test_python_threads_run_while_pick_port_waits_for_a_lock(
 # ---------------------------------------------------------------- deadlock and exit
 
 DEADLOCK_CHILD = """
-import logging, socket, sys, threading
+import logging, socket, sys, threading, time
 from dynamic_port_manager import DynamicPortManager
 
 work, lo, hi = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -438,6 +438,7 @@ for i in range(150):
             listener.close(); listener = None
     managers[i % 2].release_port()
     log.info("main thread %d", i)
+    time.sleep(0.003)  # long enough for several 50 ms refreshes to see the listener come and go
 if listener is not None:
     listener.close()
 for m in managers:

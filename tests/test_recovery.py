@@ -413,7 +413,9 @@ def test_an_unwritable_registry_raises_registry_error_and_keeps_the_held_port(
     m = manager(tmp_path / "s.json", 21900, 21909)
     try:
         held = m.pick_port()
-        with read_only(registry, mode=0o700):
+        # The change log exists and would take the change through the open
+        # descriptor: unwritable means it, too, refuses writes.
+        with read_only(registry, mode=0o700), read_only(registry / "leases.log", mode=0o600):
             with pytest.raises(RegistryError) as info:
                 m.pick_port()
             assert isinstance(info.value, OSError)
@@ -434,19 +436,20 @@ def test_a_damaged_registry_is_set_aside_and_live_leases_are_reasserted(
     try:
         held = m.pick_port()
         damaged = b'{"version": 1, "leases": [{"port": '
-        # Damage every slot of the table (which one is current is the core's business).
-        for leases_file in registry.glob("leases-*.json"):
+        # Damage every file of the table (the full tables and the change log:
+        # which one holds what now is the core's business).
+        for leases_file in [*registry.glob("leases-*.json"), registry / "leases.log"]:
             leases_file.write_bytes(damaged)
         # The next refresh notices, keeps the evidence, and re-records the lease.
         deadline = time.monotonic() + 15
         while not (
-            list(registry.glob("leases-*.json.corrupt-*"))
+            list(registry.glob("leases*.corrupt-*"))
             and [lease["port"] for lease in list_leases()] == [held]
         ):
             assert time.monotonic() < deadline, list(registry.iterdir())
             time.sleep(0.01)
-        (aside,) = registry.glob("leases-*.json.corrupt-*")
-        assert aside.read_bytes() == damaged
+        asides = list(registry.glob("leases*.corrupt-*"))
+        assert asides and all(a.read_bytes() == damaged for a in asides)
         (lease,) = list_leases()
         assert lease["pid"] == os.getpid()
         # The held port is still this manager's: nobody else gets it.

@@ -1,0 +1,210 @@
+//! The registry's change log: between two full tables (the slot files), each
+//! transaction appends only what it changed, one JSON line per change, so a
+//! pick costs the same whether the registry holds ten leases or six thousand,
+//! and a process that last looked a moment ago reads only the new lines.
+//!
+//! The lock file's header says how many bytes of the log are valid (see
+//! `Header`): bytes past that (a writer that died before updating the header)
+//! are ignored and overwritten by the next append, so a crash never leaves a
+//! half-applied change, exactly as with the slots alone.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::registry::Lease;
+
+/// One change of the lease table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    #[serde(rename = "add")]
+    Add(Lease),
+    /// A lease removed, named by everything that identifies it.
+    #[serde(rename = "del")]
+    Del(LeaseKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseKey {
+    pub port: u16,
+    pub pid: u32,
+    pub start_time: u64,
+    pub owner: String,
+}
+
+impl LeaseKey {
+    pub fn of(lease: &Lease) -> LeaseKey {
+        LeaseKey {
+            port: lease.port,
+            pid: lease.pid,
+            start_time: lease.start_time,
+            owner: lease.owner.clone(),
+        }
+    }
+
+    fn names(&self, lease: &Lease) -> bool {
+        lease.port == self.port
+            && lease.pid == self.pid
+            && lease.start_time == self.start_time
+            && lease.owner == self.owner
+    }
+}
+
+/// The registry's position, kept in the lock file (which is never replaced):
+/// bytes 0-8 the change counter (what `fsutil::read_generation` reads),
+/// 8-16 the change number of the full table in the slots, plus one (0: a
+/// registry written before there was a log, whose table is the counter's
+/// slot), 16-24 the valid length of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub generation: u64,
+    /// The change number whose full table is in slot `base % 2`.
+    pub base: u64,
+    pub log_len: u64,
+}
+
+impl Header {
+    pub fn read(lock: &File) -> Header {
+        let mut bytes = [0u8; 24];
+        let read = lock.read_at(&mut bytes, 0).unwrap_or(0);
+        let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
+        let generation = if read >= 8 { word(0) } else { 0 };
+        if read < 24 || word(1) == 0 {
+            return Header {
+                generation,
+                base: generation,
+                log_len: 0,
+            };
+        }
+        Header {
+            generation,
+            base: word(1) - 1,
+            log_len: word(2),
+        }
+    }
+
+    /// One write of the whole header: the new position takes effect at once.
+    pub fn write(&self, lock: &File) -> io::Result<()> {
+        let mut bytes = [0u8; 24];
+        bytes[0..8].copy_from_slice(&self.generation.to_le_bytes());
+        bytes[8..16].copy_from_slice(&self.base.wrapping_add(1).to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.log_len.to_le_bytes());
+        lock.write_all_at(&bytes, 0)
+    }
+}
+
+/// The log lines for `changes`.
+pub fn encode(changes: &[Change]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(changes.len() * 160);
+    for change in changes {
+        serde_json::to_writer(&mut out, change).expect("a change always serializes");
+        out.push(b'\n');
+    }
+    out
+}
+
+/// The changes in bytes `from..to` of the log.
+pub fn read(log: &File, from: u64, to: u64) -> io::Result<Vec<Change>> {
+    if to < from || to - from > crate::fsutil::MAX_READ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the change log's length is out of bounds",
+        ));
+    }
+    let mut bytes = vec![0u8; (to - from) as usize];
+    log.read_exact_at(&mut bytes, from)?;
+    bytes
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            serde_json::from_slice(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        })
+        .collect()
+}
+
+/// Applies `changes` to `leases`, in order.
+pub fn apply(leases: &mut Vec<Lease>, changes: Vec<Change>) {
+    for change in changes {
+        match change {
+            Change::Add(lease) => leases.push(lease),
+            Change::Del(key) => {
+                if let Some(at) = leases.iter().position(|l| key.names(l)) {
+                    leases.remove(at);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(port: u16) -> Lease {
+        Lease {
+            port,
+            pid: 7,
+            start_time: 9,
+            owner: "s.json#7.1".into(),
+            since: "now".into(),
+        }
+    }
+
+    #[test]
+    fn changes_round_trip_through_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.path().join("leases.log"))
+            .unwrap();
+        let first = encode(&[Change::Add(lease(3000)), Change::Add(lease(3001))]);
+        log.write_all_at(&first, 0).unwrap();
+        let second = encode(&[Change::Del(LeaseKey::of(&lease(3000)))]);
+        log.write_all_at(&second, first.len() as u64).unwrap();
+        // Bytes past the valid length (a writer that died) are not read.
+        log.write_all_at(b"{\"garbage", (first.len() + second.len()) as u64)
+            .unwrap();
+        let end = (first.len() + second.len()) as u64;
+        let mut leases = Vec::new();
+        apply(&mut leases, read(&log, 0, end).unwrap());
+        assert_eq!(leases, vec![lease(3001)]);
+        // Read from a later position: only what came since.
+        let since = read(&log, first.len() as u64, end).unwrap();
+        assert_eq!(since.len(), 1);
+    }
+
+    #[test]
+    fn an_old_header_names_the_counters_slot_and_no_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.path().join("leases.lock"))
+            .unwrap();
+        lock.write_all_at(&5u64.to_le_bytes(), 0).unwrap();
+        let header = Header::read(&lock);
+        assert_eq!(
+            header,
+            Header {
+                generation: 5,
+                base: 5,
+                log_len: 0
+            }
+        );
+        let new = Header {
+            generation: 6,
+            base: 5,
+            log_len: 120,
+        };
+        new.write(&lock).unwrap();
+        assert_eq!(Header::read(&lock), new);
+        assert_eq!(crate::fsutil::read_generation(&lock), 6);
+    }
+}
