@@ -945,14 +945,19 @@ mod tests {
         );
     }
 
+    /// A holder whose process has exited.
+    fn dead_holder() -> Holder {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        Holder { pid, start_time: 1 }
+    }
+
     #[test]
     fn dead_holders_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::create(dir.path()).unwrap();
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        child.wait().unwrap();
-        let dead = Holder { pid, start_time: 1 };
+        let dead = dead_holder();
         reg.transact(|t| {
             t.insert(lease(3000, dead, "gone"));
             t.insert(lease(3001, Holder::current(), "me"));
@@ -1005,10 +1010,7 @@ mod tests {
     fn dead_holders_below_a_port_are_reclaimed_live_ones_kept() {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::create(dir.path()).unwrap();
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        child.wait().unwrap();
-        let dead = Holder { pid, start_time: 1 };
+        let dead = dead_holder();
         reg.transact(|t| {
             t.insert(lease(3000, dead, "gone"));
             t.insert(lease(3001, Holder::current(), "me"));

@@ -498,15 +498,13 @@ fn prune_set_aside(folder: &Dir, prefix: &OsStr) {
 }
 
 fn not_a_state_file(path: &Path, kind: Kind) -> io::Error {
-    let what = match kind {
-        Kind::Dir => "a folder",
-        Kind::Symlink => "a symbolic link (not followed)",
-        Kind::Other => "not a regular file (a FIFO, socket or device)",
-        Kind::File => "a regular file",
-    };
     io::Error::new(
         io::ErrorKind::InvalidData,
-        format!("{} is {what}; it is left as it is", path.display()),
+        format!(
+            "{} is {}; it is left as it is",
+            path.display(),
+            kind.describe()
+        ),
     )
 }
 

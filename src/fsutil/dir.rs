@@ -408,16 +408,26 @@ pub fn read_bounded(file: &mut File, path: &Path) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+impl Kind {
+    /// What a message says the thing is.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::Dir => "a folder",
+            Kind::Symlink => "a symbolic link (not followed)",
+            Kind::Other => "not a regular file (a FIFO, socket or device)",
+            Kind::File => "a regular file",
+        }
+    }
+}
+
 fn not_regular(path: &Path, kind: Kind) -> io::Error {
-    let what = match kind {
-        Kind::Dir => "a folder",
-        Kind::Symlink => "a symbolic link (not followed)",
-        Kind::Other => "not a regular file (a FIFO, socket or device)",
-        Kind::File => "a regular file",
-    };
     io::Error::new(
         io::ErrorKind::InvalidData,
-        format!("{} is {what}; only regular files are used", path.display()),
+        format!(
+            "{} is {}; only regular files are used",
+            path.display(),
+            kind.describe()
+        ),
     )
 }
 
