@@ -369,3 +369,32 @@ def test_a_damaged_registry_heals_from_live_holders(tmp_path: Path, registry: Pa
     assert c.pick_port() not in (pa, pb)
     for m in (a, b, c):
         m.stop()
+
+
+MADE_AT_EXIT = r"""
+import atexit, sys
+
+work = sys.argv[1]
+
+def late():
+    # atexit runs the last registered first: registered before the package
+    # was imported, this runs after the package's own hook (_shutdown).
+    from dynamic_port_manager import DynamicPortManager
+    m = DynamicPortManager(14750, 14759, f"{work}/late.json", console_log=False)
+    m.pick_port()
+
+atexit.register(late)
+from dynamic_port_manager import DynamicPortManager
+m = DynamicPortManager(14750, 14759, f"{work}/main.json", console_log=False)
+m.pick_port()
+print("{}")
+"""
+
+
+def test_managers_made_during_interpreter_exit_do_not_delay_it(
+    tmp_path: Path, registry: Path
+) -> None:
+    started = time.monotonic()
+    run_script(MADE_AT_EXIT, tmp_path)
+    assert time.monotonic() - started < 4, "exit waited for a refresh thread"
+    assert [lease for lease in list_leases() if lease["alive"]] == []
