@@ -49,6 +49,8 @@ pub struct FileView {
     pub started: bool,
     /// When the range was last re-scanned for this file (by any manager).
     pub refreshed: Option<Instant>,
+    /// When the folder was last swept for killed savers' temporary files.
+    tidied: Option<Instant>,
 }
 
 /// Whether a change must be written even if the file would show the same.
@@ -62,6 +64,8 @@ pub enum Save {
 }
 
 type Views = Mutex<HashMap<String, Weak<SharedFile>>>;
+
+const TIDY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn views() -> &'static Views {
     static VIEWS: PerProcess<Views> = PerProcess::new();
@@ -113,6 +117,7 @@ impl SharedFile {
                 ephemeral: None,
                 started: false,
                 refreshed: None,
+                tidied: None,
             }),
         });
         views.insert(key, Arc::downgrade(&view));
@@ -313,8 +318,14 @@ impl FileView {
     }
 
     /// Removes temporary files of killed savers (under no lock: each is named
-    /// by a pid that is gone, so no saver is using it).
+    /// by a pid that is gone, so no saver is using it). It lists the folder,
+    /// which may hold thousands of files: at start, then at most once a
+    /// minute from refreshes.
     pub fn tidy(&mut self) {
+        if self.tidied.is_some_and(|at| at.elapsed() < TIDY_EVERY) {
+            return;
+        }
+        self.tidied = Some(Instant::now());
         self.store.remove_stale_temporaries();
     }
 
