@@ -13,8 +13,6 @@ import base64
 import fcntl
 import json
 import os
-import queue
-import re
 import shutil
 import subprocess
 import threading
@@ -25,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from router_helpers import LineReader, cli_path
+from router_helpers import Served, cli_path, running_server
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 WIDTH = 1280
@@ -293,41 +291,8 @@ def chromium(profile: Path) -> Iterator[Chromium]:
         browser.close()
 
 
-class Served:
-    def __init__(self, proc: subprocess.Popen[str], url: str) -> None:
-        self.proc = proc
-        self.url = url
-
-
 @contextmanager
 def serve(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Served]:
     """``dynamic-port-manager serve ARGS`` until the block ends (killed then)."""
-    proc = subprocess.Popen(
-        [cli_path(), "serve", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    errors = LineReader(proc.stderr)  # type: ignore[arg-type]
-    try:
-        line = LineReader(proc.stdout).wait_for("Serving on")  # type: ignore[arg-type]
-        match = re.search(r"http://127\.0\.0\.1:\d+", line)
-        assert match, line
-        yield Served(proc, match.group(0))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        assert "Traceback" not in "".join(_drain(errors))
-
-
-def _drain(reader: LineReader) -> list[str]:
-    """Every line the reader got, once the stream has ended."""
-    lines = list(reader.seen)
-    try:
-        while True:
-            lines.append(reader.lines.get(timeout=0.5))
-    except queue.Empty:
-        return lines
+    with running_server([cli_path(), "serve", *args], cwd, env) as served:
+        yield served

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -96,6 +97,51 @@ class LineReader:
             self.seen.append(line)
             if needle in line:
                 return line
+
+    def drain(self) -> list[str]:
+        """Every line read, once the stream has ended (or gone quiet for 0.5 s)."""
+        lines = list(self.seen)
+        try:
+            while True:
+                lines.append(self.lines.get(timeout=0.5))
+        except queue.Empty:
+            return lines
+
+
+class Served:
+    """A server process and the URL it printed."""
+
+    def __init__(self, proc: subprocess.Popen[str], url: str) -> None:
+        self.proc = proc
+        self.url = url
+        self.port = int(url.rsplit(":", 1)[1])
+
+
+@contextmanager
+def running_server(
+    command: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> Iterator[Served]:
+    """The server ``command`` runs, once it has printed its URL; killed if
+    still up when the block ends, and it must not have printed a traceback."""
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    errors = LineReader(proc.stderr)  # type: ignore[arg-type]
+    try:
+        line = LineReader(proc.stdout).wait_for("Serving on")  # type: ignore[arg-type]
+        match = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert match, line
+        yield Served(proc, match.group(0))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        assert "Traceback" not in "".join(errors.drain())
 
 
 @contextmanager

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import re
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from router_helpers import LineReader, can_bind, clean_env, cli_path, lease_on, port_block
+from router_helpers import (
+    Served,
+    can_bind,
+    clean_env,
+    cli_path,
+    lease_on,
+    port_block,
+    running_server,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -21,37 +26,11 @@ def _env(monkeypatch: pytest.MonkeyPatch, registry: Path, tmp_path: Path) -> Non
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
 
 
-class Served:
-    def __init__(self, proc: subprocess.Popen[str], url: str) -> None:
-        self.proc = proc
-        self.url = url
-        self.port = int(url.rsplit(":", 1)[1])
-
-
-@contextmanager
-def _start(command: list[str], cwd: Path) -> Iterator[Served]:
-    """The server running ``command``, once it has printed its URL; killed if still up."""
-    proc = subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    errors = LineReader(proc.stderr)  # type: ignore[arg-type]
-    try:
-        line = LineReader(proc.stdout).wait_for("Serving on")  # type: ignore[arg-type]
-        match = re.search(r"http://127\.0\.0\.1:\d+", line)
-        assert match, line
-        yield Served(proc, match.group(0))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        assert "Traceback" not in "".join(errors.seen)
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
     start, end = port_block()
     state = tmp_path / "serve.json"
-    with _start(
+    with running_server(
         [cli_path(), "serve", "--range", f"{start}-{end}", "--state", str(state)], tmp_path
     ) as server:
         yield server
@@ -88,7 +67,7 @@ def test_serve_answers_over_http_and_stops_cleanly_on_sigterm(
 def test_python_m_serve_stops_cleanly_on_sigint(tmp_path: Path, registry: Path) -> None:
     start, end = port_block()
     command = [sys.executable, "-m", "dynamic_port_manager", "serve", "--range", f"{start}-{end}"]
-    with _start(command, tmp_path) as served:
+    with running_server(command, tmp_path) as served:
         response = httpx.get(f"{served.url}/api/v1/port/free", timeout=30)
         assert served.port not in response.json()["free_ports"]
         served.proc.send_signal(signal.SIGINT)
