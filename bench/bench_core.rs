@@ -70,7 +70,7 @@ fn main() {
         manager.pick_port(None).unwrap();
     });
     time("refresh (scan + save)", 500, || {
-        manager.refresh(scan::kernel_tables().ok().as_ref(), &[]);
+        manager.refresh(scan::kernel_tables().ok().as_ref(), &[], false);
     });
     manager.stop();
     let _ = std::fs::remove_dir_all(&work);

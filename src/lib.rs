@@ -48,7 +48,7 @@ pub fn refresh_manager(manager: &Manager) {
         .registry()
         .map(|r| manager::sweep_dead(&r))
         .unwrap_or_default();
-    manager.refresh(host.as_ref(), &reclaimed);
+    manager.refresh(host.as_ref(), &reclaimed, true);
 }
 
 /// At interpreter exit: stops the refresh thread (waiting a moment at most)

@@ -202,7 +202,7 @@ impl Manager {
             let mut warnings = Vec::new();
             if first {
                 file.bound = scan::ports_in_use(self.range());
-                file.tidy();
+                file.tidy(true);
                 file.ephemeral = ephemeral_warning(self.range(), &mut warnings);
             }
             let (leases, problems) = self.leases_in_range(local, &mine, &stamp);
@@ -487,7 +487,9 @@ impl Manager {
     /// of the range, with the state saved if what it shows changed. `host` is
     /// a whole-host scan from the refresher (`None` where there is none);
     /// `reclaimed` are dead leases the refresher just removed.
-    pub fn refresh(&self, host: Option<&PortSet>, reclaimed: &[Lease]) {
+    /// `asked`: called for by the user (`refresh()`), not the background
+    /// thread: the folder is swept for stale temporary files every time.
+    pub fn refresh(&self, host: Option<&PortSet>, reclaimed: &[Lease], asked: bool) {
         if self.is_stopped() {
             return;
         }
@@ -524,7 +526,7 @@ impl Manager {
                 Some(set) => set.clone(),
                 None => scan::ports_in_use(self.range()),
             };
-            file.tidy();
+            file.tidy(asked);
             let before = (file.state.free_ports.len(), file.state.used_ports.len());
             let problems = file.update(
                 self.range(),

@@ -184,7 +184,7 @@ fn refresh_until_stopped(r: &Refresher) {
                 told.push((index, manager.path()));
             }
             let reclaimed: &[Lease] = if first { &swept[index].1 } else { &[] };
-            manager.refresh(host.as_ref(), reclaimed);
+            manager.refresh(host.as_ref(), reclaimed, false);
         }
     }
 }

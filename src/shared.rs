@@ -319,10 +319,10 @@ impl FileView {
 
     /// Removes temporary files of killed savers (under no lock: each is named
     /// by a pid that is gone, so no saver is using it). It lists the folder,
-    /// which may hold thousands of files: at start, then at most once a
-    /// minute from refreshes.
-    pub fn tidy(&mut self) {
-        if self.tidied.is_some_and(|at| at.elapsed() < TIDY_EVERY) {
+    /// which may hold thousands of files: at start and at an asked-for
+    /// refresh, and at most once a minute from the background refreshes.
+    pub fn tidy(&mut self, always: bool) {
+        if !always && self.tidied.is_some_and(|at| at.elapsed() < TIDY_EVERY) {
             return;
         }
         self.tidied = Some(Instant::now());

@@ -8,18 +8,22 @@ before uvicorn starts, so no other program can take the port in between.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable
 
+import fastapi_offline
 import uvicorn
 from api_ports import create_router
 from api_ports.dashboard import page_response
-from fastapi import FastAPI
-from fastapi.responses import HTMLResponse
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html
+from fastapi.responses import HTMLResponse, Response
 from fastapi_offline import FastAPIOffline
 
 from . import DynamicPortManager, __version__, release_lease
@@ -36,14 +40,42 @@ def create_app(manager: DynamicPortManager) -> FastAPI:
         description=f"Ports {manager.start}-{manager.end}, state file `{manager.state_path}`.",
         # Swagger UI would otherwise load a badge from its online validator.
         swagger_ui_parameters={"validatorUrl": None},
+        redoc_url=None,  # served below, from a bundle that asks no CDN for its logo
     )
     app.include_router(create_router(manager), prefix="/api/v1")
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}/static-offline-docs/favicon.png",
+            with_google_fonts=False,
+        )
+
+    @app.get("/redoc.standalone.js", include_in_schema=False)
+    def redoc_bundle() -> Response:
+        return Response(offline_redoc_bundle(), media_type="application/javascript")
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     def root() -> HTMLResponse:
         return page_response(api="api/v1/port/", assets="api/v1/port/dashboard/", docs="docs")
 
     return app
+
+
+#: ReDoc's attribution draws its logo from this CDN address, whatever the page.
+REDOC_CDN_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+@functools.lru_cache(maxsize=1)
+def offline_redoc_bundle() -> bytes:
+    """fastapi-offline's ReDoc bundle, its CDN logo address emptied: an image
+    with no source asks nothing of anyone, and ReDoc hides it on the error."""
+    bundle = Path(fastapi_offline.__file__).parent / "static" / "redoc.standalone.js"
+    return bundle.read_bytes().replace(REDOC_CDN_LOGO, b"")
 
 
 def listen(manager: DynamicPortManager, host: str) -> tuple[socket.socket, int]:
