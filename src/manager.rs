@@ -26,7 +26,7 @@ use crate::probe::{probe_port, Probe};
 use crate::registry::{self, Lease, LeaseTable, Registry};
 use crate::scan::{self, PortSet};
 use crate::shared::{leased_in, FileView, Leased, Save, SharedFile};
-use crate::state::State;
+use crate::state::{LeaseView, State};
 use crate::store::Backup;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -358,23 +358,39 @@ impl Manager {
         let prefix = local.file.owner_prefix();
         local.registry.transact_seeing(|table, seen| {
             let mut reclaimed = Vec::new();
-            let port = loop {
-                let leased: PortSet = table.iter().map(|l| l.port).collect();
-                let found = lowest_free(range.clone(), &leased, bound, skipped);
+            // One pass over the table for both the search and the state's
+            // view; it is kept up to date below rather than built again.
+            let (port, mut leased) = loop {
+                let leased = leased_in(table, &range, prefix);
+                let found = lowest_free(range.clone(), &leased.ports, bound, skipped);
                 let dead = table.remove_dead_below(&range, found, seen);
                 if dead.is_empty() {
-                    break found;
+                    break (found, leased);
                 }
                 reclaimed.extend(dead);
             };
             let Some(port) = port else {
                 return (None, reclaimed);
             };
-            table.insert(lease(port));
-            if let Some(old) = replacing {
-                table.remove_where(|l| l.port == old && &l.owner == owner);
+            let new = lease(port);
+            leased.ports.insert(port);
+            if new.owner.starts_with(prefix) {
+                leased.mine.push(LeaseView::of(&new));
+                leased.mine.sort_by_key(|v| v.port);
             }
-            (Some((port, leased_in(table, &range, prefix))), reclaimed)
+            table.insert(new);
+            if let Some(old) = replacing {
+                let gone = table.remove_where(|l| l.port == old && &l.owner == owner);
+                if !gone.is_empty() {
+                    leased
+                        .mine
+                        .retain(|v| !(v.port == old && &v.owner == owner));
+                    if table.holder_of(old).is_none() {
+                        leased.ports.remove(old);
+                    }
+                }
+            }
+            (Some((port, leased)), reclaimed)
         })
     }
 

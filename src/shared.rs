@@ -404,12 +404,7 @@ pub(crate) fn leased_in(table: &LeaseTable, range: &RangeInclusive<u16>, prefix:
     for lease in table.iter().filter(|l| range.contains(&l.port)) {
         ports.insert(lease.port);
         if lease.owner.starts_with(prefix) {
-            mine.push(LeaseView {
-                port: lease.port,
-                pid: lease.pid,
-                owner: lease.owner.clone(),
-                since: lease.since.clone(),
-            });
+            mine.push(LeaseView::of(lease));
         }
     }
     mine.sort_by_key(|v| v.port);

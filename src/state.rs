@@ -101,6 +101,17 @@ pub struct LeaseView {
     pub since: String,
 }
 
+impl LeaseView {
+    pub fn of(lease: &crate::registry::Lease) -> LeaseView {
+        LeaseView {
+            port: lease.port,
+            pid: lease.pid,
+            owner: lease.owner.clone(),
+            since: lease.since.clone(),
+        }
+    }
+}
+
 /// Counters for monitoring (kept across restarts with the file).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
