@@ -130,8 +130,9 @@ pub fn apply(leases: &mut Vec<Lease>, changes: Vec<Change>) {
         match change {
             Change::Add(lease) => leases.push(lease),
             Change::Del(key) => {
+                // As `LeaseTable::remove_where` removed it (same order after).
                 if let Some(at) = leases.iter().position(|l| key.names(l)) {
-                    leases.remove(at);
+                    leases.swap_remove(at);
                 }
             }
         }

@@ -374,7 +374,7 @@ impl Manager {
             };
             let new = lease(port);
             leased.ports.insert(port);
-            if new.owner.starts_with(prefix) {
+            if crate::shared::owned_through(&new.owner, prefix) {
                 leased.mine.push(LeaseView::of(&new));
                 leased.mine.sort_by_key(|v| v.port);
             }
