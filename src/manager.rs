@@ -252,7 +252,6 @@ impl Manager {
             return Err(Error::Stopped(self.path.clone()));
         }
         let local = self.local()?;
-        crate::refresh::ensure_running();
         let mut mine = lock(&local.mine);
         let holder = match for_pid {
             None => local.holder,

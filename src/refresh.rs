@@ -80,14 +80,6 @@ pub fn unregister(id: u64) {
     r.wake.notify_all();
 }
 
-/// Starts the thread if this process's schedule has managers and no thread.
-pub fn ensure_running() {
-    let r = refresher();
-    if !lock(&r.schedule).entries.is_empty() {
-        ensure_thread(r);
-    }
-}
-
 /// How long interpreter exit waits for a refresh in progress to finish: a
 /// refresh takes milliseconds; one stuck on another process's lock is left.
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(500);

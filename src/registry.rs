@@ -857,12 +857,7 @@ mod tests {
         assert!(log_len < 1024, "{log_len}");
         // Past 64 KiB of log the whole table is written to the spare slot
         // and the log starts again; every handle follows.
-        let owner = "x".repeat(200);
-        for port in 4000..4400 {
-            writer
-                .transact(|t| t.insert(lease(port, Holder::current(), &owner)))
-                .unwrap();
-        }
+        fill_past_a_compaction(&writer);
         assert!(slot_len("leases-0.json") + slot_len("leases-1.json") > 32 * 1024);
         let expected: Vec<u16> = std::iter::once(3001).chain(4000..4400).collect();
         assert_eq!(ports(&reader), expected);
@@ -973,6 +968,16 @@ mod tests {
         );
     }
 
+    /// Leases on 4000-4399 with long owners: over 64 KiB of log, so the
+    /// table is folded into a slot (once, then part of it into the log).
+    fn fill_past_a_compaction(reg: &Registry) {
+        let owner = "x".repeat(200);
+        for port in 4000..4400 {
+            reg.transact(|t| t.insert(lease(port, Holder::current(), &owner)))
+                .unwrap();
+        }
+    }
+
     /// A holder whose process has exited.
     fn dead_holder() -> Holder {
         let mut child = std::process::Command::new("true").spawn().unwrap();
@@ -1004,11 +1009,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::create(dir.path()).unwrap();
         // Enough leases for a full table in slot 1, then one more in the log.
-        let owner = "x".repeat(200);
-        for port in 4000..4400 {
-            reg.transact(|t| t.insert(lease(port, Holder::current(), &owner)))
-                .unwrap();
-        }
+        fill_past_a_compaction(&reg);
         assert!(
             fs::metadata(dir.path().join("leases-1.json"))
                 .unwrap()

@@ -18,3 +18,13 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def state_path(tmp_path: Path, registry: Path) -> Path:
     return tmp_path / "port_state" / "dynamic_ports_service1.json"
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, registry: Path, tmp_path: Path) -> None:
+    """No DPM_* settings from the caller's shell, and the CLI's per-user state
+    file under this test's folder (for suites that run the CLI or `serve`)."""
+    from router_helpers import clean_env
+
+    clean_env(monkeypatch)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))

@@ -178,3 +178,20 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def start_default_manager(monkeypatch: pytest.MonkeyPatch, state_path: Path) -> DynamicPortManager:
+    """The default router's manager, made afresh from DPM_* variables for this
+    test, with one pick and release behind it (history and a backup to show)."""
+    import api_ports
+
+    clean_env(monkeypatch)
+    start, end = port_block(3)
+    monkeypatch.setenv("DPM_START", str(start))
+    monkeypatch.setenv("DPM_END", str(end))
+    monkeypatch.setenv("DPM_JSON_PATH", str(state_path))
+    api_ports.close_manager()
+    manager = api_ports.get_manager()
+    manager.pick_port()
+    manager.release_port()
+    return manager

@@ -14,7 +14,7 @@ import pytest
 from accept_values import ACCEPT, MALFORMED
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
-from router_helpers import app_with, clean_env, port_block
+from router_helpers import app_with, start_default_manager
 
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -23,15 +23,7 @@ TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 def client(
     monkeypatch: pytest.MonkeyPatch, registry: Path, state_path: Path
 ) -> Iterator[TestClient]:
-    clean_env(monkeypatch)
-    start, end = port_block(3)
-    monkeypatch.setenv("DPM_START", str(start))
-    monkeypatch.setenv("DPM_END", str(end))
-    monkeypatch.setenv("DPM_JSON_PATH", str(state_path))
-    api_ports.close_manager()
-    manager = api_ports.get_manager()
-    manager.pick_port()  # a backup to download
-    manager.release_port()
+    start_default_manager(monkeypatch, state_path)
     # Server errors as responses, not exceptions: the status is what is checked.
     with TestClient(app_with(api_ports.router), raise_server_exceptions=False) as c:
         yield c

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from router_helpers import LineReader, clean_env, cli, cli_path, lease_on, listening, port_block
+from router_helpers import LineReader, cli, cli_path, lease_on, listening, port_block
 
 SUBCOMMANDS = [
     "pick",
@@ -27,10 +27,7 @@ SUBCOMMANDS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, registry: Path, tmp_path: Path) -> None:
-    clean_env(monkeypatch)
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 @pytest.fixture

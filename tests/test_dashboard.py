@@ -30,13 +30,9 @@ from browser import Page, chromium, serve
 from dynamic_port_manager import DynamicPortManager
 from dynamic_port_manager.server import create_app
 from fastapi.testclient import TestClient
-from router_helpers import app_with, clean_env, cli, new_manager, port_block
+from router_helpers import app_with, cli, new_manager, port_block
 
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, registry: Path, tmp_path: Path) -> None:
-    clean_env(monkeypatch)
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from browser import chromium, serve
 from dynamic_port_manager import DynamicPortManager
 from dynamic_port_manager.server import create_app
 from fastapi.testclient import TestClient
-from router_helpers import clean_env, new_manager, port_block
+from router_helpers import new_manager, port_block
 
 PAGES = ("/", "/docs", "/redoc")
 # Attribute values and `url: '...'` in the pages' inline script.
@@ -29,10 +29,7 @@ URL_IN_PAGE = re.compile(r"""(?:\b(?:href|src|spec-url)=|\burl:\s*)["']([^"']*)[
 HOST = re.compile(r"(?:[a-z][a-z0-9+.-]*:)?//[^/\s\"'<>]+", re.I)
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, registry: Path, tmp_path: Path) -> None:
-    clean_env(monkeypatch)
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 @pytest.fixture

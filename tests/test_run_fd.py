@@ -12,13 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from router_helpers import LineReader, can_bind, clean_env, cli, cli_path, lease_on, port_block
+from router_helpers import LineReader, can_bind, cli, cli_path, lease_on, port_block
 
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, registry: Path, tmp_path: Path) -> None:
-    clean_env(monkeypatch)
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import schemathesis
 from accept_values import ACCEPT_FOR_REQUESTS
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from router_helpers import app_with, clean_env, port_block
+from router_helpers import app_with, start_default_manager
 
 # The app exists at import, and its schema is read from it directly: reading
 # it over ASGI (`from_asgi`) would run the app's lifespan at import, making the
@@ -44,15 +44,7 @@ def flatmap_headers(ctx: Any, headers: dict[str, Any] | None) -> st.SearchStrate
 def _manager_per_test(
     monkeypatch: pytest.MonkeyPatch, registry: Path, state_path: Path
 ) -> Iterator[None]:
-    clean_env(monkeypatch)
-    start, end = port_block(3)
-    monkeypatch.setenv("DPM_START", str(start))
-    monkeypatch.setenv("DPM_END", str(end))
-    monkeypatch.setenv("DPM_JSON_PATH", str(state_path))
-    api_ports.close_manager()
-    manager = api_ports.get_manager()
-    manager.pick_port()  # some history and backups to list and download
-    manager.release_port()
+    start_default_manager(monkeypatch, state_path)
     yield
     api_ports.close_manager()
 

@@ -12,18 +12,13 @@ import pytest
 from router_helpers import (
     Served,
     can_bind,
-    clean_env,
     cli_path,
     lease_on,
     port_block,
     running_server,
 )
 
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, registry: Path, tmp_path: Path) -> None:
-    clean_env(monkeypatch)
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 @pytest.fixture
