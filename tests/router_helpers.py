@@ -148,6 +148,7 @@ def running_server(
 def listening(port: int = 0) -> Iterator[socket.socket]:
     """A real listening socket on 127.0.0.1 (another program holding a port)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
     try:
         sock.bind(("127.0.0.1", port))
         sock.listen(1)

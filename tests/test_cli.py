@@ -118,6 +118,7 @@ import json, os, socket, sys
 from dynamic_port_manager import list_leases
 port = int(os.environ["PORT"])
 with socket.socket() as sock:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
     sock.bind(("127.0.0.1", port))
     sock.listen(1)
     lease = [l for l in list_leases() if l["port"] == port]

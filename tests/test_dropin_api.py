@@ -114,6 +114,7 @@ def test_a_released_port_whose_listener_closed_is_free_at_once(
         port = m.pick_port()
         # The service listens on its port; a refresh sees it in the kernel's table.
         with socket.socket() as service:
+            service.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
             service.bind(("127.0.0.1", port))
             service.listen()
             m.refresh()
@@ -130,6 +131,7 @@ def test_a_released_port_still_listened_on_stays_used(tmp_path: Path, registry: 
     with DynamicPortManager(22360, 22369, tmp_path / "p.json", console_log=False) as m:
         port = m.pick_port()
         with socket.socket() as service:
+            service.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
             service.bind(("127.0.0.1", port))
             service.listen()
             m.release_port()

@@ -83,6 +83,7 @@ def wait_until(predicate: Any, what: str, timeout: float = 15.0) -> None:
 
 def listen(port: int) -> socket.socket:
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
     s.bind(("127.0.0.1", port))
     s.listen()
     return s

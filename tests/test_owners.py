@@ -26,6 +26,7 @@ held = []
 for line in sys.stdin:
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         s = socket.socket(family)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
         s.bind((host, int(line)))
         s.listen()
         held.append(s)

@@ -23,6 +23,8 @@ import errno, socket, sys
 held = []
 for line in sys.stdin:
     s = socket.socket()
+    # As servers do: a TIME_WAIT left on the port by an earlier test is no obstacle.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind(("0.0.0.0", int(line)))
         s.listen()
