@@ -15,11 +15,16 @@ pub struct Holder {
 impl Holder {
     /// This process.
     pub fn current() -> Holder {
-        let pid = std::process::id();
-        Holder {
-            pid,
-            start_time: start_time(pid).unwrap_or(0),
-        }
+        // Read from /proc once per process (a forked child reads its own).
+        static CURRENT: crate::per_process::PerProcess<Holder> =
+            crate::per_process::PerProcess::new();
+        *CURRENT.get_or_init(|| {
+            let pid = std::process::id();
+            Holder {
+                pid,
+                start_time: start_time(pid).unwrap_or(0),
+            }
+        })
     }
 
     /// The live process with this pid, if any.

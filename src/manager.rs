@@ -25,7 +25,7 @@ use crate::per_process::PerProcess;
 use crate::probe::{probe_port, Probe};
 use crate::registry::{self, Lease, LeaseTable, Registry};
 use crate::scan::{self, PortSet};
-use crate::shared::{leased_in, FileView, Leased, Save, SharedFile};
+use crate::shared::{leased_in, FileView, Leased, Save, SharedFile, Sweep};
 use crate::state::{LeaseView, State};
 use crate::store::Backup;
 
@@ -202,7 +202,7 @@ impl Manager {
             let mut warnings = Vec::new();
             if first {
                 file.bound = scan::ports_in_use(self.range());
-                file.tidy(true);
+                file.tidy(Sweep::IfChanged);
                 file.ephemeral = ephemeral_warning(self.range(), &mut warnings);
             }
             let (leases, problems) = self.leases_in_range(local, &mine, &stamp);
@@ -541,7 +541,7 @@ impl Manager {
                 Some(set) => set.clone(),
                 None => scan::ports_in_use(self.range()),
             };
-            file.tidy(asked);
+            file.tidy(if asked { Sweep::Asked } else { Sweep::Periodic });
             let before = (file.state.free_ports.len(), file.state.used_ports.len());
             let problems = file.update(
                 self.range(),

@@ -2,7 +2,10 @@
 //! those web browsers refuse to connect to, and the kernel's ephemeral range.
 
 use std::ops::RangeInclusive;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use crate::per_process::PerProcess;
 use crate::scan::PortSet;
 
 /// The Fetch standard's "bad ports", which Chromium (`net/base/port_util.cc`)
@@ -36,11 +39,26 @@ pub struct EphemeralOverlap {
 
 /// Reads `/proc/sys/net/ipv4/ip_local_port_range` and `ip_local_reserved_ports`.
 /// `None` when they cannot be read or the range does not overlap.
+/// The two files are read at most once a second per process: a thousand
+/// managers started at once need not read them a thousand times.
 pub fn ephemeral_overlap(range: RangeInclusive<u16>) -> Option<EphemeralOverlap> {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let reserved =
-        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
-    overlap(range, &text, &reserved)
+    type Sysctls = Mutex<Option<(Instant, Option<String>, String)>>;
+    static READ: PerProcess<Sysctls> = PerProcess::new();
+    let mut read = READ
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if read
+        .as_ref()
+        .is_none_or(|(at, ..)| at.elapsed() >= Duration::from_secs(1))
+    {
+        let local = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+        let reserved = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+            .unwrap_or_default();
+        *read = Some((Instant::now(), local, reserved));
+    }
+    let (_, local, reserved) = read.as_ref().expect("just read");
+    overlap(range, local.as_deref()?, reserved)
 }
 
 fn overlap(range: RangeInclusive<u16>, local: &str, reserved: &str) -> Option<EphemeralOverlap> {

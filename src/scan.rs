@@ -14,19 +14,33 @@ use std::ops::RangeInclusive;
 
 use crate::probe::{probe_port, Probe};
 
-/// A set of TCP ports, as a 65,536-bit bitmap.
-#[derive(Clone, PartialEq, Eq)]
+/// Ports per chunk of a `PortSet`, and the chunks that cover all 65,536.
+const CHUNK_PORTS: usize = 4096;
+const CHUNK_WORDS: usize = CHUNK_PORTS / 64;
+const CHUNKS: usize = 65_536 / CHUNK_PORTS;
+
+/// A set of TCP ports: a bitmap in 16 chunks of 4,096 ports, each allocated
+/// only once a port in it is added. A range of a few thousand ports then
+/// costs a kilobyte or two, not 8 KB per set; every state file's view keeps
+/// several, and fresh memory is not free (the kernel zeroes each new page).
+#[derive(Clone, Default)]
 pub struct PortSet {
-    words: Box<[u64; 1024]>,
+    chunks: [Option<Box<[u64; CHUNK_WORDS]>>; CHUNKS],
 }
 
-impl Default for PortSet {
-    fn default() -> Self {
-        PortSet {
-            words: Box::new([0; 1024]),
-        }
+const EMPTY_CHUNK: [u64; CHUNK_WORDS] = [0; CHUNK_WORDS];
+
+impl PartialEq for PortSet {
+    fn eq(&self, other: &Self) -> bool {
+        let words = |c: &Option<Box<[u64; CHUNK_WORDS]>>| c.as_deref().copied();
+        self.chunks
+            .iter()
+            .zip(&other.chunks)
+            .all(|(a, b)| words(a).unwrap_or(EMPTY_CHUNK) == words(b).unwrap_or(EMPTY_CHUNK))
     }
 }
+
+impl Eq for PortSet {}
 
 impl std::fmt::Debug for PortSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -34,21 +48,42 @@ impl std::fmt::Debug for PortSet {
     }
 }
 
+fn place(port: u16) -> (usize, usize, u64) {
+    let port = usize::from(port);
+    let within = port % CHUNK_PORTS;
+    (port / CHUNK_PORTS, within / 64, 1 << (within % 64))
+}
+
 impl PortSet {
     pub fn insert(&mut self, port: u16) {
-        self.words[usize::from(port / 64)] |= 1 << (port % 64);
+        let (chunk, word, bit) = place(port);
+        self.chunks[chunk].get_or_insert_with(|| Box::new(EMPTY_CHUNK))[word] |= bit;
     }
 
     pub fn remove(&mut self, port: u16) {
-        self.words[usize::from(port / 64)] &= !(1 << (port % 64));
+        let (chunk, word, bit) = place(port);
+        if let Some(words) = self.chunks[chunk].as_mut() {
+            words[word] &= !bit;
+        }
     }
 
     pub fn contains(&self, port: u16) -> bool {
-        self.words[usize::from(port / 64)] & (1 << (port % 64)) != 0
+        let (chunk, word, bit) = place(port);
+        self.chunks[chunk]
+            .as_ref()
+            .is_some_and(|words| words[word] & bit != 0)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
-        (0..=u16::MAX).filter(move |p| self.contains(*p))
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|words| (i, words)))
+            .flat_map(|(i, words)| {
+                (0..CHUNK_PORTS)
+                    .filter(move |p| words[p / 64] & (1 << (p % 64)) != 0)
+                    .map(move |p| (i * CHUNK_PORTS + p) as u16)
+            })
     }
 
     /// How many ports of `range` are in the set.
@@ -144,6 +179,24 @@ fn probe_range(range: RangeInclusive<u16>) -> PortSet {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    #[test]
+    fn a_port_set_holds_every_port_and_compares_by_content() {
+        let ports = [0, 1, 63, 64, 4095, 4096, 20000, 65535];
+        let mut set: PortSet = ports.into_iter().collect();
+        assert_eq!(set.iter().collect::<Vec<_>>(), ports);
+        assert!(ports.iter().all(|&p| set.contains(p)));
+        assert!(!set.contains(2) && !set.contains(4097) && !set.contains(65534));
+        assert_eq!(set.count_in(4000..=20000), 3);
+        for p in ports {
+            set.remove(p);
+        }
+        // Chunks that were used and are empty again equal chunks never used.
+        assert_eq!(set, PortSet::default());
+        assert_ne!(set, [7].into_iter().collect());
+        set.remove(9);
+        assert_eq!(set.iter().count(), 0);
+    }
 
     #[test]
     fn parses_listeners_and_skips_time_wait() {

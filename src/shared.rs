@@ -63,6 +63,17 @@ pub enum Save {
     IfChanged,
 }
 
+/// When `FileView::tidy` sweeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sweep {
+    /// At start: if the folder changed since this process last swept it.
+    IfChanged,
+    /// An asked-for refresh.
+    Asked,
+    /// A background refresh: at most once a minute.
+    Periodic,
+}
+
 type Views = Mutex<HashMap<String, Weak<SharedFile>>>;
 
 const TIDY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -319,14 +330,23 @@ impl FileView {
 
     /// Removes temporary files of killed savers (under no lock: each is named
     /// by a pid that is gone, so no saver is using it). It lists the folder,
-    /// which may hold thousands of files: at start and at an asked-for
-    /// refresh, and at most once a minute from the background refreshes.
-    pub fn tidy(&mut self, always: bool) {
-        if !always && self.tidied.is_some_and(|at| at.elapsed() < TIDY_EVERY) {
-            return;
-        }
+    /// which may hold thousands of files: at start if the folder changed
+    /// since this process last swept it, always at an asked-for refresh, and
+    /// at most once a minute from the background refreshes (unconditionally:
+    /// see `fsutil::watch` for what a change detection can miss).
+    pub fn tidy(&mut self, when: Sweep) {
+        let always = match when {
+            Sweep::IfChanged => false,
+            Sweep::Asked => true,
+            Sweep::Periodic => {
+                if self.tidied.is_some_and(|at| at.elapsed() < TIDY_EVERY) {
+                    return;
+                }
+                true
+            }
+        };
         self.tidied = Some(Instant::now());
-        self.store.remove_stale_temporaries();
+        self.store.remove_stale_temporaries(always);
     }
 
     /// Refuses a state-file path that holds something other than a regular

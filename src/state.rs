@@ -138,11 +138,30 @@ pub struct Options {
 fn one_line<S: serde::Serializer>(ports: &[u16], serializer: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeStruct;
     const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
-    let text = port_list_json(ports);
-    let mut raw = serializer.serialize_struct(RAW_VALUE_TOKEN, 1)?;
-    raw.serialize_field(RAW_VALUE_TOKEN, &text)?;
-    raw.end()
+    LIST_TEXT.with(|kept| {
+        let mut own = String::new();
+        let mut kept = kept.try_borrow_mut();
+        let text = match kept.as_deref_mut() {
+            Ok(kept) => kept,
+            Err(_) => &mut own,
+        };
+        port_list_json(ports, text);
+        let mut raw = serializer.serialize_struct(RAW_VALUE_TOKEN, 1)?;
+        raw.serialize_field(RAW_VALUE_TOKEN, text.as_str())?;
+        raw.end()
+    })
 }
+
+thread_local! {
+    /// Kept from one save to the next on each thread, like the file's own
+    /// buffer (see `State::write_json`).
+    static LIST_TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    static FILE_TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Buffers past this size are given back after use (a huge state once must
+/// not pin its memory for good).
+const KEPT_BUFFER: usize = 1 << 20;
 
 /// Four decimal digits of each number below 10,000, zero-padded.
 static DIGITS4: [[u8; 4]; 10_000] = {
@@ -162,8 +181,10 @@ static DIGITS4: [[u8; 4]; 10_000] = {
 
 /// `[p1,p2,...]` with one table look-up per port (a 6,001-port list in a
 /// few microseconds; digit by digit it was most of a save).
-fn port_list_json(ports: &[u16]) -> String {
-    let mut out: Vec<u8> = Vec::with_capacity(ports.len() * 6 + 2);
+fn port_list_json(ports: &[u16], text: &mut String) {
+    let mut out = std::mem::take(text).into_bytes();
+    out.clear();
+    out.reserve(ports.len() * 6 + 2);
     out.push(b'[');
     for (i, &port) in ports.iter().enumerate() {
         if i > 0 {
@@ -185,7 +206,10 @@ fn port_list_json(ports: &[u16]) -> String {
         }
     }
     out.push(b']');
-    String::from_utf8(out).expect("digits and commas are ASCII")
+    if out.capacity() > KEPT_BUFFER {
+        out.shrink_to(KEPT_BUFFER);
+    }
+    *text = String::from_utf8(out).expect("digits and commas are ASCII");
 }
 
 impl State {
@@ -234,8 +258,35 @@ impl State {
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        // Pretty, as the original wrote it: people read this file.
-        serde_json::to_vec_pretty(self).expect("state always serializes")
+        let mut out = Vec::new();
+        self.write_json(&mut out);
+        out
+    }
+
+    /// Pretty, as the original wrote it: people read this file.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        serde_json::to_writer_pretty(out, self).expect("state always serializes");
+    }
+
+    /// Hands the file's text to `write`, made in a buffer this thread keeps
+    /// from one save to the next. A new 40 KB buffer per save (grown by
+    /// doubling) made the allocator take memory from the kernel and give it
+    /// back each time, and the kernel zeroes every page it hands out: that
+    /// zeroing was a sixth of a new manager's first pick.
+    pub fn with_json<R>(&self, write: impl FnOnce(&[u8]) -> R) -> R {
+        FILE_TEXT.with(|text| {
+            // A save from inside a save (never done) would find it borrowed.
+            let Ok(mut out) = text.try_borrow_mut() else {
+                return write(&self.to_json());
+            };
+            out.clear();
+            self.write_json(&mut out);
+            let result = write(&out);
+            if out.capacity() > KEPT_BUFFER {
+                *out = Vec::new();
+            }
+            result
+        })
     }
 
     /// Records a change of the active port: history (bounded), change count,

@@ -21,7 +21,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::clock;
-use crate::fsutil::{printable, temp_owner, write_atomic, Dir, FileId, Kind, Open, Recycled};
+use crate::fsutil::{
+    added, names_where, printable, sweep, temp_of, write_atomic, Dir, FileId, Kind, Open,
+    OwnChange, Recycled,
+};
 use crate::state::State;
 
 /// How many damaged files set aside are kept beside a state file.
@@ -249,7 +252,40 @@ impl Store {
     /// `generation` is the lock file's counter as bumped for this save.
     pub fn save(&mut self, state: &State, generation: u64) -> io::Result<Option<String>> {
         self.open_folder(true)?;
+        // What this save makes and removes is this process's own change to
+        // both folders (see `fsutil::watch`): no listing needed afterwards.
+        let in_folder = OwnChange::begin(self.dir());
+        let in_backups = self.backups.as_ref().map(OwnChange::begin);
         let existing = self.dir().stat(&self.name)?;
+        let existed = existing.is_some();
+        let result = self.save_unwatched(state, generation, existing);
+        in_folder.end(self.dir(), |names| {
+            existed || result.is_err() || added(&self.name)(names)
+        });
+        if let (Some(change), Some(dir)) = (in_backups, self.backups.as_ref()) {
+            let stem = &self.stem;
+            let ours = |n: &OsStr| {
+                n.to_str()
+                    .is_some_and(|n| parse_backup_name(stem, n).is_some())
+            };
+            change.end(dir, |names| match &self.backup_cache {
+                Some(kept) => {
+                    names.retain(|n| !ours(n));
+                    names.extend(kept.iter().map(|b| OsString::from(&b.name)));
+                    true
+                }
+                None => false,
+            });
+        }
+        result
+    }
+
+    fn save_unwatched(
+        &mut self,
+        state: &State,
+        generation: u64,
+        existing: Option<crate::fsutil::Stat>,
+    ) -> io::Result<Option<String>> {
         if let Some(st) = existing {
             if matches!(st.kind, Kind::Dir | Kind::Other) {
                 return Err(not_a_state_file(&self.path, st.kind));
@@ -272,7 +308,8 @@ impl Store {
             (Some(name), Some(dir)) => Some((dir, OsStr::new(name.as_str()))),
             _ => None,
         };
-        let written = write_atomic(folder, &self.name, &state.to_json(), self.durable, reuse);
+        let written =
+            state.with_json(|text| write_atomic(folder, &self.name, text, self.durable, reuse));
         if let (Some(old), Some(dir)) = (&recycle, backups) {
             // Not recycled (declined, or the write failed): still past backup_max.
             if !matches!(written, Ok(Recycled::Yes)) {
@@ -331,8 +368,11 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let mut backups: Vec<Backup> = dir
-            .names()?
+        let ours = |n: &OsStr| {
+            n.to_str()
+                .is_some_and(|n| parse_backup_name(&stem, n).is_some())
+        };
+        let mut backups: Vec<Backup> = names_where(dir, ours)?
             .into_iter()
             .filter_map(|name| {
                 let name = name.into_string().ok()?;
@@ -385,23 +425,35 @@ impl Store {
     }
 
     /// Removes temporary files left by savers that were killed (their pid is
-    /// gone), so the files beside a state file stay bounded.
-    pub fn remove_stale_temporaries(&mut self) {
-        let name = self.name.clone();
+    /// gone), so the files beside a state file stay bounded: this state
+    /// file's, and those of the folder's other state files (a name with a lock
+    /// file beside it), whose managers may never start again. Unless `always`,
+    /// only if the folder changed since this process last swept it.
+    pub fn remove_stale_temporaries(&mut self, always: bool) {
+        let own = self.name.clone();
         let Ok(folder) = self.folder(false) else {
             return;
         };
-        let Ok(names) = folder.names() else {
-            return;
-        };
         let me = std::process::id();
-        for candidate in names {
-            if let Some(pid) = temp_owner(&name, &candidate) {
-                if pid != me && !crate::holder::pid_exists(pid) {
-                    let _ = folder.remove(&candidate);
-                }
-            }
-        }
+        let _ = sweep(folder, always, |names| {
+            let locks: std::collections::HashSet<&[u8]> = names
+                .iter()
+                .filter_map(|n| n.as_bytes().strip_suffix(b".lock"))
+                .collect();
+            names
+                .iter()
+                .filter(|candidate| match temp_of(candidate) {
+                    Some((name, pid)) => {
+                        (name == own || locks.contains(name.as_bytes()))
+                            && pid != me
+                            && !crate::holder::pid_exists(pid)
+                            && folder.remove(candidate).is_ok()
+                    }
+                    None => false,
+                })
+                .cloned()
+                .collect()
+        });
     }
 
     /// Keeps the file about to be replaced under a new backup name. A hard
@@ -421,22 +473,35 @@ impl Store {
             }
         };
         let compact = clock::now().compact;
-        let suffix = existing
+        let mut suffix = existing
             .iter()
             .filter(|b| b.key.0 == compact)
             .map(|b| b.key.1 + 1)
             .max()
             .unwrap_or(0);
-        let name = if suffix == 0 {
-            format!("{}_{compact}.json", self.stem)
-        } else {
-            format!("{}_{compact}_{suffix}.json", self.stem)
-        };
         let folder = self.folder.as_ref().expect("opened by save");
         let backups = self.backups.as_ref().expect("opened above");
-        if folder.link(&self.name, backups, OsStr::new(&name)).is_err() {
-            copy_new(folder, &self.name, backups, OsStr::new(&name))?;
-        }
+        let name = loop {
+            let name = if suffix == 0 {
+                format!("{}_{compact}.json", self.stem)
+            } else {
+                format!("{}_{compact}_{suffix}.json", self.stem)
+            };
+            let taken = match folder.link(&self.name, backups, OsStr::new(&name)) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    copy_new(folder, &self.name, backups, OsStr::new(&name))
+                }
+                other => other,
+            };
+            match taken {
+                Ok(()) => break name,
+                // A backup this process did not know of has the name (one
+                // taken by another process in the same second, say): never
+                // overwritten, the next suffix is tried.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && suffix < 1000 => suffix += 1,
+                Err(e) => return Err(e),
+            }
+        };
         existing.push(Backup {
             path: self.backup_dir.join(&name),
             name,
@@ -704,7 +769,7 @@ mod tests {
         fs::write(&stale, b"x").unwrap();
         fs::write(&live, b"x").unwrap();
         let mut store = Store::new(dir.path().join("svc.json"), 5, false);
-        store.remove_stale_temporaries();
+        store.remove_stale_temporaries(false);
         assert!(!stale.exists());
         assert!(live.exists());
     }

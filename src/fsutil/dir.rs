@@ -54,6 +54,7 @@ pub struct Stat {
     pub size: u64,
     pub nlink: u64,
     pub mtime_ns: i64,
+    pub ctime_ns: i64,
     pub uid: u32,
     pub mode: u32,
 }
@@ -73,6 +74,7 @@ impl Stat {
             size: st.st_size as u64,
             nlink: st.st_nlink,
             mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
             uid: st.st_uid,
             mode: st.st_mode & 0o7777,
         }

@@ -153,14 +153,19 @@ impl LockFile {
             }
         }
         self.held = None;
-        let file = dir
-            .open_file(&self.name, Open::ReadWriteCreate(0o600))
-            .or_else(|e| match e.kind() {
-                // An existing lock file we may not write still locks (flock
-                // needs no write access); only the change counter stays at 0.
-                io::ErrorKind::PermissionDenied => dir.open_file(&self.name, Open::Read),
-                _ => Err(e),
-            })?;
+        // Making the lock file is this process's own change to the folder.
+        let creating = on_disk.is_none().then(|| super::OwnChange::begin(dir));
+        let opened = dir.open_file(&self.name, Open::ReadWriteCreate(0o600));
+        if let Some(change) = creating {
+            let made = opened.is_ok();
+            change.end(dir, |names| !made || super::added(&self.name)(names));
+        }
+        let file = opened.or_else(|e| match e.kind() {
+            // An existing lock file we may not write still locks (flock
+            // needs no write access); only the change counter stays at 0.
+            io::ErrorKind::PermissionDenied => dir.open_file(&self.name, Open::Read),
+            _ => Err(e),
+        })?;
         let st = Stat::of_file(&file)?;
         self.held = Some(HeldLock {
             lock: fd_lock::RwLock::new(file),

@@ -1,15 +1,18 @@
 //! The file-system rules of the library, in one place: folders opened once by
 //! descriptor with nothing followed through a link (`dir`), lock files with
-//! their change counters (`lock`), atomic replacement and change detection.
+//! their change counters (`lock`), what is known of a folder's names while it
+//! is unchanged (`watch`), atomic replacement and change detection.
 
 mod dir;
 mod lock;
+mod watch;
 
 pub use dir::{read_bounded, Dir, Kind, Open, Stat, MAX_READ};
 pub use lock::{
     lock_within, read_generation, with_interrupt_check, with_wait_cap, write_generation, LockFile,
     LOCK_WAIT,
 };
+pub use watch::{added, names_where, sweep, OwnChange};
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -67,12 +70,18 @@ pub fn temp_name(name: &OsStr, pid: u32) -> OsString {
     tmp
 }
 
-/// The pid in a temporary file name of `name` (see `temp_name`), if it is one.
-pub fn temp_owner(name: &OsStr, candidate: &OsStr) -> Option<u32> {
+/// The state file's name and the saver's pid in a temporary file's name (see
+/// `temp_name`), if it is one.
+pub fn temp_of(candidate: &OsStr) -> Option<(&OsStr, u32)> {
     let rest = candidate.as_bytes().strip_prefix(b".")?;
-    let rest = rest.strip_prefix(name.as_bytes())?.strip_prefix(b".")?;
-    let pid = rest.strip_suffix(b".tmp")?;
-    std::str::from_utf8(pid).ok()?.parse().ok()
+    let rest = rest.strip_suffix(b".tmp")?;
+    let dot = rest.iter().rposition(|&b| b == b'.')?;
+    let (name, pid) = (&rest[..dot], &rest[dot + 1..]);
+    if name.is_empty() || pid.is_empty() || !pid.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let pid = std::str::from_utf8(pid).ok()?.parse().ok()?;
+    Some((OsStr::from_bytes(name), pid))
 }
 
 /// Replaces `name` in `dir` with `bytes` so that no reader ever sees a
@@ -221,9 +230,12 @@ mod tests {
     fn temporary_names_carry_their_pid() {
         let name = temp_name(n("s.json"), 4242);
         assert_eq!(name, ".s.json.4242.tmp");
-        assert_eq!(temp_owner(n("s.json"), &name), Some(4242));
-        assert_eq!(temp_owner(n("s.json"), n(".t.json.4242.tmp")), None);
-        assert_eq!(temp_owner(n("s.json"), n(".s.json.x.tmp")), None);
+        assert_eq!(temp_of(&name), Some((n("s.json"), 4242)));
+        assert_eq!(temp_of(n(".t.json.4242.tmp")), Some((n("t.json"), 4242)));
+        assert_eq!(temp_of(n(".s.json.x.tmp")), None);
+        assert_eq!(temp_of(n(".s.json..tmp")), None);
+        assert_eq!(temp_of(n("..4242.tmp")), None);
+        assert_eq!(temp_of(n("s.json.4242.tmp")), None);
     }
 
     #[test]
