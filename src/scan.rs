@@ -86,6 +86,13 @@ impl PortSet {
             })
     }
 
+    /// The 64 ports from `start` (a multiple of 64) as bits, lowest port first.
+    pub fn word(&self, start: u16) -> u64 {
+        debug_assert_eq!(start % 64, 0);
+        let (chunk, word, _) = place(start);
+        self.chunks[chunk].as_ref().map_or(0, |words| words[word])
+    }
+
     /// How many ports of `range` are in the set.
     pub fn count_in(&self, range: RangeInclusive<u16>) -> usize {
         range.filter(|p| self.contains(*p)).count()
@@ -196,6 +203,10 @@ mod tests {
         assert_ne!(set, [7].into_iter().collect());
         set.remove(9);
         assert_eq!(set.iter().count(), 0);
+        let set: PortSet = [4096, 4097, 4159, 4160].into_iter().collect();
+        assert_eq!(set.word(4096), 1 | 2 | 1 << 63);
+        assert_eq!(set.word(4160), 1);
+        assert_eq!(set.word(0), 0);
     }
 
     #[test]

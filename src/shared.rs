@@ -446,7 +446,8 @@ pub(crate) fn owned_through(owner: &str, prefix: &str) -> bool {
 }
 
 /// used = leased or bound; skipped = the rest that is never handed out;
-/// free = what a pick would hand out.
+/// free = what a pick would hand out. Worked 64 ports at a time on the sets'
+/// bits (a 6,001-port range is 95 words, not 18,000 look-ups).
 pub(crate) fn recompute_lists(
     state: &mut State,
     range: RangeInclusive<u16>,
@@ -459,22 +460,69 @@ pub(crate) fn recompute_lists(
     state.skipped_ports.clear();
     // The lists were moved out before the change: room for all at once
     // instead of a dozen regrowths per save.
-    let len = range.len();
-    state.free_ports.reserve(len);
-    for port in range {
-        if leased.contains(port) || bound.contains(port) {
-            state.used_ports.push(port);
-        } else if skipped.contains(port) {
-            state.skipped_ports.push(port);
-        } else {
-            state.free_ports.push(port);
-        }
+    state.free_ports.reserve(range.len());
+    let (first, last) = (u32::from(*range.start()), u32::from(*range.end()));
+    let mut base = first & !63;
+    while base <= last {
+        // The bits of this word that lie inside the range.
+        let low = first.saturating_sub(base).min(64);
+        let high = (last - base).min(63);
+        let inside = (u64::MAX << low) & (u64::MAX >> (63 - high));
+        let start = base as u16;
+        let used = (leased.word(start) | bound.word(start)) & inside;
+        let never = skipped.word(start) & inside & !used;
+        push_bits(&mut state.used_ports, start, used);
+        push_bits(&mut state.skipped_ports, start, never);
+        push_bits(&mut state.free_ports, start, inside & !used & !never);
+        base += 64;
+    }
+}
+
+/// Appends the port of each set bit of `bits` (bit i is port `start + i`).
+fn push_bits(out: &mut Vec<u16>, start: u16, mut bits: u64) {
+    while bits != 0 {
+        out.push(start + bits.trailing_zeros() as u16);
+        bits &= bits - 1;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::owned_through;
+
+    #[test]
+    fn the_lists_split_the_range_port_by_port() {
+        use super::recompute_lists;
+        use crate::scan::PortSet;
+        use crate::state::{Options, Settings, State};
+        let settings = Settings {
+            port_range: [0, 0],
+            json_path: String::new(),
+            history_max: 1,
+        };
+        let leased: PortSet = [63, 64, 200, 65535].into_iter().collect();
+        let bound: PortSet = [64, 130, 65534].into_iter().collect();
+        let skipped: PortSet = [65, 130, 131, 65533].into_iter().collect();
+        for range in [60..=200, 0..=65535, 64..=64, 127..=129, 65530..=65535] {
+            let mut state = State::fresh(settings.clone(), Options::default());
+            recompute_lists(&mut state, range.clone(), &leased, &bound, &skipped);
+            let mut used = Vec::new();
+            let mut never = Vec::new();
+            let mut free = Vec::new();
+            for port in range {
+                if leased.contains(port) || bound.contains(port) {
+                    used.push(port);
+                } else if skipped.contains(port) {
+                    never.push(port);
+                } else {
+                    free.push(port);
+                }
+            }
+            assert_eq!(state.used_ports, used);
+            assert_eq!(state.skipped_ports, never);
+            assert_eq!(state.free_ports, free);
+        }
+    }
 
     #[test]
     fn owners_are_matched_by_their_whole_prefix() {
