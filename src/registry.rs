@@ -68,11 +68,32 @@ pub struct LeaseTable {
     changes: Vec<Change>,
     /// The whole table must be written (a damaged one was repaired).
     rewrite: bool,
+    /// Names the content as loaded (see `Cached::version`); 0: unknown.
+    version: u64,
+    /// The name the content will have once this transaction's changes are written.
+    next_version: u64,
 }
 
 impl LeaseTable {
     pub fn iter(&self) -> impl Iterator<Item = &Lease> {
         self.leases.iter()
+    }
+
+    /// Names the table's content as this transaction found it: equal
+    /// versions, equal leases (within this process). 0 when unknown.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The version the table has after this transaction, if its changes are
+    /// written (a failed write makes the next load read afresh, under a new
+    /// version).
+    pub fn version_after(&self) -> u64 {
+        if self.dirty() {
+            self.next_version
+        } else {
+            self.version
+        }
     }
 
     pub fn holder_of(&self, port: u16) -> Option<&Lease> {
@@ -128,22 +149,37 @@ impl LeaseTable {
         below: Option<u16>,
         seen: &mut AliveCache,
     ) -> Vec<Lease> {
-        let in_scope = |l: &Lease| range.contains(&l.port) && below.is_none_or(|b| l.port < b);
-        let mut dead: Vec<Holder> = Vec::new();
-        let mut checked: Vec<Holder> = Vec::new();
-        for lease in self.leases.iter().filter(|l| in_scope(l)) {
+        let mut holders: Vec<(Holder, u16)> = Vec::new();
+        for lease in self.leases.iter().filter(|l| range.contains(&l.port)) {
             let holder = lease.holder();
-            if checked.contains(&holder) {
-                continue;
-            }
-            checked.push(holder);
-            if !seen.is_alive(holder) {
-                dead.push(holder);
+            match holders.iter_mut().find(|(h, _)| *h == holder) {
+                Some((_, lowest)) => *lowest = (*lowest).min(lease.port),
+                None => holders.push((holder, lease.port)),
             }
         }
+        self.remove_dead_among(range, below, &holders, seen)
+    }
+
+    /// `remove_dead_below`, given the holders of the range's leases with
+    /// their lowest port there (as `shared::leased_in` found them in the same
+    /// transaction): the table is only walked again if one of them is gone.
+    pub fn remove_dead_among(
+        &mut self,
+        range: &std::ops::RangeInclusive<u16>,
+        below: Option<u16>,
+        holders: &[(Holder, u16)],
+        seen: &mut AliveCache,
+    ) -> Vec<Lease> {
+        let dead: Vec<Holder> = holders
+            .iter()
+            .filter(|(_, lowest)| below.is_none_or(|b| *lowest < b))
+            .map(|(holder, _)| *holder)
+            .filter(|holder| !seen.is_alive(*holder))
+            .collect();
         if dead.is_empty() {
             return Vec::new();
         }
+        let in_scope = |l: &Lease| range.contains(&l.port) && below.is_none_or(|b| l.port < b);
         self.remove_where(|l| in_scope(l) && dead.contains(&l.holder()))
     }
 }
@@ -230,6 +266,10 @@ struct Slot {
 /// while the full table and the log are the same files, only the log's lines
 /// past `log_pos` are new.
 struct Cached {
+    /// Names these leases: a number of this process's, new whenever the
+    /// table is read afresh or changed, kept while it is unchanged. What a
+    /// caller derived from a table of the same version still holds.
+    version: u64,
     base: u64,
     slot_id: Option<FileId>,
     log_id: Option<(u64, u64)>,
@@ -398,6 +438,8 @@ impl Registry {
             leases: loaded.leases,
             changes: Vec::new(),
             rewrite: loaded.repaired,
+            version: loaded.position.version,
+            next_version: fresh_version(),
         };
         let result = f(&mut table, alive);
         if !table.dirty() {
@@ -410,6 +452,7 @@ impl Registry {
         }
         // Forget the cache first: if the write fails we must re-read.
         *cache = None;
+        let table_version = table.next_version;
         let position = loaded.position;
         let lines = lease_log::encode(&table.changes);
         let log_len = header.log_len + lines.len() as u64;
@@ -434,6 +477,8 @@ impl Registry {
             }
             .with_header(next)
         };
+        let mut next = next;
+        next.1.version = table_version;
         // The change is on disk in full; now make it the current one.
         next.0
             .write(&guard)
@@ -492,6 +537,7 @@ impl Registry {
         Ok((
             next,
             Cached {
+                version: fresh_version(),
                 base,
                 slot_id: Some(slot_id),
                 log_id,
@@ -541,6 +587,7 @@ impl Registry {
             .map_err(|e| Error::registry(&log_path, e))?
             .map(|st| (st.dev, st.ino));
         let position = |table_len: u64, log_pos: u64| Cached {
+            version: fresh_version(),
             base: header.base,
             slot_id,
             log_id,
@@ -563,9 +610,18 @@ impl Registry {
                         Err(_) => return self.load(folder, slots, log, &mut None, notice, header),
                     }
                 }
+                // Nothing new in the log: the very leases of the last look.
+                let version = if c.log_pos == header.log_len {
+                    c.version
+                } else {
+                    fresh_version()
+                };
                 return Ok(Loaded {
                     leases,
-                    position: position(c.table_len, header.log_len),
+                    position: Cached {
+                        version,
+                        ..position(c.table_len, header.log_len)
+                    },
                     repaired: false,
                 });
             }
@@ -724,6 +780,12 @@ struct Loaded {
     leases: Vec<Lease>,
     position: Cached,
     repaired: bool,
+}
+
+/// A version number never given out before in this process.
+fn fresh_version() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Cached {

@@ -99,6 +99,21 @@ impl PortSet {
     }
 }
 
+/// The 64-port words that cover `range`: each word's first port (a multiple
+/// of 64) and the mask of its bits that lie inside the range.
+pub fn words_of(range: &RangeInclusive<u16>) -> impl Iterator<Item = (u16, u64)> {
+    let (first, last) = (u32::from(*range.start()), u32::from(*range.end()));
+    let empty = range.is_empty();
+    ((first & !63)..=last)
+        .step_by(64)
+        .filter(move |_| !empty)
+        .map(move |base| {
+            let low = first.saturating_sub(base);
+            let high = (last - base).min(63);
+            (base as u16, (u64::MAX << low) & (u64::MAX >> (63 - high)))
+        })
+}
+
 impl FromIterator<u16> for PortSet {
     fn from_iter<I: IntoIterator<Item = u16>>(iter: I) -> Self {
         let mut set = PortSet::default();
@@ -203,6 +218,12 @@ mod tests {
         assert_ne!(set, [7].into_iter().collect());
         set.remove(9);
         assert_eq!(set.iter().count(), 0);
+        let words: Vec<(u16, u64)> = words_of(&(62..=130)).collect();
+        assert_eq!(words, [(0, 0b11 << 62), (64, u64::MAX), (128, 0b111)]);
+        assert_eq!(
+            words_of(&(65535..=65535)).collect::<Vec<_>>(),
+            [(65472, 1 << 63)]
+        );
         let set: PortSet = [4096, 4097, 4159, 4160].into_iter().collect();
         assert_eq!(set.word(4096), 1 | 2 | 1 << 63);
         assert_eq!(set.word(4160), 1);

@@ -19,9 +19,10 @@ use crate::events::Kind;
 use crate::fsutil::{
     printable, read_generation, write_generation, Kind as FileKind, LockFile, LOCK_WAIT,
 };
+use crate::holder::Holder;
 use crate::per_process::PerProcess;
 use crate::registry::{LeaseTable, Registry};
-use crate::scan::PortSet;
+use crate::scan::{words_of, PortSet};
 use crate::state::{LeaseView, Options, Settings, State};
 use crate::store::{Loaded, Store};
 
@@ -51,6 +52,11 @@ pub struct FileView {
     pub refreshed: Option<Instant>,
     /// When the folder was last swept for killed savers' temporary files.
     tidied: Option<Instant>,
+    /// What the last pick found in the registry, with the table's version
+    /// after it (`LeaseTable::version_after`): while no one has changed the
+    /// table since, the next pick starts from it instead of walking every
+    /// lease again (thousands, in a crowded range).
+    pub leased_memo: Option<(u64, Leased)>,
 }
 
 /// Whether a change must be written even if the file would show the same.
@@ -129,6 +135,7 @@ impl SharedFile {
                 started: false,
                 refreshed: None,
                 tidied: None,
+                leased_memo: None,
             }),
         });
         views.insert(key, Arc::downgrade(&view));
@@ -413,22 +420,38 @@ pub(crate) fn adopt(state: &mut State, mut disk: State) {
 
 /// What one registry transaction tells the state: the ports leased in the
 /// range (by anyone) and the leases taken through this state file.
+#[derive(Clone)]
 pub struct Leased {
     pub ports: PortSet,
     pub mine: Vec<LeaseView>,
+    /// The processes holding leases in the range, each with its lowest port
+    /// there: what a pick checks for dead holders without another pass.
+    pub holders: Vec<(Holder, u16)>,
 }
 
 pub(crate) fn leased_in(table: &LeaseTable, range: &RangeInclusive<u16>, prefix: &str) -> Leased {
     let mut ports = PortSet::default();
     let mut mine = Vec::new();
+    let mut holders: Vec<(Holder, u16)> = Vec::new();
     for lease in table.iter().filter(|l| range.contains(&l.port)) {
         ports.insert(lease.port);
         if owned_through(&lease.owner, prefix) {
             mine.push(LeaseView::of(lease));
         }
+        let holder = lease.holder();
+        // Holders are few (one per process): the last one seen is most often
+        // the next one's too.
+        match holders.iter_mut().rev().find(|(h, _)| *h == holder) {
+            Some((_, lowest)) => *lowest = (*lowest).min(lease.port),
+            None => holders.push((holder, lease.port)),
+        }
     }
     mine.sort_by_key(|v| v.port);
-    Leased { ports, mine }
+    Leased {
+        ports,
+        mine,
+        holders,
+    }
 }
 
 /// Is `owner` a lease taken through the state file whose owners start with
@@ -461,20 +484,12 @@ pub(crate) fn recompute_lists(
     // The lists were moved out before the change: room for all at once
     // instead of a dozen regrowths per save.
     state.free_ports.reserve(range.len());
-    let (first, last) = (u32::from(*range.start()), u32::from(*range.end()));
-    let mut base = first & !63;
-    while base <= last {
-        // The bits of this word that lie inside the range.
-        let low = first.saturating_sub(base).min(64);
-        let high = (last - base).min(63);
-        let inside = (u64::MAX << low) & (u64::MAX >> (63 - high));
-        let start = base as u16;
+    for (start, inside) in words_of(&range) {
         let used = (leased.word(start) | bound.word(start)) & inside;
         let never = skipped.word(start) & inside & !used;
         push_bits(&mut state.used_ports, start, used);
         push_bits(&mut state.skipped_ports, start, never);
         push_bits(&mut state.free_ports, start, inside & !used & !never);
-        base += 64;
     }
 }
 

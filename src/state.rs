@@ -209,7 +209,10 @@ fn port_list_json(ports: &[u16], text: &mut String) {
     if out.capacity() > KEPT_BUFFER {
         out.shrink_to(KEPT_BUFFER);
     }
-    *text = String::from_utf8(out).expect("digits and commas are ASCII");
+    debug_assert!(out.is_ascii());
+    // SAFETY: only '[', ']', ',' and ASCII digits were written: valid UTF-8.
+    // (Checking 36 KB of it again was a twentieth of a pick.)
+    *text = unsafe { String::from_utf8_unchecked(out) };
 }
 
 impl State {

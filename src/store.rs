@@ -78,10 +78,24 @@ pub struct Store {
     /// saved the file since: backups are only taken, under the file's lock,
     /// right before a save, so an unchanged file means an unchanged list.
     backup_cache: Option<Vec<Backup>>,
+    /// What the save in progress did to the backups folder's names.
+    touched: Touched,
     /// The backups as listed during this change (under the file's lock): when
     /// the save then creates the file, no backup is taken, so the listing is
     /// the backup list as it stands, and the next save need not list again.
     listed: Option<Vec<Backup>>,
+}
+
+/// What a save did to the backups folder, for what the process knows of its
+/// names (`fsutil::watch`).
+#[derive(Debug, Default)]
+enum Touched {
+    #[default]
+    Nothing,
+    /// This backup made, these removed (or recycled by the save).
+    Made(String, Vec<String>),
+    /// Something, not known exactly (a failure part way).
+    Unknown,
 }
 
 /// Backup names are made from the state file's stem, written as
@@ -108,6 +122,7 @@ impl Store {
             backups: None,
             known: None,
             backup_cache: None,
+            touched: Touched::Nothing,
             listed: None,
         }
     }
@@ -258,23 +273,23 @@ impl Store {
         let in_backups = self.backups.as_ref().map(OwnChange::begin);
         let existing = self.dir().stat(&self.name)?;
         let existed = existing.is_some();
+        self.touched = Touched::Nothing;
         let result = self.save_unwatched(state, generation, existing);
         in_folder.end(self.dir(), |names| {
             existed || result.is_err() || added(&self.name)(names)
         });
+        let touched = std::mem::take(&mut self.touched);
         if let (Some(change), Some(dir)) = (in_backups, self.backups.as_ref()) {
-            let stem = &self.stem;
-            let ours = |n: &OsStr| {
-                n.to_str()
-                    .is_some_and(|n| parse_backup_name(stem, n).is_some())
-            };
-            change.end(dir, |names| match &self.backup_cache {
-                Some(kept) => {
-                    names.retain(|n| !ours(n));
-                    names.extend(kept.iter().map(|b| OsString::from(&b.name)));
+            change.end(dir, |names| match touched {
+                Touched::Nothing => true,
+                Touched::Made(made, removed) => {
+                    if !removed.is_empty() {
+                        names.retain(|n| !removed.iter().any(|r| n == r.as_str()));
+                    }
+                    names.push(made.into());
                     true
                 }
-                None => false,
+                Touched::Unknown => false,
             });
         }
         result
@@ -472,6 +487,7 @@ impl Store {
                 self.backups()?
             }
         };
+        self.touched = Touched::Unknown;
         let compact = clock::now().compact;
         let mut suffix = existing
             .iter()
@@ -509,11 +525,18 @@ impl Store {
         });
         let excess = existing.len().saturating_sub(self.backup_max);
         let mut dropped: Vec<Backup> = existing.drain(..excess).collect();
+        let made = existing
+            .last()
+            .map(|b| b.name.clone())
+            .expect("just pushed");
+        // The one recycled by the save is gone from here too, either way.
+        let removed = dropped.iter().map(|b| b.name.clone()).collect();
         let recycle = dropped.pop().map(|b| b.name);
         for old in dropped {
             let _ = backups.remove(OsStr::new(&old.name));
         }
         self.backup_cache = Some(existing);
+        self.touched = Touched::Made(made, removed);
         Ok(recycle)
     }
 
