@@ -35,6 +35,10 @@ struct Schedule {
     /// Set by the thread itself as it ends, so `shutdown` can wait for it
     /// with a time limit.
     ended: bool,
+    /// While the thread waits: until when (`None`: until woken). A new entry
+    /// due later needs no wake-up (a thousand managers made in a row woke it
+    /// a thousand times, each to find nothing due).
+    waiting: Option<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -61,16 +65,26 @@ pub fn register(id: u64, manager: Weak<Manager>, interval: Duration) {
     {
         let mut schedule = lock(&r.schedule);
         if !schedule.entries.iter().any(|e| e.id == id) {
+            let due = Instant::now() + interval;
             schedule.entries.push(Entry {
                 id,
                 manager,
                 interval,
-                due: Instant::now() + interval,
+                due,
             });
+            let wake = match schedule.waiting {
+                Some(None) => true,
+                Some(Some(until)) => due < until,
+                // Not waiting: it looks at the schedule again before it does.
+                None => false,
+            };
+            drop(schedule);
+            if wake {
+                r.wake.notify_all();
+            }
         }
     }
     ensure_thread(r);
-    r.wake.notify_all();
 }
 
 /// Takes a manager off the schedule (on `stop()`).
@@ -191,11 +205,16 @@ fn next_due(r: &Refresher) -> Option<Vec<Arc<Manager>>> {
         }
         schedule.entries.retain(|e| e.manager.strong_count() > 0);
         let now = Instant::now();
-        match schedule.entries.iter().map(|e| e.due).min() {
-            Some(due) if due <= now => break,
-            Some(due) => schedule = r.wake.wait_timeout(schedule, due - now).ok()?.0,
-            None => schedule = r.wake.wait(schedule).ok()?,
+        let next = schedule.entries.iter().map(|e| e.due).min();
+        if next.is_some_and(|due| due <= now) {
+            break;
         }
+        schedule.waiting = Some(next);
+        schedule = match next {
+            Some(due) => r.wake.wait_timeout(schedule, due - now).ok()?.0,
+            None => r.wake.wait(schedule).ok()?,
+        };
+        schedule.waiting = None;
     }
     let now = Instant::now();
     let mut due = Vec::new();

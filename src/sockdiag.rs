@@ -96,8 +96,11 @@ pub fn sockets(states: u32) -> io::Result<Vec<SockInfo>> {
 }
 
 fn dump_both(states: u32, each: &mut dyn FnMut(SockInfo)) -> io::Result<()> {
-    dump(libc::AF_INET as u8, states, each)?;
-    match dump(libc::AF_INET6 as u8, states, each) {
+    // One socket for both dumps: a dump ends with NLMSG_DONE, after which the
+    // socket takes the next request.
+    let fd = diag_socket()?;
+    dump(&fd, libc::AF_INET as u8, states, each)?;
+    match dump(&fd, libc::AF_INET6 as u8, states, each) {
         // A kernel without IPv6 has no IPv6 sockets to report.
         Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -105,7 +108,7 @@ fn dump_both(states: u32, each: &mut dyn FnMut(SockInfo)) -> io::Result<()> {
     }
 }
 
-fn dump(family: u8, states: u32, each: &mut dyn FnMut(SockInfo)) -> io::Result<()> {
+fn diag_socket() -> io::Result<Fd> {
     // SAFETY: plain socket(2); the result is checked.
     let raw = unsafe {
         libc::socket(
@@ -133,6 +136,10 @@ fn dump(family: u8, states: u32, each: &mut dyn FnMut(SockInfo)) -> io::Result<(
             mem::size_of::<libc::timeval>() as libc::socklen_t,
         )
     };
+    Ok(fd)
+}
+
+fn dump(fd: &Fd, family: u8, states: u32, each: &mut dyn FnMut(SockInfo)) -> io::Result<()> {
     let request = Request {
         header: NlMsgHdr {
             len: mem::size_of::<Request>() as u32,
@@ -171,7 +178,7 @@ fn dump(family: u8, states: u32, each: &mut dyn FnMut(SockInfo)) -> io::Result<(
             Err(_) => &mut own,
         };
         buf.resize(RECEIVE_SIZE, 0);
-        receive(&fd, buf, each)
+        receive(fd, buf, each)
     })
 }
 
