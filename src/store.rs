@@ -451,22 +451,26 @@ impl Store {
         };
         let me = std::process::id();
         let _ = sweep(folder, always, |names| {
+            let temporaries: Vec<(&OsString, &OsStr, u32)> = names
+                .iter()
+                .filter_map(|n| temp_of(n).map(|(name, pid)| (n, name, pid)))
+                .filter(|&(_, _, pid)| pid != me)
+                .collect();
+            if temporaries.is_empty() {
+                return Vec::new();
+            }
             let locks: std::collections::HashSet<&[u8]> = names
                 .iter()
                 .filter_map(|n| n.as_bytes().strip_suffix(b".lock"))
                 .collect();
-            names
-                .iter()
-                .filter(|candidate| match temp_of(candidate) {
-                    Some((name, pid)) => {
-                        (name == own || locks.contains(name.as_bytes()))
-                            && pid != me
-                            && !crate::holder::pid_exists(pid)
-                            && folder.remove(candidate).is_ok()
-                    }
-                    None => false,
+            temporaries
+                .into_iter()
+                .filter(|&(candidate, name, pid)| {
+                    (name == own || locks.contains(name.as_bytes()))
+                        && !crate::holder::pid_exists(pid)
+                        && folder.remove(candidate).is_ok()
                 })
-                .cloned()
+                .map(|(candidate, ..)| candidate.clone())
                 .collect()
         });
     }
