@@ -69,7 +69,7 @@ pub fn release_lease(
     port: u16,
 ) -> Result<Vec<registry::Lease>> {
     let reg = registry::Registry::open(&registry::resolve_dir(registry_dir))?;
-    reg.transact(|t| t.remove_where(|l| l.port == port))
+    reg.transact_removing(|t| t.remove_where(|l| l.port == port))
 }
 
 /// Every lease in the registry (`None`: the default folder), dead holders' included.

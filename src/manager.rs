@@ -453,7 +453,7 @@ impl Manager {
 
     fn drop_lease(&self, local: &Local, port: u16) -> Result<Leased> {
         let range = self.range();
-        local.registry.transact(|table| {
+        local.registry.transact_removing(|table| {
             table.remove_where(|l| l.port == port && l.owner == local.owner);
             leased_in(table, &range, local.file.owner_prefix())
         })
@@ -773,9 +773,9 @@ impl Manager {
             return;
         };
         if let Some(port) = lock(&local.mine).active.take() {
-            let _ = local
-                .registry
-                .transact(|t| t.remove_where(|l| l.port == port && l.owner == local.owner));
+            let _ = local.registry.transact_removing(|t| {
+                t.remove_where(|l| l.port == port && l.owner == local.owner)
+            });
         }
     }
 }

@@ -388,14 +388,30 @@ impl Registry {
         &self,
         f: impl FnOnce(&mut LeaseTable, &mut AliveCache) -> R,
     ) -> Result<R> {
-        self.transact_in(&mut lock(&self.inner), f)
+        self.transact_in(&mut lock(&self.inner), Make::Yes, f)
+    }
+
+    /// `transact` for a change that only removes leases: if the registry's
+    /// folder is gone (a temporary folder cleaned up, say), there is nothing
+    /// to remove, and it is not made again just to be empty (`f` then sees an
+    /// empty table).
+    pub fn transact_removing<R>(&self, f: impl FnOnce(&mut LeaseTable) -> R) -> Result<R> {
+        self.transact_in(&mut lock(&self.inner), Make::No, |t, _| f(t))
     }
 
     fn transact_in<R>(
         &self,
         inner: &mut Inner,
+        make: Make,
         f: impl FnOnce(&mut LeaseTable, &mut AliveCache) -> R,
     ) -> Result<R> {
+        if make == Make::No
+            && !inner.folder.still_at_path()
+            && std::fs::symlink_metadata(&self.dir)
+                .is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+        {
+            return Ok(f(&mut LeaseTable::default(), &mut inner.alive));
+        }
         if !inner.folder.still_at_path() {
             // Deleted or replaced: every process must meet in the folder the
             // path names now, so open (or make) that one, checked afresh.
@@ -717,7 +733,7 @@ impl Registry {
         };
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         crate::fsutil::with_wait_cap(left, || {
-            self.transact_in(&mut inner, |t, _| {
+            self.transact_in(&mut inner, Make::No, |t, _| {
                 t.remove_where(|l| l.holder() == holder).len()
             })
         })
@@ -749,6 +765,13 @@ fn slot<'a>(
 /// another user owns, or that others can write: such a user could plant
 /// leases, or delete ours and take our ports. The checks are made on the
 /// descriptor every later access goes through.
+/// Whether a transaction makes the registry's folder again if it is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Make {
+    Yes,
+    No,
+}
+
 fn open_private(dir: &Path) -> Result<Dir> {
     let folder = Dir::create(dir, 0o700).map_err(|e| Error::registry(dir, e))?;
     folder
@@ -875,6 +898,27 @@ mod tests {
             owner: owner.into(),
             since: "now".into(),
         }
+    }
+
+    #[test]
+    fn giving_back_leases_never_makes_a_deleted_registry_folder_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("reg");
+        let reg = Registry::open(&dir).unwrap();
+        reg.transact(|t| t.insert(lease(3000, Holder::current(), "a")))
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let removed = reg
+            .transact_removing(|t| t.remove_where(|l| l.port == 3000).len())
+            .unwrap();
+        assert_eq!(removed, 0);
+        reg.release_process(Holder::current(), std::time::Duration::from_secs(1))
+            .unwrap();
+        assert!(!dir.exists(), "made again only to be empty");
+        // Taking a lease makes it again, as ever.
+        reg.transact(|t| t.insert(lease(3001, Holder::current(), "a")))
+            .unwrap();
+        assert!(dir.join("leases.lock").exists());
     }
 
     #[test]

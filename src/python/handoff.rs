@@ -73,8 +73,9 @@ pub(super) fn give_back(manager: &Manager, pid: Option<u32>, lost: &[u16]) {
         }
         Some(pid) => {
             if let Ok(registry) = manager.registry() {
-                let _ = registry
-                    .transact(|t| t.remove_where(|l| l.pid == pid && lost.contains(&l.port)));
+                let _ = registry.transact_removing(|t| {
+                    t.remove_where(|l| l.pid == pid && lost.contains(&l.port))
+                });
             }
         }
     }

@@ -1,0 +1,37 @@
+"""A registry folder that was deleted (a temporary folder cleaned up while the
+program still ran) is not made again just to give leases back: not by
+`release_port()`, `stop()`, nor the exit hook. Ports 34900-34909.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+PROGRAM = """
+import shutil, sys
+from pathlib import Path
+from dynamic_port_manager import DynamicPortManager
+root = Path(sys.argv[1])
+m = DynamicPortManager(34900, 34909, root / "state" / "s.json",
+                       registry_dir=root / "registry", console_log=False)
+kept = DynamicPortManager(34900, 34909, root / "state" / "t.json",
+                          registry_dir=root / "registry", console_log=False)
+m.pick_port()
+kept.pick_port()
+# The way tempfile.TemporaryDirectory and pytest clean up: everything goes.
+shutil.rmtree(root)
+m.release_port()
+m.stop()
+# `kept` still holds its port: the exit hook gives it back.
+"""
+
+
+def test_a_deleted_registry_folder_stays_deleted(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    subprocess.run([sys.executable, "-c", PROGRAM, str(root)], check=True, timeout=60)
+    assert not (root / "registry").exists(), sorted(p.name for p in root.rglob("*"))
+    shutil.rmtree(root, ignore_errors=True)
