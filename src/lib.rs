@@ -9,6 +9,7 @@ pub mod events;
 pub mod fsutil;
 pub mod holder;
 pub mod inspect;
+pub mod kept;
 pub mod lease_log;
 pub mod manager;
 pub mod owners;

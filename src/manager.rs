@@ -378,10 +378,7 @@ impl Manager {
             };
             let new = lease(port);
             leased.ports.insert(port);
-            match leased.holders.iter_mut().find(|(h, _)| *h == new.holder()) {
-                Some((_, lowest)) => *lowest = (*lowest).min(port),
-                None => leased.holders.push((new.holder(), port)),
-            }
+            crate::registry::note_holder(&mut leased.holders, new.holder(), port);
             if crate::shared::owned_through(&new.owner, prefix) {
                 leased.mine.push(LeaseView::of(&new));
                 leased.mine.sort_by_key(|v| v.port);

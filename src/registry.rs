@@ -151,11 +151,7 @@ impl LeaseTable {
     ) -> Vec<Lease> {
         let mut holders: Vec<(Holder, u16)> = Vec::new();
         for lease in self.leases.iter().filter(|l| range.contains(&l.port)) {
-            let holder = lease.holder();
-            match holders.iter_mut().find(|(h, _)| *h == holder) {
-                Some((_, lowest)) => *lowest = (*lowest).min(lease.port),
-                None => holders.push((holder, lease.port)),
-            }
+            note_holder(&mut holders, lease.holder(), lease.port);
         }
         self.remove_dead_among(range, below, &holders, seen)
     }
@@ -181,6 +177,16 @@ impl LeaseTable {
         }
         let in_scope = |l: &Lease| range.contains(&l.port) && below.is_none_or(|b| l.port < b);
         self.remove_where(|l| in_scope(l) && dead.contains(&l.holder()))
+    }
+}
+
+/// Adds `holder` to `holders` (each with its lowest port seen), or lowers
+/// its port. Holders are few (one per process) and leases of one holder tend
+/// to follow each other: the newest entry is looked at first.
+pub fn note_holder(holders: &mut Vec<(Holder, u16)>, holder: Holder, port: u16) {
+    match holders.iter_mut().rev().find(|(h, _)| *h == holder) {
+        Some((_, lowest)) => *lowest = (*lowest).min(port),
+        None => holders.push((holder, port)),
     }
 }
 

@@ -21,7 +21,7 @@ use crate::fsutil::{
 };
 use crate::holder::Holder;
 use crate::per_process::PerProcess;
-use crate::registry::{LeaseTable, Registry};
+use crate::registry::{note_holder, LeaseTable, Registry};
 use crate::scan::{words_of, PortSet};
 use crate::state::{LeaseView, Options, Settings, State};
 use crate::store::{Loaded, Store};
@@ -438,13 +438,7 @@ pub(crate) fn leased_in(table: &LeaseTable, range: &RangeInclusive<u16>, prefix:
         if owned_through(&lease.owner, prefix) {
             mine.push(LeaseView::of(lease));
         }
-        let holder = lease.holder();
-        // Holders are few (one per process): the last one seen is most often
-        // the next one's too.
-        match holders.iter_mut().rev().find(|(h, _)| *h == holder) {
-            Some((_, lowest)) => *lowest = (*lowest).min(lease.port),
-            None => holders.push((holder, lease.port)),
-        }
+        note_holder(&mut holders, lease.holder(), lease.port);
     }
     mine.sort_by_key(|v| v.port);
     Leased {

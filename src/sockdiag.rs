@@ -170,13 +170,7 @@ fn dump(fd: &Fd, family: u8, states: u32, each: &mut dyn FnMut(SockInfo)) -> io:
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
-    RECEIVE.with(|kept| {
-        let mut own = Vec::new();
-        let mut kept = kept.try_borrow_mut();
-        let buf = match kept.as_deref_mut() {
-            Ok(kept) => kept,
-            Err(_) => &mut own,
-        };
+    crate::kept::with(&RECEIVE, |buf| {
         buf.resize(RECEIVE_SIZE, 0);
         receive(fd, buf, each)
     })
@@ -185,9 +179,7 @@ fn dump(fd: &Fd, family: u8, states: u32, each: &mut dyn FnMut(SockInfo)) -> io:
 const RECEIVE_SIZE: usize = 32 * 1024;
 
 thread_local! {
-    /// The receive buffer, kept by each thread: a new zeroed 32 KB buffer per
-    /// dump had the kernel zero fresh pages for it every time (a tenth of a
-    /// new manager's start).
+    /// The receive buffer (see `kept.rs`).
     static RECEIVE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 

@@ -138,13 +138,7 @@ pub struct Options {
 fn one_line<S: serde::Serializer>(ports: &[u16], serializer: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeStruct;
     const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
-    LIST_TEXT.with(|kept| {
-        let mut own = String::new();
-        let mut kept = kept.try_borrow_mut();
-        let text = match kept.as_deref_mut() {
-            Ok(kept) => kept,
-            Err(_) => &mut own,
-        };
+    crate::kept::with(&LIST_TEXT, |text| {
         port_list_json(ports, text);
         let mut raw = serializer.serialize_struct(RAW_VALUE_TOKEN, 1)?;
         raw.serialize_field(RAW_VALUE_TOKEN, text.as_str())?;
@@ -153,15 +147,10 @@ fn one_line<S: serde::Serializer>(ports: &[u16], serializer: S) -> Result<S::Ok,
 }
 
 thread_local! {
-    /// Kept from one save to the next on each thread, like the file's own
-    /// buffer (see `State::write_json`).
+    /// The text of a port list and of the whole file (see `kept.rs`).
     static LIST_TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     static FILE_TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
-
-/// Buffers past this size are given back after use (a huge state once must
-/// not pin its memory for good).
-const KEPT_BUFFER: usize = 1 << 20;
 
 /// Four decimal digits of each number below 10,000, zero-padded.
 static DIGITS4: [[u8; 4]; 10_000] = {
@@ -206,8 +195,8 @@ fn port_list_json(ports: &[u16], text: &mut String) {
         }
     }
     out.push(b']');
-    if out.capacity() > KEPT_BUFFER {
-        out.shrink_to(KEPT_BUFFER);
+    if out.capacity() > crate::kept::KEPT_MAX {
+        out.shrink_to(crate::kept::KEPT_MAX);
     }
     debug_assert!(out.is_ascii());
     // SAFETY: only '[', ']', ',' and ASCII digits were written: valid UTF-8.
@@ -272,20 +261,13 @@ impl State {
     }
 
     /// Hands the file's text to `write`, made in a buffer this thread keeps
-    /// from one save to the next. A new 40 KB buffer per save (grown by
-    /// doubling) made the allocator take memory from the kernel and give it
-    /// back each time, and the kernel zeroes every page it hands out: that
-    /// zeroing was a sixth of a new manager's first pick.
+    /// from one save to the next (see `kept.rs`).
     pub fn with_json<R>(&self, write: impl FnOnce(&[u8]) -> R) -> R {
-        FILE_TEXT.with(|text| {
-            // A save from inside a save (never done) would find it borrowed.
-            let Ok(mut out) = text.try_borrow_mut() else {
-                return write(&self.to_json());
-            };
+        crate::kept::with(&FILE_TEXT, |out| {
             out.clear();
-            self.write_json(&mut out);
-            let result = write(&out);
-            if out.capacity() > KEPT_BUFFER {
+            self.write_json(out);
+            let result = write(out);
+            if out.capacity() > crate::kept::KEPT_MAX {
                 *out = Vec::new();
             }
             result
