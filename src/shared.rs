@@ -50,7 +50,8 @@ pub struct FileView {
     pub started: bool,
     /// When the range was last re-scanned for this file (by any manager).
     pub refreshed: Option<Instant>,
-    /// When the folder was last swept for killed savers' temporary files.
+    /// When the folder was last swept for killed savers' temporary files
+    /// whether or not it changed (see `tidy`).
     tidied: Option<Instant>,
     /// What the last pick found in the registry, with the table's version
     /// after it (`LeaseTable::version_after`): while no one has changed the
@@ -76,7 +77,7 @@ pub enum Sweep {
     IfChanged,
     /// An asked-for refresh.
     Asked,
-    /// A background refresh: at most once a minute.
+    /// A background refresh: if the folder changed, and regardless once a minute.
     Periodic,
 }
 
@@ -337,22 +338,20 @@ impl FileView {
 
     /// Removes temporary files of killed savers (under no lock: each is named
     /// by a pid that is gone, so no saver is using it). It lists the folder,
-    /// which may hold thousands of files: at start if the folder changed
-    /// since this process last swept it, always at an asked-for refresh, and
-    /// at most once a minute from the background refreshes (unconditionally:
-    /// see `fsutil::watch` for what a change detection can miss).
+    /// which may hold thousands of files, only when the folder changed since
+    /// this process last swept it (a look at its times otherwise), except at
+    /// an asked-for refresh and once a minute from the background refreshes,
+    /// which list it regardless (see `fsutil::watch` for what a change
+    /// detection can miss).
     pub fn tidy(&mut self, when: Sweep) {
         let always = match when {
             Sweep::IfChanged => false,
             Sweep::Asked => true,
-            Sweep::Periodic => {
-                if self.tidied.is_some_and(|at| at.elapsed() < TIDY_EVERY) {
-                    return;
-                }
-                true
-            }
+            Sweep::Periodic => self.tidied.is_none_or(|at| at.elapsed() >= TIDY_EVERY),
         };
-        self.tidied = Some(Instant::now());
+        if always || self.tidied.is_none() {
+            self.tidied = Some(Instant::now());
+        }
         self.store.remove_stale_temporaries(always);
     }
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,21 @@ def test_a_killed_savers_temporary_is_swept_by_the_next_manager_of_this_process(
     finally:
         second.stop()
         first.stop()
+
+
+def test_the_background_refresh_sweeps_a_temporary_left_while_it_runs(state_path: Path) -> None:
+    m = manager(state_path, refresh_interval=0.1)
+    try:
+        m.pick_port()
+        planted = state_path.parent / f".{state_path.name}.{dead_pid()}.tmp"
+        planted.write_text("{")
+        # No refresh() asked for: the folder changed, the next refresh sweeps.
+        deadline = time.monotonic() + 10
+        while planted.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not planted.exists(), "still there after 10 s of 0.1 s refreshes"
+    finally:
+        m.stop()
 
 
 def test_a_file_that_only_looks_like_a_temporary_is_left_alone(state_path: Path) -> None:
