@@ -2,7 +2,7 @@
 every new manager while nothing else changed it (issue 10): what it knows is
 kept while the folder's times stand still. These tests hold it to the other
 half of that bargain: whatever another process changes is still seen.
-Ports 34700-34799.
+Ports 15200-15209 (below the kernel's ephemeral range).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from dynamic_port_manager import DynamicPortManager
 OTHER_PROCESS = """
 import sys
 from dynamic_port_manager import DynamicPortManager
-m = DynamicPortManager(34700, 34709, sys.argv[1], console_log=False)
+m = DynamicPortManager(15200, 15209, sys.argv[1], console_log=False)
 for _ in range(int(sys.argv[2])):
     m.pick_port()
 m.stop()
 """
 
 
-def manager(path: Path, lo: int = 34700, hi: int = 34709, **kwargs: Any) -> DynamicPortManager:
+def manager(path: Path, lo: int = 15200, hi: int = 15209, **kwargs: Any) -> DynamicPortManager:
     kwargs.setdefault("console_log", False)
     return DynamicPortManager(lo, hi, path, **kwargs)
 

@@ -1,6 +1,7 @@
 """A registry folder that was deleted (a temporary folder cleaned up while the
 program still ran) is not made again just to give leases back: not by
-`release_port()`, `stop()`, nor the exit hook. Ports 34900-34909.
+`release_port()`, `stop()`, nor the exit hook.
+Ports 15300-15309 (below the kernel's ephemeral range).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import shutil, sys
 from pathlib import Path
 from dynamic_port_manager import DynamicPortManager
 root = Path(sys.argv[1])
-m = DynamicPortManager(34900, 34909, root / "state" / "s.json",
+m = DynamicPortManager(15300, 15309, root / "state" / "s.json",
                        registry_dir=root / "registry", console_log=False)
-kept = DynamicPortManager(34900, 34909, root / "state" / "t.json",
+kept = DynamicPortManager(15300, 15309, root / "state" / "t.json",
                           registry_dir=root / "registry", console_log=False)
 m.pick_port()
 kept.pick_port()
