@@ -140,25 +140,11 @@ impl LeaseTable {
 
     /// Removes the leases on ports of `range` below `below` (all of the range
     /// when `None`) whose holder is gone, and returns them. For a pick: the
-    /// lowest free port must not stay held by a process that exited. The
-    /// holders are few (one per process), so each is checked once, and one
-    /// seen alive within the last second is not checked again (`seen`).
-    pub fn remove_dead_below(
-        &mut self,
-        range: &std::ops::RangeInclusive<u16>,
-        below: Option<u16>,
-        seen: &mut AliveCache,
-    ) -> Vec<Lease> {
-        let mut holders: Vec<(Holder, u16)> = Vec::new();
-        for lease in self.leases.iter().filter(|l| range.contains(&l.port)) {
-            note_holder(&mut holders, lease.holder(), lease.port);
-        }
-        self.remove_dead_among(range, below, &holders, seen)
-    }
-
-    /// `remove_dead_below`, given the holders of the range's leases with
-    /// their lowest port there (as `shared::leased_in` found them in the same
-    /// transaction): the table is only walked again if one of them is gone.
+    /// lowest free port must not stay held by a process that exited.
+    /// `holders` are those of the range's leases with their lowest port there
+    /// (as `shared::leased_in` found them in the same transaction): each is
+    /// checked once, one seen alive within the last second is not checked
+    /// again (`seen`), and the table is only walked again if one is gone.
     pub fn remove_dead_among(
         &mut self,
         range: &std::ops::RangeInclusive<u16>,
@@ -252,7 +238,7 @@ struct Inner {
     /// The two slot files, kept open: a release must not need a new
     /// descriptor (a process out of descriptors still gives its ports back).
     slots: [Option<Slot>; 2],
-    /// Holders seen alive lately (see `LeaseTable::remove_dead_below`).
+    /// Holders seen alive lately (see `LeaseTable::remove_dead_among`).
     alive: AliveCache,
     /// The change log, kept open like the slots.
     log: Option<Slot>,
@@ -1158,8 +1144,12 @@ mod tests {
             t.insert(lease(3005, dead, "gone"));
         })
         .unwrap();
+        let range = 3000..=3010;
         let removed = reg
-            .transact_seeing(|t, seen| t.remove_dead_below(&(3000..=3010), Some(3002), seen))
+            .transact_seeing(|t, seen| {
+                let holders = crate::shared::leased_in(t, &range, "me#").holders;
+                t.remove_dead_among(&range, Some(3002), &holders, seen)
+            })
             .unwrap();
         assert_eq!(removed.iter().map(|l| l.port).collect::<Vec<_>>(), [3000]);
         let mut left: Vec<u16> = reg.snapshot().unwrap().iter().map(|l| l.port).collect();

@@ -80,10 +80,6 @@ pub struct Store {
     backup_cache: Option<Vec<Backup>>,
     /// What the save in progress did to the backups folder's names.
     touched: Touched,
-    /// The backups as listed during this change (under the file's lock): when
-    /// the save then creates the file, no backup is taken, so the listing is
-    /// the backup list as it stands, and the next save need not list again.
-    listed: Option<Vec<Backup>>,
 }
 
 /// What a save did to the backups folder, for what the process knows of its
@@ -123,7 +119,6 @@ impl Store {
             known: None,
             backup_cache: None,
             touched: Touched::Nothing,
-            listed: None,
         }
     }
 
@@ -152,7 +147,6 @@ impl Store {
     /// replaced under us), so the next use works in what the path names now.
     /// Once per change (`FileView::update`), not at every file access.
     pub fn revalidate(&mut self) {
-        self.listed = None;
         if self.folder.as_ref().is_some_and(|f| !f.still_at_path()) {
             self.folder = None;
             self.backups = None;
@@ -341,9 +335,6 @@ impl Store {
             .ok()
             .flatten()
             .map(|st| (FileId::from_stat(&st), generation));
-        if existing.is_none() {
-            self.backup_cache = self.listed.take();
-        }
         Ok(backup_problem)
     }
 
@@ -383,10 +374,9 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let ours = |n: &OsStr| {
-            n.to_str()
-                .is_some_and(|n| parse_backup_name(&stem, n).is_some())
-        };
+        // A cheap first cut; each name is parsed below, once.
+        let prefix = format!("{stem}_");
+        let ours = |n: &OsStr| n.as_bytes().starts_with(prefix.as_bytes());
         let mut backups: Vec<Backup> = names_where(dir, ours)?
             .into_iter()
             .filter_map(|name| {
@@ -402,7 +392,6 @@ impl Store {
             })
             .collect();
         backups.sort_by(|a, b| a.key.cmp(&b.key));
-        self.listed = Some(backups.clone());
         Ok(backups)
     }
 
