@@ -206,6 +206,6 @@ mod tests {
         };
         new.write(&lock).unwrap();
         assert_eq!(Header::read(&lock), new);
-        assert_eq!(crate::fsutil::read_generation(&lock), 6);
+        assert_eq!(crate::fsutil::read_generation(&lock, 0), 6);
     }
 }

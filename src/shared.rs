@@ -17,7 +17,8 @@ use crate::clock::Stamp;
 use crate::config::Config;
 use crate::events::Kind;
 use crate::fsutil::{
-    printable, read_generation, write_generation, Kind as FileKind, LockFile, LOCK_WAIT,
+    printable, read_generation, write_generation, Kind as FileKind, LockFile, FOLDER_LOCK,
+    LOCK_WAIT,
 };
 use crate::holder::Holder;
 use crate::per_process::PerProcess;
@@ -116,7 +117,7 @@ impl SharedFile {
         }
         views.retain(|_, v| v.strong_count() > 0);
         let store = Store::new(path.to_path_buf(), config.backup_max, config.durable);
-        let lock = LockFile::new(store.lock_name());
+        let lock = LockFile::new(FOLDER_LOCK);
         let view = Arc::new(SharedFile {
             path: path.to_path_buf(),
             range: config.start..=config.end,
@@ -195,11 +196,9 @@ impl FileView {
             Ok(folder) => match lock.acquire(folder, LOCK_WAIT, false) {
                 Ok((guard, _)) => Some(guard),
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    let mut name = store.path().as_os_str().to_owned();
-                    name.push(".lock");
                     problems.push((
                         Kind::Error,
-                        format!("cannot lock {}: {e}", Path::new(&name).display()),
+                        format!("cannot lock {}: {e}", store.lock_path().display()),
                     ));
                     None
                 }
@@ -214,7 +213,8 @@ impl FileView {
             },
             Err(_) => None,
         };
-        let generation = guard.as_ref().map_or(0, |g| read_generation(g));
+        let counter = store.counter_offset();
+        let generation = guard.as_ref().map_or(0, |g| read_generation(g, counter));
         let fresh = state.change_count == 0 && state.last_checked.is_none();
         let mut must_write = save == Save::Always;
         match store.load(generation) {
@@ -310,10 +310,10 @@ impl FileView {
         for (_, message) in &problems {
             state.record_error(&stamp.jalali, message.clone());
         }
-        // Bump the lock file's counter before replacing the state file, so a
-        // reader never pairs the new file with the old counter.
+        // Bump the file's counter in the lock file before replacing the state
+        // file, so a reader never pairs the new file with the old counter.
         let generation = match &guard {
-            Some(g) => write_generation(g, generation.wrapping_add(1))
+            Some(g) => write_generation(g, counter, generation.wrapping_add(1))
                 .map_or(generation, |()| generation.wrapping_add(1)),
             None => generation,
         };

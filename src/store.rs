@@ -2,9 +2,10 @@
 //! bounded backup retention, and recovery from a damaged or missing file.
 //!
 //! Beside `<dir>/<name>.json` live:
-//! - `<dir>/<name>.json.lock`: never replaced, `flock`ed around each change
+//! - `<dir>/.dynamic_port_manager.lock` (`fsutil::FOLDER_LOCK`): one for the
+//!   folder's state files, never replaced, `flock`ed around each change
 //!   (locking the state file itself would protect nothing, since every save
-//!   replaces it by rename);
+//!   replaces it by rename), with each file's change counter;
 //! - `<dir>/backups/<stem>_YYYYMMDD_HHMMSS[_N].json`: the previous versions;
 //! - `<dir>/<name>.json.corrupt-YYYYMMDD_HHMMSS[_N]`: damaged files, set aside
 //!   (the newest `CORRUPT_KEPT` are kept);
@@ -22,8 +23,8 @@ use std::path::{Path, PathBuf};
 
 use crate::clock;
 use crate::fsutil::{
-    added, names_where, printable, sweep, temp_of, write_atomic, Dir, FileId, Kind, Open,
-    OwnChange, Recycled,
+    added, counter_slot, names_where, printable, sweep, temp_of, write_atomic, Dir, FileId, Kind,
+    Open, OwnChange, Recycled, FOLDER_LOCK,
 };
 use crate::state::State;
 
@@ -130,11 +131,17 @@ impl Store {
         &self.backup_dir
     }
 
-    /// The name of the lock file in the state file's folder.
-    pub fn lock_name(&self) -> OsString {
-        let mut name = self.name.clone();
-        name.push(".lock");
-        name
+    /// The lock file of the state file's folder (shared by its state files).
+    pub fn lock_path(&self) -> PathBuf {
+        self.path
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(FOLDER_LOCK)
+    }
+
+    /// Where this file's change counter is in the folder's lock file.
+    pub fn counter_offset(&self) -> u64 {
+        counter_slot(&self.name)
     }
 
     /// The state file's folder, opened (and created, with `create`) on first need.
@@ -430,9 +437,12 @@ impl Store {
 
     /// Removes temporary files left by savers that were killed (their pid is
     /// gone), so the files beside a state file stay bounded: this state
-    /// file's, and those of the folder's other state files (a name with a lock
-    /// file beside it), whose managers may never start again. Unless `always`,
-    /// only if the folder changed since this process last swept it.
+    /// file's, and those of the folder's other state files, whose managers may
+    /// never start again. Another name counts as a state file when it ends in
+    /// `.json` and the folder has our lock file, or (as earlier versions made
+    /// them) when `<name>.lock` is beside it: a user's `.notes.txt.123.tmp` is
+    /// left alone. Unless `always`, only if the folder changed since this
+    /// process last swept it.
     pub fn remove_stale_temporaries(&mut self, always: bool) {
         let own = self.name.clone();
         let Ok(folder) = self.folder(false) else {
@@ -452,10 +462,16 @@ impl Store {
                 .iter()
                 .filter_map(|n| n.as_bytes().strip_suffix(b".lock"))
                 .collect();
+            let ours = names.iter().any(|n| n == FOLDER_LOCK);
+            let state_file = |name: &OsStr| {
+                name == own
+                    || locks.contains(name.as_bytes())
+                    || (ours && name.as_bytes().ends_with(b".json"))
+            };
             temporaries
                 .into_iter()
                 .filter(|&(candidate, name, pid)| {
-                    (name == own || locks.contains(name.as_bytes()))
+                    state_file(name)
                         && !crate::holder::pid_exists(pid)
                         && folder.remove(candidate).is_ok()
                 })

@@ -123,7 +123,7 @@ def test_8_an_idle_refresh_writes_nothing_but_last_checked_moves(state_path: Pat
 
 def test_8_an_error_that_goes_on_is_logged_but_not_saved_again(state_path: Path) -> None:
     state_path.parent.mkdir(parents=True)
-    Path(f"{state_path}.lock").symlink_to(state_path.parent / "elsewhere")
+    (state_path.parent / ".dynamic_port_manager.lock").symlink_to(state_path.parent / "elsewhere")
     m = manager(state_path, 34535, 34538, refresh_interval=0.05)
     try:
         m.pick_port()

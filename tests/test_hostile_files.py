@@ -31,6 +31,8 @@ HANG = 60
 # device without a bound (800 MB to gigabytes before the fix).
 RSS_LIMIT_KIB = 250 * 1024
 PRECIOUS = b"precious content, 24 bytes"
+# The lock file of a folder's state files (one per folder).
+FOLDER_LOCK = ".dynamic_port_manager.lock"
 
 
 def manager(path: Path | str, lo: int, hi: int, **kwargs: Any) -> DynamicPortManager:
@@ -292,6 +294,8 @@ def test_3_a_link_at_the_lock_file_name_is_not_written_through(
     state_path: Path, victim: Path
 ) -> None:
     state_path.parent.mkdir(parents=True)
+    (state_path.parent / FOLDER_LOCK).symlink_to(victim)
+    # Where earlier versions kept a lock per state file: never opened now.
     Path(f"{state_path}.lock").symlink_to(victim)
     m = manager(state_path, 34110, 34114)
     try:

@@ -347,7 +347,11 @@ def test_python_threads_run_while_pick_port_waits_for_a_lock(
     then does the main thread (running Python code) tell the holder to let go:
     if pick_port() kept the GIL while it waits, none of that could happen."""
     m = DynamicPortManager(22100, 22109, tmp_path / "s.json", refresh_interval=3600)
-    lock_path = Path(f"{m.state_path}.lock") if lock == "state file" else registry / "leases.lock"
+    lock_path = (
+        m.state_path.parent / ".dynamic_port_manager.lock"
+        if lock == "state file"
+        else registry / "leases.lock"
+    )
     assert lock_path.exists()
     holder = subprocess.Popen(
         [sys.executable, "-c", LOCK_HOLDER, str(lock_path)],

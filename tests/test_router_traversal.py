@@ -104,7 +104,7 @@ def test_symlinks_folders_and_other_files_in_the_folder_are_refused(folder: Fold
         assert "no backup named" in response.json()["detail"]
         assert SECRET not in response.content and OTHER not in response.content
     # The state file itself and its lock are not backups either.
-    for name in (folder.manager.state_path.name, folder.manager.state_path.name + ".lock"):
+    for name in (folder.manager.state_path.name, ".dynamic_port_manager.lock"):
         assert client.get(URL, params={"filename": name}).status_code in (404, 422)
     # And the real backups still download: the refusals above are not blanket ones.
     response = client.get(URL, params={"filename": folder.backups[0]})

@@ -1,5 +1,5 @@
 //! Lock files: `flock`ed around every read-modify-write of the registry and
-//! of each state file, never replaced, and holding a change counter.
+//! of the state files of a folder, never replaced, and holding change counters.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -176,21 +176,43 @@ impl LockFile {
     }
 }
 
-/// The change counter kept in the first 8 bytes of a lock file (which is
-/// never replaced). Every writer bumps it under the lock before replacing the
-/// data file, so "same counter and same `FileId`" means "unchanged" even when
-/// the file system reuses an inode within one timestamp tick. A short or
+/// The lock file of a folder's state files, beside them. One per folder, not
+/// one per state file: a new state file then makes no lock file (an inode and
+/// a page of memory, a quarter of a new manager's cost on tmpfs), and saves of
+/// the folder's files take turns, which costs nothing measurable (a save
+/// holds it for tens of microseconds).
+pub const FOLDER_LOCK: &str = ".dynamic_port_manager.lock";
+
+/// Change-counter slots in `FOLDER_LOCK`: a state file's counter is at
+/// `counter_slot(name)`. Two names sharing a slot only make each other's
+/// managers re-read their file once more, never skip a change.
+const SLOTS: u64 = 4096;
+
+/// Where the change counter of the state file `name` is kept in `FOLDER_LOCK`
+/// (FNV-1a of the name: stable across processes, versions and builds).
+pub fn counter_slot(name: &OsStr) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let hash = name.as_bytes().iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % SLOTS) * 8
+}
+
+/// A change counter in a lock file (which is never replaced), 8 bytes at
+/// `offset`. Every writer bumps it under the lock before replacing the data
+/// file, so "same counter and same `FileId`" means "unchanged" even when the
+/// file system reuses an inode within one timestamp tick. A short or
 /// unreadable lock file reads as 0: the caller then re-reads, which is safe.
-pub fn read_generation(lock: &File) -> u64 {
+pub fn read_generation(lock: &File, offset: u64) -> u64 {
     let mut bytes = [0u8; 8];
-    match lock.read_exact_at(&mut bytes, 0) {
+    match lock.read_exact_at(&mut bytes, offset) {
         Ok(()) => u64::from_le_bytes(bytes),
         Err(_) => 0,
     }
 }
 
-pub fn write_generation(lock: &File, generation: u64) -> io::Result<()> {
-    lock.write_all_at(&generation.to_le_bytes(), 0)
+pub fn write_generation(lock: &File, offset: u64, generation: u64) -> io::Result<()> {
+    lock.write_all_at(&generation.to_le_bytes(), offset)
 }
 
 #[cfg(test)]
@@ -289,6 +311,18 @@ mod tests {
     }
 
     #[test]
+    fn counter_slots_are_stable_and_spread() {
+        // The slot is part of the on-disk format: processes of other builds
+        // must find the same one.
+        assert_eq!(counter_slot(OsStr::new("")), (0xcbf2_9ce4_8422_2325 % SLOTS) * 8);
+        let slots: std::collections::HashSet<u64> = (0..1000)
+            .map(|i| counter_slot(OsStr::new(&format!("new{i}.json"))))
+            .collect();
+        assert!(slots.len() > 850, "{} distinct slots of 1000", slots.len());
+        assert!(slots.iter().all(|s| s % 8 == 0 && *s < SLOTS * 8));
+    }
+
+    #[test]
     fn generation_round_trips_and_starts_at_zero() {
         let tmp = tempfile::tempdir().unwrap();
         let file = fs::OpenOptions::new()
@@ -298,9 +332,14 @@ mod tests {
             .truncate(false)
             .open(tmp.path().join("x.lock"))
             .unwrap();
-        assert_eq!(read_generation(&file), 0);
-        write_generation(&file, 41).unwrap();
-        write_generation(&file, 42).unwrap();
-        assert_eq!(read_generation(&file), 42);
+        assert_eq!(read_generation(&file, 0), 0);
+        write_generation(&file, 0, 41).unwrap();
+        write_generation(&file, 0, 42).unwrap();
+        assert_eq!(read_generation(&file, 0), 42);
+        let slot = counter_slot(OsStr::new("service1.json"));
+        assert_eq!(read_generation(&file, slot), 0, "a slot past the end reads 0");
+        write_generation(&file, slot, 7).unwrap();
+        assert_eq!(read_generation(&file, slot), 7);
+        assert_eq!(read_generation(&file, 0), 42, "slots are apart");
     }
 }
