@@ -192,9 +192,12 @@ const SLOTS: u64 = 4096;
 /// (FNV-1a of the name: stable across processes, versions and builds).
 pub fn counter_slot(name: &OsStr) -> u64 {
     use std::os::unix::ffi::OsStrExt;
-    let hash = name.as_bytes().iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = name
+        .as_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
     (hash % SLOTS) * 8
 }
 
@@ -314,7 +317,10 @@ mod tests {
     fn counter_slots_are_stable_and_spread() {
         // The slot is part of the on-disk format: processes of other builds
         // must find the same one.
-        assert_eq!(counter_slot(OsStr::new("")), (0xcbf2_9ce4_8422_2325 % SLOTS) * 8);
+        assert_eq!(
+            counter_slot(OsStr::new("")),
+            (0xcbf2_9ce4_8422_2325 % SLOTS) * 8
+        );
         let slots: std::collections::HashSet<u64> = (0..1000)
             .map(|i| counter_slot(OsStr::new(&format!("new{i}.json"))))
             .collect();
@@ -337,7 +343,11 @@ mod tests {
         write_generation(&file, 0, 42).unwrap();
         assert_eq!(read_generation(&file, 0), 42);
         let slot = counter_slot(OsStr::new("service1.json"));
-        assert_eq!(read_generation(&file, slot), 0, "a slot past the end reads 0");
+        assert_eq!(
+            read_generation(&file, slot),
+            0,
+            "a slot past the end reads 0"
+        );
         write_generation(&file, slot, 7).unwrap();
         assert_eq!(read_generation(&file, slot), 7);
         assert_eq!(read_generation(&file, 0), 42, "slots are apart");

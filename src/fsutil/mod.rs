@@ -10,8 +10,7 @@ mod watch;
 pub use dir::{read_bounded, Dir, Kind, Open, Stat, MAX_READ};
 pub use lock::{
     counter_slot, lock_within, read_generation, with_interrupt_check, with_wait_cap,
-    write_generation, LockFile, FOLDER_LOCK,
-    LOCK_WAIT,
+    write_generation, LockFile, FOLDER_LOCK, LOCK_WAIT,
 };
 pub use watch::{added, names_where, sweep, OwnChange};
 
