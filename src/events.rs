@@ -6,6 +6,7 @@
 //! after they are released: emitting may call into Python, which needs the
 //! GIL, and a thread holding the GIL may be waiting for those very locks.
 
+use crate::port_list::PortList;
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
@@ -89,13 +90,13 @@ pub struct PortSummary {
 const LISTED: usize = 5;
 
 impl PortSummary {
-    pub fn of(sorted: &[u16]) -> PortSummary {
+    pub fn of(list: &PortList) -> PortSummary {
         PortSummary {
-            first: sorted.first().copied(),
-            last: sorted.last().copied(),
-            count: sorted.len(),
-            few: if sorted.len() <= LISTED {
-                sorted.to_vec()
+            first: list.first(),
+            last: list.last(),
+            count: list.len(),
+            few: if list.len() <= LISTED {
+                list.iter().collect()
             } else {
                 Vec::new()
             },
@@ -331,8 +332,8 @@ mod tests {
                 unix: 1_721_650_200.0,
             },
             active: Some(3000),
-            free: PortSummary::of(free),
-            used: PortSummary::of(used),
+            free: PortSummary::of(&free.iter().copied().collect()),
+            used: PortSummary::of(&used.iter().copied().collect()),
             note: "DynamicPortManager started.".into(),
             state_file: "s.json".into(),
         }

@@ -110,7 +110,7 @@ mod tests {
         let before = everything(dir.path());
         let seen = read_state(&config).unwrap();
         assert_eq!(seen.history.back().unwrap().new, Some(port));
-        assert!(seen.used_ports.contains(&port), "today's lease shows");
+        assert!(seen.used_ports.contains(port), "today's lease shows");
         assert_eq!(everything(dir.path()), before);
 
         fs::write(dir.path().join("s.json"), b"{\"current_port\"").unwrap();

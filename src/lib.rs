@@ -14,6 +14,7 @@ pub mod lease_log;
 pub mod manager;
 pub mod owners;
 pub mod per_process;
+pub mod port_list;
 pub mod port_policy;
 pub mod probe;
 pub mod refresh;

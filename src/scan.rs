@@ -74,16 +74,61 @@ impl PortSet {
             .is_some_and(|words| words[word] & bit != 0)
     }
 
+    /// The ports, lowest first, a word at a time.
     pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.iter_words().flat_map(|(start, mut bits)| {
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let port = start + bits.trailing_zeros() as u16;
+                    bits &= bits - 1;
+                    port
+                })
+            })
+        })
+    }
+
+    /// The non-empty words, lowest first: each word's first port and its bits.
+    pub fn iter_words(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
         self.chunks
             .iter()
             .enumerate()
             .filter_map(|(i, c)| c.as_ref().map(|words| (i, words)))
             .flat_map(|(i, words)| {
-                (0..CHUNK_PORTS)
-                    .filter(move |p| words[p / 64] & (1 << (p % 64)) != 0)
-                    .map(move |p| (i * CHUNK_PORTS + p) as u16)
+                words
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, bits)| **bits != 0)
+                    .map(move |(w, bits)| ((i * CHUNK_PORTS + w * 64) as u16, *bits))
             })
+    }
+
+    /// The highest port in the set.
+    pub fn last(&self) -> Option<u16> {
+        let (i, words) = self
+            .chunks
+            .iter()
+            .enumerate()
+            .rev()
+            .filter_map(|(i, c)| c.as_ref().map(|words| (i, words)))
+            .find(|(_, words)| words.iter().any(|w| *w != 0))?;
+        let (w, bits) = words.iter().enumerate().rev().find(|(_, b)| **b != 0)?;
+        Some((i * CHUNK_PORTS + w * 64 + 63 - bits.leading_zeros() as usize) as u16)
+    }
+
+    /// Adds the ports of `bits` (bit i is port `start + i`; `start` a multiple of 64).
+    pub fn or_word(&mut self, start: u16, bits: u64) {
+        debug_assert_eq!(start % 64, 0);
+        if bits != 0 {
+            let (chunk, word, _) = place(start);
+            self.chunks[chunk].get_or_insert_with(|| Box::new(EMPTY_CHUNK))[word] |= bits;
+        }
+    }
+
+    /// Empties the set, keeping its chunks for the next use.
+    pub fn clear(&mut self) {
+        for words in self.chunks.iter_mut().flatten() {
+            words.fill(0);
+        }
     }
 
     /// The 64 ports from `start` (a multiple of 64) as bits, lowest port first.

@@ -474,23 +474,12 @@ pub(crate) fn recompute_lists(
     state.free_ports.clear();
     state.used_ports.clear();
     state.skipped_ports.clear();
-    // The lists were moved out before the change: room for all at once
-    // instead of a dozen regrowths per save.
-    state.free_ports.reserve(range.len());
     for (start, inside) in words_of(&range) {
         let used = (leased.word(start) | bound.word(start)) & inside;
         let never = skipped.word(start) & inside & !used;
-        push_bits(&mut state.used_ports, start, used);
-        push_bits(&mut state.skipped_ports, start, never);
-        push_bits(&mut state.free_ports, start, inside & !used & !never);
-    }
-}
-
-/// Appends the port of each set bit of `bits` (bit i is port `start + i`).
-fn push_bits(out: &mut Vec<u16>, start: u16, mut bits: u64) {
-    while bits != 0 {
-        out.push(start + bits.trailing_zeros() as u16);
-        bits &= bits - 1;
+        state.used_ports.add_word(start, used);
+        state.skipped_ports.add_word(start, never);
+        state.free_ports.add_word(start, inside & !used & !never);
     }
 }
 
@@ -526,9 +515,10 @@ mod tests {
                     free.push(port);
                 }
             }
-            assert_eq!(state.used_ports, used);
-            assert_eq!(state.skipped_ports, never);
-            assert_eq!(state.free_ports, free);
+            assert_eq!(state.used_ports.iter().collect::<Vec<_>>(), used);
+            assert_eq!(state.skipped_ports.iter().collect::<Vec<_>>(), never);
+            assert_eq!(state.free_ports.iter().collect::<Vec<_>>(), free);
+            assert_eq!(state.free_ports.len(), free.len());
         }
     }
 

@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::port_list::PortList;
+
 /// Bumped when an extra key changes meaning. The SPEC keys never change.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -28,9 +30,9 @@ pub const REQUIRED_KEYS: [&str; 10] = [
 pub struct State {
     pub current_port: Option<u16>,
     #[serde(serialize_with = "one_line")]
-    pub free_ports: Vec<u16>,
+    pub free_ports: PortList,
     #[serde(serialize_with = "one_line")]
-    pub used_ports: Vec<u16>,
+    pub used_ports: PortList,
     /// Picks per port. Integer keys serialize as JSON strings ("3000").
     pub port_usage: BTreeMap<u16, u64>,
     pub history: VecDeque<HistoryEntry>,
@@ -56,7 +58,7 @@ pub struct State {
     /// Free ports of the range that are not handed out because web browsers
     /// refuse to open them (`skip_unsafe`); in neither list above.
     #[serde(default, serialize_with = "one_line")]
-    pub skipped_ports: Vec<u16>,
+    pub skipped_ports: PortList,
     /// Where the range overlaps the kernel's ephemeral port range (any
     /// outgoing connection may take such a port), if it does.
     #[serde(default)]
@@ -135,11 +137,11 @@ pub struct Options {
 /// through its raw-value protocol (a struct named with its `RawValue` token):
 /// the lists are most of the file, and this halves the cost of a save.
 /// `port_lists_stay_on_one_line` checks the result.
-fn one_line<S: serde::Serializer>(ports: &[u16], serializer: S) -> Result<S::Ok, S::Error> {
+fn one_line<S: serde::Serializer>(ports: &PortList, serializer: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeStruct;
     const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
     crate::kept::with(&LIST_TEXT, |text| {
-        port_list_json(ports, text);
+        port_list_json(ports.iter(), ports.len(), text);
         let mut raw = serializer.serialize_struct(RAW_VALUE_TOKEN, 1)?;
         raw.serialize_field(RAW_VALUE_TOKEN, text.as_str())?;
         raw.end()
@@ -170,12 +172,12 @@ static DIGITS4: [[u8; 4]; 10_000] = {
 
 /// `[p1,p2,...]` with one table look-up per port (a 6,001-port list in a
 /// few microseconds; digit by digit it was most of a save).
-fn port_list_json(ports: &[u16], text: &mut String) {
+fn port_list_json(ports: impl Iterator<Item = u16>, count: usize, text: &mut String) {
     let mut out = std::mem::take(text).into_bytes();
     out.clear();
-    out.reserve(ports.len() * 6 + 2);
+    out.reserve(count * 6 + 2);
     out.push(b'[');
-    for (i, &port) in ports.iter().enumerate() {
+    for (i, port) in ports.enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -208,8 +210,8 @@ impl State {
     pub fn fresh(settings: Settings, options: Options) -> State {
         State {
             current_port: None,
-            free_ports: Vec::new(),
-            used_ports: Vec::new(),
+            free_ports: PortList::default(),
+            used_ports: PortList::default(),
             port_usage: BTreeMap::new(),
             history: VecDeque::new(),
             last_checked: None,
@@ -220,7 +222,7 @@ impl State {
             schema_version: SCHEMA_VERSION,
             last_checked_unix: None,
             error_active: false,
-            skipped_ports: Vec::new(),
+            skipped_ports: PortList::default(),
             ephemeral_overlap: None,
             leases: Vec::new(),
             stats: Stats::default(),
@@ -369,12 +371,14 @@ mod tests {
     #[test]
     fn port_lists_stay_on_one_line() {
         let mut state = State::fresh(settings(50), Options::default());
-        state.free_ports = vec![
+        state.free_ports = [
             3000, 3001, 3002, 1, 65535, 10, 0, 99, 100, 999, 10000, 10001,
-        ];
+        ]
+        .into_iter()
+        .collect();
         let text = String::from_utf8(state.to_json()).unwrap();
         assert!(
-            text.contains("\"free_ports\": [3000,3001,3002,1,65535,10,0,99,100,999,10000,10001]"),
+            text.contains("\"free_ports\": [0,1,10,99,100,999,3000,3001,3002,10000,10001,65535]"),
             "{text}"
         );
         assert!(text.contains("\"used_ports\": []"), "{text}");
