@@ -304,6 +304,15 @@ impl Dir {
         .map(drop)
     }
 
+    /// Swaps the files `a` and `b` of this folder in one step (both must exist).
+    pub fn exchange(&self, a: &OsStr, b: &OsStr) -> io::Result<()> {
+        let (a, b) = (cstr(a)?, cstr(b)?);
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: valid descriptor and C strings.
+        check(unsafe { libc::renameat2(fd, a.as_ptr(), fd, b.as_ptr(), libc::RENAME_EXCHANGE) })
+            .map(drop)
+    }
+
     /// Renames `from` to `to` only if `to` does not exist (never replaces).
     pub fn rename_new(&self, from: &OsStr, dest: &Dir, to: &OsStr) -> io::Result<()> {
         let (f, t) = (cstr(from)?, cstr(to)?);

@@ -87,7 +87,7 @@ pub fn temp_of(candidate: &OsStr) -> Option<(&OsStr, u32)> {
 /// Replaces `name` in `dir` with `bytes` so that no reader ever sees a
 /// partial file: the bytes go to a temporary file in the same folder, created
 /// new (O_EXCL, so a link planted at its name is never written through),
-/// which is renamed over `name`. With `durable`, the file and then the folder
+/// which then takes `name`'s place (`put_in_place`). With `durable`, the file and then the folder
 /// are fsynced, so the new content survives a power cut as well as a crash.
 ///
 /// `reuse` (a backup about to be deleted, in its folder) is recycled as the
@@ -127,7 +127,7 @@ pub fn write_atomic(
             file.sync_all()?;
         }
         drop(file);
-        dir.rename(&tmp, dir, name)?;
+        put_in_place(dir, &tmp, name)?;
         if durable {
             dir.sync()?;
         }
@@ -137,6 +137,41 @@ pub fn write_atomic(
         let _ = dir.remove(&tmp);
     }
     result.map(|()| recycled)
+}
+
+/// Puts the file `tmp` in place of `name`, in one step for any reader of
+/// `name`. Over an existing file the two are exchanged and the old one is then
+/// removed from under `tmp`, rather than `tmp` renamed over it: ext4 writes a
+/// file renamed over another out to disk at once (`auto_da_alloc`, its guard
+/// for programs that never fsync), which cost 20 us of each save here and
+/// bought nothing: `durable=True` fsyncs, and a file left empty by a power
+/// cut is restored from its backups. A saver killed between the two steps
+/// leaves the old version under its temporary name, removed like any other
+/// temporary of a dead saver.
+fn put_in_place(dir: &Dir, tmp: &OsStr, name: &OsStr) -> io::Result<()> {
+    match dir.exchange(tmp, name) {
+        // The old file is now at `tmp` (its backup is a link of its own).
+        Ok(()) => match dir.remove(tmp) {
+            // A folder put at `name` since the caller looked: it goes back,
+            // as a rename over it would have been refused.
+            Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+                let _ = dir.exchange(tmp, name);
+                Err(e)
+            }
+            // Left at `tmp`: this pid's next save removes it first.
+            _ => Ok(()),
+        },
+        // Nothing to exchange with (a new file), or a file system that cannot.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+            ) =>
+        {
+            dir.rename(tmp, dir, name)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether `write_atomic` took the file offered for reuse (it is gone then).
@@ -224,6 +259,39 @@ mod tests {
         write_atomic(&dir, n("a.json"), b"state", false, None).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         assert_eq!(fs::read(tmp.path().join("a.json")).unwrap(), b"state");
+    }
+
+    #[test]
+    fn a_replaced_file_leaves_nothing_behind_and_keeps_its_other_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let path = tmp.path().join("a.json");
+        fs::write(&path, b"old").unwrap();
+        let backup = tmp.path().join("a_backup.json");
+        fs::hard_link(&path, &backup).unwrap();
+        write_atomic(&dir, n("a.json"), b"new", false, None).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        assert_eq!(fs::read(&backup).unwrap(), b"old");
+        assert_eq!(fs::metadata(&backup).unwrap().nlink(), 1);
+        let mut names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.json", "a_backup.json"]);
+    }
+
+    #[test]
+    fn a_folder_swapped_in_at_the_name_is_put_back_not_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        fs::create_dir(tmp.path().join("a.json")).unwrap();
+        fs::write(tmp.path().join("a.json/inside"), b"kept").unwrap();
+        fs::write(tmp.path().join(".t"), b"new").unwrap();
+        let err = put_in_place(&dir, n(".t"), n("a.json")).unwrap_err();
+        assert!(err.raw_os_error() == Some(libc::EISDIR), "{err}");
+        assert_eq!(fs::read(tmp.path().join("a.json/inside")).unwrap(), b"kept");
+        assert_eq!(fs::read(tmp.path().join(".t")).unwrap(), b"new");
     }
 
     #[test]
