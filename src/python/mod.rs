@@ -149,10 +149,12 @@ fn json_loads(py: Python<'_>, text: String) -> PyResult<Bound<'_, PyAny>> {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // No caching of logger levels: a level set after import must take effect
-    // (the cost is one `isEnabledFor` call per event, a few per pick).
+    // The logger object is kept (Python never replaces a named logger), its
+    // level is not: a level set after import must take effect (the cost is
+    // one `isEnabledFor` call per event, a few per pick). Looking the logger
+    // up again for every record was a few percent of a new manager.
     let py = m.py();
-    let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::Nothing)?;
+    let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::Loggers)?;
     if log::set_boxed_logger(Box::new(ContainedLogger(logger))).is_ok() {
         log::set_max_level(log::LevelFilter::Trace);
     }
