@@ -466,9 +466,11 @@ fn explain_dir(path: &Path, e: io::Error) -> io::Error {
 }
 
 fn set_blocking(fd: RawFd) -> io::Result<()> {
+    // F_SETFL sets only O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME and
+    // O_NONBLOCK, and `open_file` asks for none but the last: clearing them
+    // all needs no F_GETFL first.
     // SAFETY: fcntl on a descriptor we own.
-    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
-    check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) }).map(drop)
+    check(unsafe { libc::fcntl(fd, libc::F_SETFL, 0) }).map(drop)
 }
 
 #[cfg(test)]
