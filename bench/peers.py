@@ -186,6 +186,23 @@ def ours_options(registry: Path) -> dict[str, Any]:
 # ------------------------------------------------------------- file system
 
 
+def create_cost_us(folder: Path, n: int = 50) -> float:
+    """The median cost of making one empty file in `folder` right now. Every
+    new state file makes one; on ext4 without a journal (this machine's /tmp)
+    it grows from tens to hundreds of microseconds for minutes after many
+    files there were deleted (a test run, a build), because allocation skips
+    recently freed inodes one by one. Printed so that a run says which it met."""
+    probe = folder / "create-probe"
+    probe.mkdir()
+    samples = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fd = os.open(probe / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        samples.append(time.perf_counter() - t0)
+        os.close(fd)
+    return quantile(samples, 0.5) * 1e6
+
+
 def file_system(folder: Path) -> str:
     """The file system `folder` is on, from /proc/mounts (longest mount point
     that contains it) and from `stat -f -c %T` where that exists."""
@@ -523,7 +540,9 @@ def main() -> None:
             f"{platform.node()}: {os.cpu_count()} cores, Linux {platform.release()}, "
             f"Python {platform.python_version()}; {', '.join(versions)}\n"
             f"range {args.start}-{args.end} ({pool:,} ports), "
-            f"portserver serving the same range",
+            f"portserver serving the same range\n"
+            f"making an empty file there costs {create_cost_us(root):.0f} us now "
+            "(a new manager makes two files)",
             flush=True,
         )
         with running_portserver(args.start, args.end):

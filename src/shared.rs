@@ -16,10 +16,7 @@ use std::time::Instant;
 use crate::clock::Stamp;
 use crate::config::Config;
 use crate::events::Kind;
-use crate::fsutil::{
-    printable, read_generation, write_generation, Kind as FileKind, LockFile, FOLDER_LOCK,
-    LOCK_WAIT,
-};
+use crate::fsutil::{printable, FolderLock, Kind as FileKind, LOCK_WAIT};
 use crate::holder::Holder;
 use crate::per_process::PerProcess;
 use crate::registry::{note_holder, LeaseTable, Registry};
@@ -38,7 +35,7 @@ pub struct SharedFile {
 pub struct FileView {
     pub state: State,
     pub store: Store,
-    lock: LockFile,
+    lock: FolderLock,
     /// Ports other programs hold, per the last scan and failed probes.
     pub bound: PortSet,
     /// Ports leased in the range, per the last registry transaction.
@@ -117,7 +114,6 @@ impl SharedFile {
         }
         views.retain(|_, v| v.strong_count() > 0);
         let store = Store::new(path.to_path_buf(), config.backup_max, config.durable);
-        let lock = LockFile::new(FOLDER_LOCK);
         let view = Arc::new(SharedFile {
             path: path.to_path_buf(),
             range: config.start..=config.end,
@@ -125,7 +121,7 @@ impl SharedFile {
             view: Mutex::new(FileView {
                 state: initial_state(config, registry),
                 store,
-                lock,
+                lock: FolderLock::default(),
                 bound: PortSet::default(),
                 leased: PortSet::default(),
                 skipped: if config.skip_unsafe {
@@ -192,9 +188,10 @@ impl FileView {
         // The folder is made now so the lock can be ("folders are always
         // created"); a failure shows at the save.
         store.revalidate();
+        let slot = store.counter_offset();
         let guard = match store.folder(true) {
-            Ok(folder) => match lock.acquire(folder, LOCK_WAIT, false) {
-                Ok((guard, _)) => Some(guard),
+            Ok(folder) => match lock.acquire(folder, slot, LOCK_WAIT, false) {
+                Ok(guard) => Some(guard),
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                     problems.push((
                         Kind::Error,
@@ -213,8 +210,7 @@ impl FileView {
             },
             Err(_) => None,
         };
-        let counter = store.counter_offset();
-        let generation = guard.as_ref().map_or(0, |g| read_generation(g, counter));
+        let generation = guard.as_ref().map_or(0, |g| g.generation());
         let fresh = state.change_count == 0 && state.last_checked.is_none();
         let mut must_write = save == Save::Always;
         match store.load(generation) {
@@ -313,7 +309,8 @@ impl FileView {
         // Bump the file's counter in the lock file before replacing the state
         // file, so a reader never pairs the new file with the old counter.
         let generation = match &guard {
-            Some(g) => write_generation(g, counter, generation.wrapping_add(1))
+            Some(g) => g
+                .set_generation(generation.wrapping_add(1))
                 .map_or(generation, |()| generation.wrapping_add(1)),
             None => generation,
         };

@@ -3,9 +3,9 @@
 //!
 //! Beside `<dir>/<name>.json` live:
 //! - `<dir>/.dynamic_port_manager.lock` (`fsutil::FOLDER_LOCK`): one for the
-//!   folder's state files, never replaced, `flock`ed around each change
-//!   (locking the state file itself would protect nothing, since every save
-//!   replaces it by rename), with each file's change counter;
+//!   folder's state files, never replaced, holding for each file a slot that
+//!   is locked around each change and holds its change counter (locking the
+//!   state file itself would protect nothing, since every save replaces it);
 //! - `<dir>/backups/<stem>_YYYYMMDD_HHMMSS[_N].json`: the previous versions;
 //! - `<dir>/<name>.json.corrupt-YYYYMMDD_HHMMSS[_N]`: damaged files, set aside
 //!   (the newest `CORRUPT_KEPT` are kept);

@@ -320,14 +320,18 @@ def test_colour_on_a_terminal_unless_no_color(
 
 # ---------------------------------------------------------------- GIL
 
+# Holds a lock file: the registry's with flock, a state folder's with a
+# record lock of the whole file (which every state file's slot lock meets).
 LOCK_HOLDER = """
 import fcntl, select, sys
 with open(sys.argv[1], "a+") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+    if sys.argv[2] == "flock":
+        fcntl.flock(f, fcntl.LOCK_EX)
+    else:
+        fcntl.lockf(f, fcntl.LOCK_EX, 0, 0)
     print("locked", flush=True)
     ready, _, _ = select.select([sys.stdin], [], [], 20)
     print("released-by-parent" if ready else "released-by-timeout", flush=True)
-    fcntl.flock(f, fcntl.LOCK_UN)
 """
 
 
@@ -354,7 +358,13 @@ def test_python_threads_run_while_pick_port_waits_for_a_lock(
     )
     assert lock_path.exists()
     holder = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(lock_path)],
+        [
+            sys.executable,
+            "-c",
+            LOCK_HOLDER,
+            str(lock_path),
+            "flock" if lock == "registry" else "range",
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -1,5 +1,7 @@
-//! Lock files: `flock`ed around every read-modify-write of the registry and
-//! of the state files of a folder, never replaced, and holding change counters.
+//! Lock files: never replaced, holding change counters, locked around every
+//! read-modify-write of the registry (`flock`, here) and of a state file (a
+//! byte range of its folder's lock file, `folder_lock.rs`); bounded and
+//! interruptible waits for both.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -44,14 +46,35 @@ pub fn with_wait_cap<R>(cap: Duration, f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// Takes `lock` exclusively, waiting at most `wait`. Polls with a backoff from
-/// 20 us to 1 ms rather than blocking in flock, which could not be given up
-/// (measured: the same throughput as a blocking flock with 8 processes picking).
+/// Takes `lock` exclusively, waiting at most `wait` (see `wait_for`).
 pub fn lock_within(
     lock: &mut fd_lock::RwLock<File>,
     wait: Duration,
     interruptible: bool,
 ) -> io::Result<fd_lock::RwLockWriteGuard<'_, File>> {
+    let lock: *mut fd_lock::RwLock<File> = lock;
+    wait_for(wait, interruptible, || {
+        // SAFETY: each attempt's borrow ends before the next one starts; the
+        // pointer only works around the borrow checker's conditional-return
+        // limitation (a returned guard keeps the borrow, others end at once).
+        match unsafe { &mut *lock }.try_write() {
+            Ok(guard) => Ok(Some(guard)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    })
+}
+
+/// Retries `attempt` (`None`: the lock is held elsewhere) until it succeeds,
+/// for at most `wait`. Polls with a backoff from 20 us to 1 ms rather than
+/// blocking in the kernel, which could not be given up (measured: the same
+/// throughput as a blocking flock with 8 processes picking). An
+/// `interruptible` wait gives up when the thread's interrupt check says so.
+pub(super) fn wait_for<G>(
+    wait: Duration,
+    interruptible: bool,
+    mut attempt: impl FnMut() -> io::Result<Option<G>>,
+) -> io::Result<G> {
     let wait = WAIT_CAP
         .with(|cap| cap.get())
         .map_or(wait, |cap| wait.min(cap));
@@ -59,14 +82,10 @@ pub fn lock_within(
     let deadline = started + wait;
     let mut next_check = started + INTERRUPT_CHECK;
     let mut pause = Duration::from_micros(20);
-    let lock: *mut fd_lock::RwLock<File> = lock;
     loop {
-        // SAFETY: each iteration's borrow ends before the next one starts; the
-        // pointer only works around the borrow checker's conditional-return
-        // limitation (a returned guard keeps the borrow, others end at once).
-        match unsafe { &mut *lock }.try_write() {
-            Ok(guard) => return Ok(guard),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        match attempt() {
+            Ok(Some(guard)) => return Ok(guard),
+            Ok(None) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
@@ -146,59 +165,52 @@ impl LockFile {
     }
 
     fn reopen_if_stale(&mut self, dir: &Dir) -> io::Result<bool> {
-        let on_disk = dir.stat(&self.name).ok().flatten().map(|m| (m.dev, m.ino));
         if let Some(held) = &self.held {
-            if held.pid == std::process::id() && on_disk == Some(held.id) {
+            if !stale(dir, &self.name, held.pid, held.id) {
                 return Ok(false);
             }
         }
         self.held = None;
-        // Making the lock file is this process's own change to the folder.
-        let creating = on_disk.is_none().then(|| super::OwnChange::begin(dir));
-        let opened = dir.open_file(&self.name, Open::ReadWriteCreate(0o600));
-        if let Some(change) = creating {
-            let made = opened.is_ok();
-            change.end(dir, |names| !made || super::added(&self.name)(names));
-        }
-        let file = opened.or_else(|e| match e.kind() {
-            // An existing lock file we may not write still locks (flock
-            // needs no write access); only the change counter stays at 0.
-            io::ErrorKind::PermissionDenied => dir.open_file(&self.name, Open::Read),
-            _ => Err(e),
-        })?;
-        let st = Stat::of_file(&file)?;
+        let (file, id) = open_lock_file(dir, &self.name, true)?;
         self.held = Some(HeldLock {
             lock: fd_lock::RwLock::new(file),
             pid: std::process::id(),
-            id: (st.dev, st.ino),
+            id,
         });
         Ok(true)
     }
 }
 
-/// The lock file of a folder's state files, beside them. One per folder, not
-/// one per state file: a new state file then makes no lock file (an inode and
-/// a page of memory, a quarter of a new manager's cost on tmpfs), and saves of
-/// the folder's files take turns, which costs nothing measurable (a save
-/// holds it for tens of microseconds).
-pub const FOLDER_LOCK: &str = ".dynamic_port_manager.lock";
+/// Whether a lock file opened by process `pid` as the file `id` is no longer
+/// the one to lock: we are a forked child (the descriptor's locks are shared
+/// with the parent), or `name` now names another file (or none).
+pub(super) fn stale(dir: &Dir, name: &OsStr, pid: u32, id: (u64, u64)) -> bool {
+    pid != std::process::id() || dir.stat(name).ok().flatten().map(|m| (m.dev, m.ino)) != Some(id)
+}
 
-/// Change-counter slots in `FOLDER_LOCK`: a state file's counter is at
-/// `counter_slot(name)`. Two names sharing a slot only make each other's
-/// managers re-read their file once more, never skip a change.
-const SLOTS: u64 = 4096;
-
-/// Where the change counter of the state file `name` is kept in `FOLDER_LOCK`
-/// (FNV-1a of the name: stable across processes, versions and builds).
-pub fn counter_slot(name: &OsStr) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let hash = name
-        .as_bytes()
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-    (hash % SLOTS) * 8
+/// Opens the lock file `name` in `dir` for reading and writing, made if
+/// missing (never through a link, only a regular file), with its identity.
+/// With `read_only_will_do`, one this user may not write is opened for
+/// reading (flock needs no write access).
+pub(super) fn open_lock_file(
+    dir: &Dir,
+    name: &OsStr,
+    read_only_will_do: bool,
+) -> io::Result<(File, (u64, u64))> {
+    let missing = dir.stat(name).ok().flatten().is_none();
+    // Making the lock file is this process's own change to the folder.
+    let creating = missing.then(|| super::OwnChange::begin(dir));
+    let opened = dir.open_file(name, Open::ReadWriteCreate(0o600));
+    if let Some(change) = creating {
+        let made = opened.is_ok();
+        change.end(dir, |names| !made || super::added(name)(names));
+    }
+    let file = opened.or_else(|e| match e.kind() {
+        io::ErrorKind::PermissionDenied if read_only_will_do => dir.open_file(name, Open::Read),
+        _ => Err(e),
+    })?;
+    let st = Stat::of_file(&file)?;
+    Ok((file, (st.dev, st.ino)))
 }
 
 /// A change counter in a lock file (which is never replaced), 8 bytes at
@@ -314,21 +326,6 @@ mod tests {
     }
 
     #[test]
-    fn counter_slots_are_stable_and_spread() {
-        // The slot is part of the on-disk format: processes of other builds
-        // must find the same one.
-        assert_eq!(
-            counter_slot(OsStr::new("")),
-            (0xcbf2_9ce4_8422_2325 % SLOTS) * 8
-        );
-        let slots: std::collections::HashSet<u64> = (0..1000)
-            .map(|i| counter_slot(OsStr::new(&format!("new{i}.json"))))
-            .collect();
-        assert!(slots.len() > 850, "{} distinct slots of 1000", slots.len());
-        assert!(slots.iter().all(|s| s % 8 == 0 && *s < SLOTS * 8));
-    }
-
-    #[test]
     fn generation_round_trips_and_starts_at_zero() {
         let tmp = tempfile::tempdir().unwrap();
         let file = fs::OpenOptions::new()
@@ -342,14 +339,9 @@ mod tests {
         write_generation(&file, 0, 41).unwrap();
         write_generation(&file, 0, 42).unwrap();
         assert_eq!(read_generation(&file, 0), 42);
-        let slot = counter_slot(OsStr::new("service1.json"));
-        assert_eq!(
-            read_generation(&file, slot),
-            0,
-            "a slot past the end reads 0"
-        );
-        write_generation(&file, slot, 7).unwrap();
-        assert_eq!(read_generation(&file, slot), 7);
-        assert_eq!(read_generation(&file, 0), 42, "slots are apart");
+        assert_eq!(read_generation(&file, 800), 0, "past the end reads 0");
+        write_generation(&file, 800, 7).unwrap();
+        assert_eq!(read_generation(&file, 800), 7);
+        assert_eq!(read_generation(&file, 0), 42, "counters are apart");
     }
 }

@@ -1,16 +1,18 @@
 //! The file-system rules of the library, in one place: folders opened once by
 //! descriptor with nothing followed through a link (`dir`), lock files with
-//! their change counters (`lock`), what is known of a folder's names while it
+//! their change counters (`lock`, and `folder_lock` for state files), what is known of a folder's names while it
 //! is unchanged (`watch`), atomic replacement and change detection.
 
 mod dir;
+mod folder_lock;
 mod lock;
 mod watch;
 
 pub use dir::{read_bounded, Dir, Kind, Open, Stat, MAX_READ};
+pub use folder_lock::{counter_slot, FolderLock, SlotGuard, FOLDER_LOCK};
 pub use lock::{
-    counter_slot, lock_within, read_generation, with_interrupt_check, with_wait_cap,
-    write_generation, LockFile, FOLDER_LOCK, LOCK_WAIT,
+    lock_within, read_generation, with_interrupt_check, with_wait_cap, write_generation, LockFile,
+    LOCK_WAIT,
 };
 pub use watch::{added, names_where, sweep, OwnChange};
 
