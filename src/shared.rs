@@ -79,12 +79,19 @@ pub enum Sweep {
     Periodic,
 }
 
-type Views = Mutex<HashMap<String, Weak<SharedFile>>>;
+/// The views by file and settings, with the size at which the next new view
+/// first drops those no manager uses any more: every view made would walk
+/// them all otherwise (a process making a thousand managers, a million steps).
+#[derive(Default)]
+struct Views {
+    by_key: HashMap<String, Weak<SharedFile>>,
+    prune_at: usize,
+}
 
 const TIDY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-fn views() -> &'static Views {
-    static VIEWS: PerProcess<Views> = PerProcess::new();
+fn views() -> &'static Mutex<Views> {
+    static VIEWS: PerProcess<Mutex<Views>> = PerProcess::new();
     VIEWS.get_or_init(Default::default)
 }
 
@@ -109,10 +116,13 @@ impl SharedFile {
             )
         );
         let mut views = views().lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(view) = views.get(&key).and_then(Weak::upgrade) {
+        if let Some(view) = views.by_key.get(&key).and_then(Weak::upgrade) {
             return view;
         }
-        views.retain(|_, v| v.strong_count() > 0);
+        if views.by_key.len() >= views.prune_at {
+            views.by_key.retain(|_, v| v.strong_count() > 0);
+            views.prune_at = (views.by_key.len() * 2).max(64);
+        }
         let store = Store::new(path.to_path_buf(), config.backup_max, config.durable);
         let view = Arc::new(SharedFile {
             path: path.to_path_buf(),
@@ -136,7 +146,7 @@ impl SharedFile {
                 leased_memo: None,
             }),
         });
-        views.insert(key, Arc::downgrade(&view));
+        views.by_key.insert(key, Arc::downgrade(&view));
         view
     }
 

@@ -120,8 +120,8 @@ pub(super) fn wait_for<G>(
 /// description, which a forked child shares with its parent, so after a fork
 /// the child opens its own; and if the name no longer names the file we hold
 /// (a /tmp cleaner deleted it), we open the new one, or processes locking the
-/// old inode and the new one would not exclude each other. Used by the
-/// registry and by every state file.
+/// old inode and the new one would not exclude each other. The registry's
+/// (state files lock a slot of their folder's, `folder_lock.rs`).
 pub struct LockFile {
     /// Its name in the folder passed to `acquire`.
     name: OsString,
