@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from dynamic_port_manager import DynamicPortManager
@@ -98,3 +99,53 @@ def test_files_sharing_a_counter_slot_miss_none_of_each_others_changes(
     assert on_disk[shared]["change_count"] == 2 * (picks + 1)
     assert len(on_disk[shared]["history"]) == 2 * (picks + 1)
     assert on_disk[neighbour]["change_count"] == picks + 1
+
+
+# Holds the slot of one state file in its folder's lock file (a record lock of
+# those 8 bytes, which the managers' slot locks meet) until told to let go.
+SLOT_HOLDER = """
+import fcntl, sys
+with open(sys.argv[1], "r+b") as f:
+    fcntl.lockf(f, fcntl.LOCK_EX, 8, int(sys.argv[2]))
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_held_slot_stops_saves_of_its_file_only(tmp_path: Path, registry: Path) -> None:
+    held_name, other_name = "held.json", "other.json"
+    assert counter_slot(held_name) != counter_slot(other_name)
+    held = DynamicPortManager(LO, HI, tmp_path / held_name, console_log=False)
+    other = DynamicPortManager(LO, HI, tmp_path / other_name, console_log=False)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOT_HOLDER,
+            str(tmp_path / FOLDER_LOCK),
+            str(counter_slot(held_name) * 8),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    picked: list[int] = []
+    waiting = threading.Thread(target=lambda: picked.append(held.pick_port()))
+    try:
+        assert holder.stdout and holder.stdout.readline().strip() == "held"
+        waiting.start()
+        # The other file's save never waits for the held slot (it would wait
+        # for LOCK_WAIT, 30 s, if the lock were the whole file's).
+        done = threading.Event()
+        threading.Thread(target=lambda: (other.pick_port(), done.set())).start()
+        assert done.wait(10), "a save of another file waited for the held slot"
+        waiting.join(0.5)
+        assert waiting.is_alive() and not picked, "a save of the held file did not wait"
+    finally:
+        assert holder.stdin
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    waiting.join(30)
+    assert picked and picked[0] == json.loads((tmp_path / held_name).read_text())["current_port"]
+    held.stop()
+    other.stop()
