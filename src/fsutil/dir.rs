@@ -304,29 +304,31 @@ impl Dir {
         .map(drop)
     }
 
-    /// Swaps the files `a` and `b` of this folder in one step (both must exist).
+    /// Swaps the files `a` and `b` of this folder in one step (both must
+    /// exist). `ENOSYS` or `EINVAL` where the kernel or file system cannot.
     pub fn exchange(&self, a: &OsStr, b: &OsStr) -> io::Result<()> {
-        let (a, b) = (cstr(a)?, cstr(b)?);
         let fd = self.fd.as_raw_fd();
-        // SAFETY: valid descriptor and C strings.
-        check(unsafe { libc::renameat2(fd, a.as_ptr(), fd, b.as_ptr(), libc::RENAME_EXCHANGE) })
-            .map(drop)
+        renameat2(fd, &cstr(a)?, fd, &cstr(b)?, libc::RENAME_EXCHANGE)
     }
 
     /// Renames `from` to `to` only if `to` does not exist (never replaces).
+    /// Where the kernel or file system has no such rename, a second link
+    /// made only if `to` is free, then the first name removed.
     pub fn rename_new(&self, from: &OsStr, dest: &Dir, to: &OsStr) -> io::Result<()> {
         let (f, t) = (cstr(from)?, cstr(to)?);
-        // SAFETY: valid descriptors and C strings.
-        check(unsafe {
-            libc::renameat2(
-                self.fd.as_raw_fd(),
-                f.as_ptr(),
-                dest.fd.as_raw_fd(),
-                t.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        })
-        .map(drop)
+        match renameat2(
+            self.fd.as_raw_fd(),
+            &f,
+            dest.fd.as_raw_fd(),
+            &t,
+            libc::RENAME_NOREPLACE,
+        ) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) => {
+                self.link(from, dest, to)?;
+                self.remove(from)
+            }
+            other => other,
+        }
     }
 
     /// A second name `to` in `dest` for the file `from` here (never a link's target).
@@ -462,6 +464,34 @@ fn explain_dir(path: &Path, e: io::Error) -> io::Error {
             format!("{} is not a folder", path.display()),
         ),
         _ => e,
+    }
+}
+
+/// renameat2(2) by its system call: glibc has a wrapper only from 2.28, and
+/// the wheel must load on glibc 2.17 (one missing symbol and the module fails
+/// to import there).
+fn renameat2(
+    from_dir: RawFd,
+    from: &std::ffi::CStr,
+    to_dir: RawFd,
+    to: &std::ffi::CStr,
+    flags: libc::c_uint,
+) -> io::Result<()> {
+    // SAFETY: valid descriptors and C strings; the kernel checks the rest.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            from_dir,
+            from.as_ptr(),
+            to_dir,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
