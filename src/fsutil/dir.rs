@@ -324,11 +324,17 @@ impl Dir {
             libc::RENAME_NOREPLACE,
         ) {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) => {
-                self.link(from, dest, to)?;
-                self.remove(from)
+                self.rename_new_by_link(from, dest, to)
             }
             other => other,
         }
+    }
+
+    /// `rename_new` without renameat2: `to` is made as a second link (which
+    /// fails if it exists), then `from` is removed.
+    fn rename_new_by_link(&self, from: &OsStr, dest: &Dir, to: &OsStr) -> io::Result<()> {
+        self.link(from, dest, to)?;
+        self.remove(from)
     }
 
     /// A second name `to` in `dest` for the file `from` here (never a link's target).
@@ -507,6 +513,32 @@ fn set_blocking(fd: RawFd) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn renaming_to_a_new_name_never_replaces_with_or_without_renameat2() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let n = OsStr::new;
+        for (i, by_link) in [false, true].into_iter().enumerate() {
+            let (a, b, taken) = (format!("a{i}"), format!("b{i}"), format!("t{i}"));
+            fs::write(tmp.path().join(&a), b"moved").unwrap();
+            fs::write(tmp.path().join(&taken), b"kept").unwrap();
+            let rename = |from: &str, to: &str| {
+                if by_link {
+                    dir.rename_new_by_link(n(from), &dir, n(to))
+                } else {
+                    dir.rename_new(n(from), &dir, n(to))
+                }
+            };
+            let err = rename(&a, &taken).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+            assert_eq!(fs::read(tmp.path().join(&taken)).unwrap(), b"kept");
+            assert_eq!(fs::read(tmp.path().join(&a)).unwrap(), b"moved");
+            rename(&a, &b).unwrap();
+            assert_eq!(fs::read(tmp.path().join(&b)).unwrap(), b"moved");
+            assert!(!tmp.path().join(&a).exists());
+        }
+    }
 
     #[test]
     fn links_fifos_and_folders_are_never_opened_as_files() {
