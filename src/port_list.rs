@@ -4,8 +4,8 @@
 //! Every change recomputes all three from the sets of leased, bound and
 //! skipped ports, 64 ports at a time. As vectors that was 6,001 pushes and
 //! 12 KB of fresh memory per list and view (each page zeroed by the kernel,
-//! and dear on a VM: a tenth of a new manager's first pick); as bitmaps it is
-//! one word written per 64 ports, in a kilobyte or two.
+//! and dear on a VM: about a tenth of a new manager and its first pick, by
+//! perf); as bitmaps it is one word written per 64 ports, in a kilobyte or two.
 
 use serde::{Deserialize, Deserializer};
 

@@ -132,20 +132,23 @@ def test_a_held_slot_stops_saves_of_its_file_only(tmp_path: Path, registry: Path
     picked: list[int] = []
     waiting = threading.Thread(target=lambda: picked.append(held.pick_port()))
     try:
-        assert holder.stdout and holder.stdout.readline().strip() == "held"
-        waiting.start()
-        # The other file's save never waits for the held slot (it would wait
-        # for LOCK_WAIT, 30 s, if the lock were the whole file's).
-        done = threading.Event()
-        threading.Thread(target=lambda: (other.pick_port(), done.set())).start()
-        assert done.wait(10), "a save of another file waited for the held slot"
-        waiting.join(0.5)
-        assert waiting.is_alive() and not picked, "a save of the held file did not wait"
+        try:
+            assert holder.stdout and holder.stdout.readline().strip() == "held"
+            waiting.start()
+            # The other file's save never waits for the held slot (it would wait
+            # for LOCK_WAIT, 30 s, if the lock were the whole file's).
+            done = threading.Event()
+            threading.Thread(target=lambda: (other.pick_port(), done.set())).start()
+            assert done.wait(10), "a save of another file waited for the held slot"
+            waiting.join(0.5)
+            assert waiting.is_alive() and not picked, "a save of the held file did not wait"
+        finally:
+            assert holder.stdin
+            holder.stdin.close()
+            holder.wait(timeout=30)
+        waiting.join(30)
+        state = json.loads((tmp_path / held_name).read_text())
+        assert picked and picked[0] == state["current_port"]
     finally:
-        assert holder.stdin
-        holder.stdin.close()
-        holder.wait(timeout=30)
-    waiting.join(30)
-    assert picked and picked[0] == json.loads((tmp_path / held_name).read_text())["current_port"]
-    held.stop()
-    other.stop()
+        held.stop()
+        other.stop()
