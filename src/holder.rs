@@ -29,7 +29,7 @@ impl Holder {
 
     /// The live process with this pid, if any.
     pub fn of_pid(pid: u32) -> Option<Holder> {
-        if !pid_exists(pid) {
+        if signal_zero(pid) != Some(true) {
             return None;
         }
         Some(Holder {
@@ -38,31 +38,74 @@ impl Holder {
         })
     }
 
-    /// Is the process this identity names still running? A zombie counts as
-    /// gone: it holds no sockets and will never release a lease itself.
+    /// Is the process this identity names still running? Yes unless there is
+    /// positive evidence that it is gone (see `liveness`): a holder that could
+    /// not be checked keeps its leases.
     pub fn is_alive(&self) -> bool {
+        !matches!(self.liveness(), Liveness::Dead)
+    }
+
+    /// What can be known of this process: running, gone (positive evidence
+    /// only: no such process, a zombie, or another process under the pid), or
+    /// unknown (the look itself failed: out of descriptors or memory, /proc
+    /// not readable). Unknown is never acted on as if it were dead.
+    pub fn liveness(&self) -> Liveness {
         match proc_stat(self.pid) {
-            Some(stat) => {
-                !matches!(stat.state, 'Z' | 'X')
-                    && (self.start_time == 0 || stat.start_time == self.start_time)
+            Ok(Some(stat)) => {
+                if matches!(stat.state, 'Z' | 'X')
+                    || (self.start_time != 0 && stat.start_time != self.start_time)
+                {
+                    Liveness::Dead
+                } else {
+                    Liveness::Alive
+                }
             }
-            None => cfg!(not(target_os = "linux")) && pid_exists(self.pid),
+            Ok(None) => Liveness::Dead,
+            // /proc could not be read: ask the kernel by signal 0, which needs
+            // no descriptor. ESRCH is evidence; a process that exists may be
+            // another one under a reused pid, so it stays unknown.
+            Err(e) => match signal_zero(self.pid) {
+                Some(false) => Liveness::Dead,
+                _ => Liveness::Unknown(format!("/proc/{}/stat: {e}", self.pid)),
+            },
         }
     }
 }
 
+/// The three answers a look at a process can give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    Dead,
+    /// The check could not be made; the text says why.
+    Unknown(String),
+}
+
 pub fn pid_exists(pid: u32) -> bool {
+    signal_zero(pid) != Some(false)
+}
+
+/// `kill(pid, 0)`: `Some(true)` the process exists, `Some(false)` there is
+/// none (ESRCH), `None` no answer (any other error).
+fn signal_zero(pid: u32) -> Option<bool> {
     // kill(0, 0) asks about the caller's process group, not a process 0.
     let Ok(pid @ 1..) = libc::pid_t::try_from(pid) else {
-        return false;
+        return Some(false);
     };
     // SAFETY: signal 0 only checks for existence and permission.
     let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    if rc == 0 {
+        return Some(true);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EPERM) => Some(true),
+        Some(libc::ESRCH) => Some(false),
+        _ => None,
+    }
 }
 
 fn start_time(pid: u32) -> Option<u64> {
-    proc_stat(pid).map(|s| s.start_time)
+    proc_stat(pid).ok().flatten().map(|s| s.start_time)
 }
 
 struct ProcStat {
@@ -70,11 +113,27 @@ struct ProcStat {
     start_time: u64,
 }
 
-/// Reads state and start time from `/proc/<pid>/stat`. The command name (field
-/// 2) may contain spaces and parentheses, so fields are counted after the last ')'.
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&text)
+/// Reads state and start time from `/proc/<pid>/stat`: `Ok(None)` when there
+/// is no such process (ENOENT, ESRCH), `Err` when the look failed (EMFILE,
+/// ENOMEM, EACCES...). The command name (field 2) may contain spaces and
+/// parentheses, so fields are counted after the last ')'.
+fn proc_stat(pid: u32) -> std::io::Result<Option<ProcStat>> {
+    let text = loop {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(text) => break text,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    parse_stat(&text).map(Some).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "unexpected /proc/<pid>/stat",
+        )
+    })
 }
 
 fn parse_stat(text: &str) -> Option<ProcStat> {

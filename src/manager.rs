@@ -366,7 +366,11 @@ impl Manager {
                     Some((version, leased)) if version == table.version() && version != 0 => leased,
                     _ => leased_in(table, &range, prefix),
                 };
-                let found = lowest_free(range.clone(), &leased.ports, bound, skipped);
+                let found = match lowest_free(range.clone(), &leased.ports, bound, skipped) {
+                    Ok(found) => found,
+                    // Nothing was learnt: no holder is checked, nothing taken.
+                    Err(e) => return Err((e, reclaimed)),
+                };
                 let dead = table.remove_dead_among(&range, found, &leased.holders, seen);
                 if dead.is_empty() {
                     break (found, leased);
@@ -374,7 +378,7 @@ impl Manager {
                 reclaimed.extend(dead);
             };
             let Some(port) = port else {
-                return (None, reclaimed, None);
+                return Ok((None, reclaimed, None));
             };
             let new = lease(port);
             leased.ports.insert(port);
@@ -398,9 +402,20 @@ impl Manager {
             // A holder's lowest port may now be one it gave up: too low is
             // safe (it is only checked for being alive once more).
             let memo = (table.version_after(), leased.clone());
-            (Some((port, leased)), reclaimed, Some(memo))
+            Ok((Some((port, leased)), reclaimed, Some(memo)))
         })?;
-        let (picked, reclaimed, memo) = picked;
+        let (picked, reclaimed, memo) = match picked {
+            Ok(picked) => picked,
+            Err((e, _)) => {
+                return Err(Error::io(
+                    format!(
+                        "cannot look for a free port in {}-{} (a bind probe failed)",
+                        self.config.start, self.config.end
+                    ),
+                    e,
+                ))
+            }
+        };
         file.leased_memo = memo;
         Ok((picked, reclaimed))
     }
@@ -426,6 +441,8 @@ impl Manager {
             match probe_port(port) {
                 Probe::Free => file.bound.remove(port),
                 Probe::InUse | Probe::Unusable => file.bound.insert(port),
+                // No answer: what was known of the port stays as it was.
+                Probe::Unknown(_) => {}
             }
             let problems = self.registry_notice(local);
             let problems = file.update(
@@ -821,12 +838,16 @@ type Picked = (Option<(u16, Leased)>, Vec<Lease>);
 
 /// The lowest port of `range` that is neither leased nor known bound and
 /// that a bind probe finds free (ports found in use are added to `bound`).
+/// The lowest port of `range` that no lease names, no scan saw in use and a
+/// bind probe confirms free. `Err` when a probe could not be made (this
+/// process is out of descriptors, say): the search stops there, since what
+/// lies above says nothing of the ports it could not look at.
 fn lowest_free(
     range: RangeInclusive<u16>,
     leased: &PortSet,
     bound: &mut PortSet,
     skipped: &PortSet,
-) -> Option<u16> {
+) -> std::result::Result<Option<u16>, std::io::Error> {
     // 64 ports at a time: in a range that is nearly all leased, the search
     // skips whole words instead of looking up each port three times.
     for (start, inside) in words_of(&range) {
@@ -835,17 +856,20 @@ fn lowest_free(
             let port = start + open.trailing_zeros() as u16;
             open &= open - 1;
             match probe_port(port) {
-                Probe::Free => return Some(port),
+                Probe::Free => return Ok(Some(port)),
                 Probe::InUse | Probe::Unusable => bound.insert(port),
+                Probe::Unknown(errno) => {
+                    return Err(std::io::Error::from_raw_os_error(errno));
+                }
             }
         }
     }
-    None
+    Ok(None)
 }
 
 /// Removes dead holders' leases from the whole registry (the refresher's sweep).
 pub fn sweep_dead(registry: &Registry) -> Vec<Lease> {
     registry
-        .transact(LeaseTable::remove_dead)
+        .transact_seeing(LeaseTable::remove_dead)
         .unwrap_or_default()
 }

@@ -15,6 +15,9 @@ pub enum Probe {
     InUse,
     /// The host refuses it to us (privileged port, policy): never hand it out.
     Unusable,
+    /// The probe could not be made (out of descriptors, buffers or memory):
+    /// says nothing of the port. Never recorded as an answer.
+    Unknown(i32),
 }
 
 /// Probes `port` on `0.0.0.0` and `[::]`. A family this host lacks is skipped.
@@ -25,6 +28,7 @@ pub fn probe_port(port: u16) -> Probe {
     ) {
         (Probe::Free, Probe::Free) => Probe::Free,
         (Probe::InUse, _) | (_, Probe::InUse) => Probe::InUse,
+        (unknown @ Probe::Unknown(_), _) | (_, unknown @ Probe::Unknown(_)) => unknown,
         _ => Probe::Unusable,
     }
 }
@@ -61,6 +65,15 @@ fn classify(error: &io::Error) -> Probe {
         Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL) | Some(libc::EPROTONOSUPPORT) => {
             Probe::Free
         }
+        // This process is out of something: the port was never looked at.
+        Some(
+            errno @ (libc::EMFILE
+            | libc::ENFILE
+            | libc::ENOBUFS
+            | libc::ENOMEM
+            | libc::EINTR
+            | libc::EAGAIN),
+        ) => Probe::Unknown(errno),
         // EACCES (privileged port) and anything unexpected: not usable.
         _ => Probe::Unusable,
     }

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::fsutil::{Dir, FileId, LockFile, Open, Stat, LOCK_WAIT, MAX_READ};
-use crate::holder::Holder;
-use crate::lease_log::{self, Change, Header, LeaseKey};
+use crate::holder::{Holder, Liveness};
+use crate::lease_log::{self, Change, Header, Layout, LeaseKey, FORMAT};
 use crate::per_process::PerProcess;
 
 /// The environment variable that moves the registry (e.g. per test session).
@@ -129,12 +129,22 @@ impl LeaseTable {
     }
 
     /// Removes the leases whose holder process is gone, and returns them.
-    pub fn remove_dead(&mut self) -> Vec<Lease> {
-        let mut alive: HashMap<Holder, bool> = HashMap::new();
+    /// Only positive evidence counts (see `Holder::liveness`): a holder that
+    /// could not be checked keeps its leases, and `unknown` says why.
+    pub fn remove_dead(&mut self, seen: &mut AliveCache) -> Vec<Lease> {
+        let unknown = &mut seen.unknown;
+        let mut dead: HashMap<Holder, bool> = HashMap::new();
         self.remove_where(|l| {
-            !*alive
+            *dead
                 .entry(l.holder())
-                .or_insert_with(|| l.holder().is_alive())
+                .or_insert_with(|| match l.holder().liveness() {
+                    Liveness::Dead => true,
+                    Liveness::Alive => false,
+                    Liveness::Unknown(why) => {
+                        unknown.push(why);
+                        false
+                    }
+                })
         })
     }
 
@@ -145,6 +155,7 @@ impl LeaseTable {
     /// (as `shared::leased_in` found them in the same transaction): each is
     /// checked once, one seen alive within the last second is not checked
     /// again (`seen`), and the table is only walked again if one is gone.
+    /// A holder that could not be checked is kept (`seen` notes why).
     pub fn remove_dead_among(
         &mut self,
         range: &std::ops::RangeInclusive<u16>,
@@ -156,7 +167,7 @@ impl LeaseTable {
             .iter()
             .filter(|(_, lowest)| below.is_none_or(|b| *lowest < b))
             .map(|(holder, _)| *holder)
-            .filter(|holder| !seen.is_alive(*holder))
+            .filter(|holder| seen.is_dead(*holder))
             .collect();
         if dead.is_empty() {
             return Vec::new();
@@ -182,33 +193,54 @@ pub fn note_holder(holders: &mut Vec<(Holder, u16)>, holder: Holder, port: u16) 
 #[derive(Default)]
 pub struct AliveCache {
     watched: HashMap<Holder, OwnedFd>,
+    /// Why holders could not be checked since the last `take_unknown`.
+    unknown: Vec<String>,
 }
 
 /// At most this many pidfds are kept open (others are checked through /proc).
 const WATCHED_MAX: usize = 64;
 
 impl AliveCache {
-    fn is_alive(&mut self, holder: Holder) -> bool {
+    /// Whether there is positive evidence that `holder` is gone. A check
+    /// that could not be made (no descriptor for a pidfd or /proc, a failed
+    /// poll) is not evidence: the holder counts as alive, and why is noted.
+    pub fn is_dead(&mut self, holder: Holder) -> bool {
         if let Some(fd) = self.watched.get(&holder) {
-            if !has_exited(fd) {
-                return true;
+            match has_exited(fd) {
+                Ok(false) => return false,
+                Ok(true) => {
+                    self.watched.remove(&holder);
+                    return true;
+                }
+                // Unknown: the handle is dropped and /proc asked below.
+                Err(_) => {
+                    self.watched.remove(&holder);
+                }
             }
-            self.watched.remove(&holder);
-            return false;
         }
-        if !holder.is_alive() {
-            return false;
+        match holder.liveness() {
+            Liveness::Dead => return true,
+            Liveness::Unknown(why) => {
+                self.unknown.push(why);
+                return false;
+            }
+            Liveness::Alive => {}
         }
         if self.watched.len() < WATCHED_MAX {
             // Checked again once the handle is open: the pid could have been
             // reused in between, and then the handle would watch a stranger.
             if let Some(fd) = pidfd_open(holder.pid) {
-                if holder.is_alive() {
+                if holder.liveness() == Liveness::Alive {
                     self.watched.insert(holder, fd);
                 }
             }
         }
-        true
+        false
+    }
+
+    /// Why holders could not be checked since the last call (none: empty).
+    pub fn take_unknown(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.unknown)
     }
 }
 
@@ -219,15 +251,28 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-fn has_exited(fd: &OwnedFd) -> bool {
+/// Whether the process behind a pidfd has exited: readable means exited;
+/// an error is no answer.
+fn has_exited(fd: &OwnedFd) -> io::Result<bool> {
     let mut poll = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd, no waiting.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    ready != 0
+    loop {
+        // SAFETY: one valid pollfd, no waiting.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        if ready >= 0 {
+            if poll.revents & (libc::POLLNVAL | libc::POLLERR) != 0 {
+                return Err(io::Error::other("poll on a pidfd failed"));
+            }
+            return Ok(ready > 0 && poll.revents & libc::POLLIN != 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 struct Inner {
@@ -367,6 +412,20 @@ impl Registry {
         &self.dir
     }
 
+    /// The error for a registry this build must not use (another format).
+    fn refusal(&self, why: String) -> Error {
+        Error::registry(
+            &self.dir,
+            io::Error::new(io::ErrorKind::Unsupported, format!("not used: {why}")),
+        )
+    }
+
+    /// Reads the registry once: an error says it cannot be used as it is
+    /// (another build's format, an unreadable table).
+    pub fn check(&self) -> Result<()> {
+        self.transact(|_| ())
+    }
+
     /// Runs `f` on the current leases with the registry locked against every
     /// other thread and process, then writes the table back if `f` changed it.
     /// If the write fails, the error is returned and nothing `f` decided holds.
@@ -440,8 +499,45 @@ impl Registry {
                 let _ = slot(folder, slots, parity);
             }
         }
-        let header = Header::read(&guard);
-        let loaded = self.load(folder, slots, log, cache, notice, header)?;
+        let header =
+            Header::read(&guard).map_err(|e| Error::registry(self.dir.join(LOCK_FILE), e))?;
+        if let Layout::Newer(format) = header.layout {
+            return Err(self.refusal(format!(
+                "it was written by a newer dynamic-port-manager (registry format {format}; this \
+                 build reads format {FORMAT}), whose leases this build cannot read. Upgrade this \
+                 service to the same version, or give it a registry of its own (DPM_REGISTRY_DIR)"
+            )));
+        }
+        let mut loaded = self.load(folder, slots, log, cache, notice, header)?;
+        if header.layout == Layout::CounterOnly {
+            // An older build (no change log) writes here, or wrote last.
+            // Its live holders' leases are in a table that build alone keeps
+            // up to date: sharing the registry would hand out ports twice.
+            let mut live: Vec<u32> = loaded
+                .leases
+                .iter()
+                .filter(|l| !alive.is_dead(l.holder()))
+                .map(|l| l.pid)
+                .collect();
+            let _ = alive.take_unknown();
+            live.sort_unstable();
+            live.dedup();
+            if !live.is_empty() {
+                *cache = None;
+                return Err(self.refusal(format!(
+                    "it is in use by an older dynamic-port-manager (the registry layout without \
+                     a format version or change log; live holders: pid {}), which would not see \
+                     this build's leases. Stop or upgrade those services first, or give this one \
+                     a registry of its own (DPM_REGISTRY_DIR)",
+                    live.iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            // Nobody of the older build is left: the table moves to this layout.
+            loaded.repaired = true;
+        }
         let mut table = LeaseTable {
             leases: loaded.leases,
             changes: Vec::new(),
@@ -450,6 +546,18 @@ impl Registry {
             next_version: fresh_version(),
         };
         let result = f(&mut table, alive);
+        let unknown = alive.take_unknown();
+        if !unknown.is_empty() {
+            add_notice(
+                notice,
+                format!(
+                    "could not tell whether {} lease holder(s) are alive, so their leases are \
+                     kept: {}",
+                    unknown.len(),
+                    unknown.join("; ")
+                ),
+            );
+        }
         if !table.dirty() {
             // Unchanged: keep the table as the cache of where it came from.
             *cache = Some(Cached {
@@ -476,6 +584,7 @@ impl Registry {
                 generation: header.generation.wrapping_add(1),
                 base: header.base,
                 log_len,
+                layout: Layout::Current,
             };
             Cached {
                 log_id,
@@ -512,7 +621,10 @@ impl Registry {
         header: Header,
         leases: Vec<Lease>,
     ) -> Result<(Header, Cached)> {
-        let file = LeaseFile { version: 1, leases };
+        let file = LeaseFile {
+            version: TABLE_VERSION,
+            leases,
+        };
         let bytes = serde_json::to_vec(&file)
             .map_err(|e| Error::registry(&self.dir, io::Error::other(e)))?;
         let base = header.base.wrapping_add(1);
@@ -536,6 +648,7 @@ impl Registry {
             generation: header.generation.wrapping_add(1),
             base,
             log_len: 0,
+            layout: Layout::Current,
         };
         let log_id = folder
             .stat(OsStr::new(LOG_FILE))
@@ -615,7 +728,11 @@ impl Registry {
                         .and_then(|f| lease_log::read(f, c.log_pos, header.log_len));
                     match lines {
                         Ok(changes) => lease_log::apply(&mut leases, changes),
-                        Err(_) => return self.load(folder, slots, log, &mut None, notice, header),
+                        // Read afresh, where damage is handled.
+                        Err(e) if is_damage(&e) => {
+                            return self.load(folder, slots, log, &mut None, notice, header)
+                        }
+                        Err(e) => return Err(Error::registry(&log_path, e)),
                     }
                 }
                 // Nothing new in the log: the very leases of the last look.
@@ -641,6 +758,9 @@ impl Registry {
                 .and_then(|s| read_slot(&s.file, &path))
             {
                 Ok((leases, len)) => (leases, len, false),
+                // Could not be read (out of descriptors, EIO): that says
+                // nothing of the table, which stays as it is.
+                Err(e) if !is_damage(&e) => return Err(Error::registry(&path, e)),
                 Err(e) => {
                     // Keep the evidence; the next write makes a new slot file.
                     let moved = set_aside(folder, &name);
@@ -654,6 +774,14 @@ impl Registry {
                         Ok(None) => Ok(None),
                         Err(e) => Err(e),
                     };
+                    if let Err(e) = &fallback {
+                        if !is_damage(e) {
+                            return Err(Error::registry(
+                                self.dir.join(&other_name),
+                                clone_error(e),
+                            ));
+                        }
+                    }
                     add_notice(
                         notice,
                         format!(
@@ -680,6 +808,7 @@ impl Registry {
                 open_log(folder, log, notice).and_then(|f| lease_log::read(f, 0, header.log_len));
             match lines {
                 Ok(changes) => lease_log::apply(&mut leases, changes),
+                Err(e) if !is_damage(&e) => return Err(Error::registry(&log_path, e)),
                 Err(e) => {
                     // Keep the evidence; the next change starts a new log.
                     let moved = set_aside(folder, LOG_FILE);
@@ -781,6 +910,23 @@ fn set_aside(folder: &Dir, name: &str) -> String {
     }
 }
 
+/// Whether a failed read shows damage (read in full and not a table, or not
+/// a regular file, or shorter than the header says) rather than a failure
+/// to look (EMFILE, EIO, ENOMEM...), which is never acted on as damage.
+fn is_damage(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
+    )
+}
+
+fn clone_error(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
 /// Adds a problem to those not yet reported (one transaction can meet two).
 fn add_notice(notice: &mut Option<String>, message: String) {
     *notice = Some(match notice.take() {
@@ -862,9 +1008,21 @@ fn read_slot(file: &File, path: &Path) -> io::Result<(Vec<Lease>, u64)> {
             format!("{} is too large", path.display()),
         ));
     }
-    serde_json::from_slice::<LeaseFile>(&bytes)
-        .map(|f| (f.leases, bytes.len() as u64))
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    let file = serde_json::from_slice::<LeaseFile>(&bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    if file.version > TABLE_VERSION {
+        // Not damage: a newer build's table, never set aside or rewritten.
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{} has lease table version {} (this build reads {TABLE_VERSION}): written by a \
+                 newer dynamic-port-manager",
+                path.display(),
+                file.version
+            ),
+        ));
+    }
+    Ok((file.leases, bytes.len() as u64))
 }
 
 /// Overwrites the slot with `bytes` in place: the same inode every time.
@@ -875,6 +1033,9 @@ fn write_in_place(file: &File, bytes: &[u8]) -> io::Result<()> {
 }
 
 const LOCK_FILE: &str = "leases.lock";
+
+/// The version a lease table file carries (`{"version": 1, "leases": [...]}`).
+const TABLE_VERSION: u32 = 1;
 
 #[cfg(test)]
 mod tests {
@@ -1094,7 +1255,7 @@ mod tests {
             t.insert(lease(3001, Holder::current(), "me"));
         })
         .unwrap();
-        let removed = reg.transact(|t| t.remove_dead()).unwrap();
+        let removed = reg.transact_seeing(|t, seen| t.remove_dead(seen)).unwrap();
         assert_eq!(removed.len(), 1);
         assert_eq!(removed[0].port, 3000);
         let left = reg.snapshot().unwrap();
