@@ -155,7 +155,12 @@ def test_2_emfile_opening_the_registry_never_sets_it_aside(
             m.stop()
         """
         done = subprocess.run(
-            [*strace_inject("openat", "EMFILE", target), sys.executable, "-c", textwrap.dedent(code)],
+            [
+                *strace_inject("openat", "EMFILE", target),
+                sys.executable,
+                "-c",
+                textwrap.dedent(code),
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -173,7 +178,9 @@ def test_2_emfile_opening_the_registry_never_sets_it_aside(
 
 
 @needs_strace
-@pytest.mark.parametrize("syscall,error", [("openat", "EIO"), ("read", "EIO"), ("openat", "ENFILE")])
+@pytest.mark.parametrize(
+    "syscall,error", [("openat", "EIO"), ("read", "EIO"), ("openat", "ENFILE")]
+)
 @pytest.mark.parametrize("backup_max", [10, 0])
 def test_3_a_read_error_at_start_leaves_the_state_file_as_it_is(
     state_path: Path,
@@ -183,9 +190,7 @@ def test_3_a_read_error_at_start_leaves_the_state_file_as_it_is(
     backup_max: int,
 ) -> None:
     base = free_port_factory()
-    m = DynamicPortManager(
-        base, base + 2, state_path, backup_max=backup_max, console_log=False
-    )
+    m = DynamicPortManager(base, base + 2, state_path, backup_max=backup_max, console_log=False)
     for _ in range(6):
         m.pick_port()
     m.stop()
