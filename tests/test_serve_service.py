@@ -5,6 +5,7 @@ systemd's place."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -135,8 +136,15 @@ def test_serve_on_a_fixed_port_answers_metrics_with_process_metrics(
         dpm = set(sample_values(router.text))
         assert dpm and dpm <= set(samples), "every metric of the router's endpoint is in /metrics"
         # The pick over HTTP is the only change: the server's own port is not one.
-        assert float(samples["dpm_port_changes_total"]) == 1
+        assert samples["dpm_port_changes_total"] == 1
         assert picked != free_port
+        # Its full name, not the kernel's 15 bytes (`dynamic-port-ma`), for the
+        # dashboard (the owners endpoint) and `who`.
+        owners = httpx.get(f"{served.url}/api/v1/port/owners?port={free_port}", timeout=30)
+        (row,) = owners.json()["owners"]
+        assert [p["name"] for p in row["processes"]] == ["dynamic-port-manager"]
+        who = json.loads(cli("who", str(free_port)).stdout)
+        assert [p["name"] for p in who[0]["processes"]] == ["dynamic-port-manager"]
         served.proc.send_signal(signal.SIGTERM)
         assert served.proc.wait(timeout=30) == 0
 
