@@ -149,6 +149,39 @@ def test_serve_on_a_fixed_port_answers_metrics_with_process_metrics(
         assert served.proc.wait(timeout=30) == 0
 
 
+def test_a_passed_unix_socket_serves_the_api(tmp_path: Path) -> None:
+    # systemd's ListenStream=/run/dpm.sock: a Unix socket, no port at all.
+    path = str(tmp_path / "api.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen()
+        start, end = port_block()
+        command = [cli_path(), "serve", "--range", f"{start}-{end}"]
+        command += ["--state", str(tmp_path / "s.json"), "--fd", str(listener.fileno())]
+        proc = subprocess.Popen(
+            command,
+            pass_fds=[listener.fileno()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == f"Serving on unix:{path}"
+            transport = httpx.HTTPTransport(uds=path)
+            with httpx.Client(transport=transport, base_url="http://dpm", timeout=30) as http:
+                assert http.get("/api/v1/port/state").json()["settings"]["port_range"] == [
+                    start,
+                    end,
+                ]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=30)
+
+
 def test_a_port_inside_the_range_is_refused_with_a_clear_message(free_port: int) -> None:
     result = cli("serve", "--range", f"{free_port}-{free_port + 1}", "--port", str(free_port))
     assert result.returncode == 2
