@@ -136,6 +136,17 @@ def test_the_serve_command_serves_metrics_on_its_fixed_port(free_port: int, tmp_
         assert "process_cpu_seconds_total" in text and "dpm_free_ports" in text
 
 
+def test_the_scrape_config_targets_the_documented_address() -> None:
+    yaml = pytest.importorskip("yaml")
+    (block,) = blocks("yaml")
+    (job,) = yaml.safe_load(block)["scrape_configs"]
+    (target,) = job["static_configs"][0]["targets"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    serve = build_parser().parse_args(shlex.split(command_line("dynamic-port-manager"))[1:])
+    assert target == f"{serve.host}:{serve.port}"
+    assert unit(UNITS[0])["Socket"]["ListenStream"] == target
+
+
 def unit(name: str) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(interpolation=None, strict=False)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys keep their case
