@@ -15,7 +15,7 @@ use super::dir::{Dir, Open, Stat};
 /// process holds. Locks are held for microseconds; one held this long belongs
 /// to a process that is stopped or stuck, and an error says so instead of a
 /// pick that never returns.
-pub const LOCK_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// How often a lock wait asks whether the caller was interrupted (Ctrl-C).
 const INTERRUPT_CHECK: Duration = Duration::from_millis(100);
@@ -31,7 +31,7 @@ thread_local! {
 /// Runs `f` with interruptible lock waits on this thread polling
 /// `interrupted` every 100 ms; a wait it answers `true` for fails with
 /// `ErrorKind::Interrupted`.
-pub fn with_interrupt_check<R>(interrupted: fn() -> bool, f: impl FnOnce() -> R) -> R {
+pub(crate) fn with_interrupt_check<R>(interrupted: fn() -> bool, f: impl FnOnce() -> R) -> R {
     let before = INTERRUPT.with(|c| c.replace(Some(interrupted)));
     let result = f();
     INTERRUPT.with(|c| c.set(before));
@@ -39,29 +39,35 @@ pub fn with_interrupt_check<R>(interrupted: fn() -> bool, f: impl FnOnce() -> R)
 }
 
 /// Runs `f` with every lock wait of this thread limited to `cap`.
-pub fn with_wait_cap<R>(cap: Duration, f: impl FnOnce() -> R) -> R {
+pub(crate) fn with_wait_cap<R>(cap: Duration, f: impl FnOnce() -> R) -> R {
     let before = WAIT_CAP.with(|c| c.replace(Some(cap)));
     let result = f();
     WAIT_CAP.with(|c| c.set(before));
     result
 }
 
-/// Takes `lock` exclusively, waiting at most `wait` (see `wait_for`).
-pub fn lock_within(
-    lock: &mut fd_lock::RwLock<File>,
+/// Takes `lock` exclusively, waiting at most `wait` (see `wait_for`). The
+/// wait polls the flock through `probe`, another descriptor of the same open
+/// file description (a flock belongs to the description): the guard is then
+/// taken on a lock this description already holds, which cannot fail for
+/// another's. (Polling with `try_write` itself would keep `lock` borrowed
+/// across the loop.)
+fn lock_within<'a>(
+    lock: &'a mut fd_lock::RwLock<File>,
+    probe: &File,
     wait: Duration,
     interruptible: bool,
-) -> io::Result<fd_lock::RwLockWriteGuard<'_, File>> {
-    let lock: *mut fd_lock::RwLock<File> = lock;
+) -> io::Result<fd_lock::RwLockWriteGuard<'a, File>> {
+    use rustix::fs::{flock, FlockOperation};
     wait_for(wait, interruptible, || {
-        // SAFETY: each attempt's borrow ends before the next one starts; the
-        // pointer only works around the borrow checker's conditional-return
-        // limitation (a returned guard keeps the borrow, others end at once).
-        match unsafe { &mut *lock }.try_write() {
-            Ok(guard) => Ok(Some(guard)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
+        match flock(probe, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(())),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(e.into()),
         }
+    })?;
+    lock.try_write().inspect_err(|_| {
+        let _ = flock(probe, FlockOperation::Unlock);
     })
 }
 
@@ -122,7 +128,7 @@ pub(super) fn wait_for<G>(
 /// (a /tmp cleaner deleted it), we open the new one, or processes locking the
 /// old inode and the new one would not exclude each other. The registry's
 /// (state files lock a slot of their folder's, `folder_lock.rs`).
-pub struct LockFile {
+pub(crate) struct LockFile {
     /// Its name in the folder passed to `acquire`.
     name: OsString,
     /// `None` until it could be opened (a read-only folder, say).
@@ -131,20 +137,18 @@ pub struct LockFile {
 
 struct HeldLock {
     lock: fd_lock::RwLock<File>,
+    /// A duplicate of the lock's descriptor, for `lock_within`.
+    probe: File,
     pid: u32,
     id: (u64, u64),
 }
 
 impl LockFile {
-    pub fn new(name: impl Into<OsString>) -> LockFile {
+    pub(crate) fn new(name: impl Into<OsString>) -> LockFile {
         LockFile {
             name: name.into(),
             held: None,
         }
-    }
-
-    pub fn name(&self) -> &OsStr {
-        &self.name
     }
 
     /// Takes the lock (the file `name` in `dir`, created if missing, never
@@ -153,7 +157,7 @@ impl LockFile {
     /// under the old one is not to be trusted. An `interruptible` wait gives
     /// up when the thread's interrupt check says so (see `with_interrupt_check`):
     /// only for waits before anything was changed.
-    pub fn acquire(
+    pub(crate) fn acquire(
         &mut self,
         dir: &Dir,
         wait: Duration,
@@ -161,7 +165,8 @@ impl LockFile {
     ) -> io::Result<(fd_lock::RwLockWriteGuard<'_, File>, bool)> {
         let reopened = self.reopen_if_stale(dir)?;
         let held = self.held.as_mut().expect("reopen_if_stale opened it");
-        Ok((lock_within(&mut held.lock, wait, interruptible)?, reopened))
+        let guard = lock_within(&mut held.lock, &held.probe, wait, interruptible)?;
+        Ok((guard, reopened))
     }
 
     fn reopen_if_stale(&mut self, dir: &Dir) -> io::Result<bool> {
@@ -172,8 +177,10 @@ impl LockFile {
         }
         self.held = None;
         let (file, id) = open_lock_file(dir, &self.name, true)?;
+        let probe = file.try_clone()?;
         self.held = Some(HeldLock {
             lock: fd_lock::RwLock::new(file),
+            probe,
             pid: std::process::id(),
             id,
         });
@@ -218,7 +225,7 @@ pub(super) fn open_lock_file(
 /// file, so "same counter and same `FileId`" means "unchanged" even when the
 /// file system reuses an inode within one timestamp tick. A short or
 /// unreadable lock file reads as 0: the caller then re-reads, which is safe.
-pub fn read_generation(lock: &File, offset: u64) -> u64 {
+pub(crate) fn read_generation(lock: &File, offset: u64) -> u64 {
     let mut bytes = [0u8; 8];
     match lock.read_exact_at(&mut bytes, offset) {
         Ok(()) => u64::from_le_bytes(bytes),
@@ -226,7 +233,7 @@ pub fn read_generation(lock: &File, offset: u64) -> u64 {
     }
 }
 
-pub fn write_generation(lock: &File, offset: u64, generation: u64) -> io::Result<()> {
+pub(crate) fn write_generation(lock: &File, offset: u64, generation: u64) -> io::Result<()> {
     lock.write_all_at(&generation.to_le_bytes(), offset)
 }
 
