@@ -46,29 +46,30 @@ pub(crate) fn with_wait_cap<R>(cap: Duration, f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// Takes `lock` exclusively, waiting at most `wait` (see `wait_for`). The
-/// wait polls the flock through `probe`, another descriptor of the same open
-/// file description (a flock belongs to the description): the guard is then
-/// taken on a lock this description already holds, which cannot fail for
-/// another's. (Polling with `try_write` itself would keep `lock` borrowed
-/// across the loop.)
-fn lock_within<'a>(
-    lock: &'a mut fd_lock::RwLock<File>,
-    probe: &File,
+/// Takes `lock` exclusively, waiting at most `wait` (see `wait_for`).
+///
+/// The wait holds no guard across tries (a guard returned from inside the
+/// loop would keep `lock` borrowed for all of them): a try that succeeds
+/// keeps its flock and forgets its guard (which owns nothing else), and the
+/// guard returned is taken afterwards on a lock this descriptor already
+/// holds, which nothing else can then hold (flock belongs to the open file
+/// description; taking it again there succeeds at once). Should that fail
+/// anyway (ENOLCK), the lock stays held until this descriptor's next
+/// `acquire` hands out a guard for it, or it is closed.
+fn lock_within(
+    lock: &mut fd_lock::RwLock<File>,
     wait: Duration,
     interruptible: bool,
-) -> io::Result<fd_lock::RwLockWriteGuard<'a, File>> {
-    use rustix::fs::{flock, FlockOperation};
-    wait_for(wait, interruptible, || {
-        match flock(probe, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(Some(())),
-            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-            Err(e) => Err(e.into()),
+) -> io::Result<fd_lock::RwLockWriteGuard<'_, File>> {
+    wait_for(wait, interruptible, || match lock.try_write() {
+        Ok(guard) => {
+            std::mem::forget(guard);
+            Ok(Some(()))
         }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
     })?;
-    lock.try_write().inspect_err(|_| {
-        let _ = flock(probe, FlockOperation::Unlock);
-    })
+    lock.try_write()
 }
 
 /// Retries `attempt` (`None`: the lock is held elsewhere) until it succeeds,
@@ -137,8 +138,6 @@ pub(crate) struct LockFile {
 
 struct HeldLock {
     lock: fd_lock::RwLock<File>,
-    /// A duplicate of the lock's descriptor, for `lock_within`.
-    probe: File,
     pid: u32,
     id: (u64, u64),
 }
@@ -165,8 +164,7 @@ impl LockFile {
     ) -> io::Result<(fd_lock::RwLockWriteGuard<'_, File>, bool)> {
         let reopened = self.reopen_if_stale(dir)?;
         let held = self.held.as_mut().expect("reopen_if_stale opened it");
-        let guard = lock_within(&mut held.lock, &held.probe, wait, interruptible)?;
-        Ok((guard, reopened))
+        Ok((lock_within(&mut held.lock, wait, interruptible)?, reopened))
     }
 
     fn reopen_if_stale(&mut self, dir: &Dir) -> io::Result<bool> {
@@ -177,10 +175,8 @@ impl LockFile {
         }
         self.held = None;
         let (file, id) = open_lock_file(dir, &self.name, true)?;
-        let probe = file.try_clone()?;
         self.held = Some(HeldLock {
             lock: fd_lock::RwLock::new(file),
-            probe,
             pid: std::process::id(),
             id,
         });
