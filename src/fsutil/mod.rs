@@ -9,7 +9,7 @@ mod lock;
 mod watch;
 
 pub(crate) use dir::{errno, Dir, Kind, Open, Stat, MAX_READ};
-pub(crate) use folder_lock::{counter_slot, FolderLock, FOLDER_LOCK};
+pub(crate) use folder_lock::{counter_slot, FolderLock, SlotGuard, FOLDER_LOCK};
 #[cfg(test)]
 pub(crate) use lock::read_generation;
 pub(crate) use lock::{with_interrupt_check, with_wait_cap, LockFile, LOCK_WAIT};
@@ -268,6 +268,11 @@ fn recycle(from: &Dir, old: &OsStr, dir: &Dir, tmp: &OsStr) -> Option<File> {
             None
         }
     }
+}
+
+/// This process's effective user id.
+pub(crate) fn effective_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
 }
 
 #[cfg(test)]
