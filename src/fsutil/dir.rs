@@ -38,11 +38,16 @@ fn cstr(name: &OsStr) -> io::Result<CString> {
 /// Runs `call` again while a signal interrupts it (EINTR), `EINTR_RETRIES`
 /// times at most.
 pub(crate) fn retry_eintr<T>(mut call: impl FnMut() -> rustix::io::Result<T>) -> io::Result<T> {
+    retry_interrupted(|| call().map_err(io::Error::from))
+}
+
+/// `retry_eintr` for a std call.
+fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     let mut tries = 0;
     loop {
         match call() {
-            Err(Errno::INTR) if tries < EINTR_RETRIES => tries += 1,
-            other => return other.map_err(io::Error::from),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted && tries < EINTR_RETRIES => tries += 1,
+            other => return other,
         }
     }
 }
@@ -174,14 +179,12 @@ impl Dir {
     }
 
     fn make(path: &Path, mode: u32) -> io::Result<()> {
-        match fs::symlink_metadata(path) {
+        match retry_interrupted(|| fs::symlink_metadata(path)) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                match fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(mode)
-                    .create(path)
-                {
+                let mut builder = fs::DirBuilder::new();
+                builder.recursive(true).mode(mode);
+                match retry_interrupted(|| builder.create(path)) {
                     Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
                     _ => Ok(()),
                 }
@@ -199,11 +202,13 @@ impl Dir {
     /// renamed, or replaced (by a link, say): the caller then reopens it,
     /// with every check again, rather than work in a folder no one else sees.
     pub(crate) fn still_at_path(&self) -> bool {
-        let on_disk = if self.follows {
-            fs::metadata(&self.path)
-        } else {
-            fs::symlink_metadata(&self.path)
-        };
+        let on_disk = retry_interrupted(|| {
+            if self.follows {
+                fs::metadata(&self.path)
+            } else {
+                fs::symlink_metadata(&self.path)
+            }
+        });
         let Ok(on_disk) = on_disk else {
             return false;
         };
