@@ -28,6 +28,7 @@ pub mod state;
 pub mod store;
 
 mod python;
+mod sys;
 
 pub use config::{Args, Config};
 pub use error::{Error, Result};
