@@ -209,7 +209,7 @@ pub fn escape_controls(text: &str) -> Cow<'_, str> {
 /// which `str.splitlines()` and some log shippers take as line ends. They can
 /// only occur inside strings, where `\uXXXX` is the same character.
 pub fn json_line(value: &serde_json::Value) -> String {
-    let text = value.to_string();
+    let text = ordered(value);
     if !text.chars().any(is_hidden) {
         return text;
     }
@@ -221,6 +221,32 @@ pub fn json_line(value: &serde_json::Value) -> String {
             out.push(c);
         }
     }
+    out
+}
+
+/// Keys an object's text starts with, as ECS logging libraries write them
+/// (the rest follow in name order).
+const LEADING_KEYS: [&str; 4] = ["@timestamp", "log.level", "message", "ecs.version"];
+
+/// `value` as JSON text, an object's `LEADING_KEYS` first.
+fn ordered(value: &serde_json::Value) -> String {
+    let Some(object) = value.as_object() else {
+        return value.to_string();
+    };
+    let lead = LEADING_KEYS.iter().filter_map(|k| object.get_key_value(*k));
+    let rest = object
+        .iter()
+        .filter(|(k, _)| !LEADING_KEYS.contains(&k.as_str()));
+    let mut out = String::from("{");
+    for (i, (key, item)) in lead.chain(rest).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out += &serde_json::Value::from(key.as_str()).to_string();
+        out.push(':');
+        out += &item.to_string();
+    }
+    out.push('}');
     out
 }
 
@@ -468,6 +494,13 @@ mod tests {
         assert!(line.contains(r"\u2028e\u2029f\u0085g\u007fh"), "{line}");
         let back: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(back["dpm.state_file"], e.state_file.as_str());
+        assert_eq!(back, e.json(&origin()));
+        assert!(
+            line.starts_with(
+                r#"{"@timestamp":"2024-07-22T12:10:00.000+00:00","log.level":"info","message":"#
+            ),
+            "{line}"
+        );
     }
 
     #[test]

@@ -162,15 +162,23 @@ impl PyManager {
         let manager = &self.manager;
         let origin = logging::Caller::find(py).origin();
         let record = detach_checked(py, || manager.json_record(&origin))?;
+        let line = crate::events::json_line(&record);
         // Through sys.stdout, so Python-level redirection and capture see it.
         let stdout = py.import("sys")?.getattr("stdout")?;
         if !stdout.is_none() {
-            // A broken stdout must not break the caller: the record is returned.
-            let _ = stdout
-                .call_method1("write", (crate::events::json_line(&record) + "\n",))
+            // A broken stdout must not break the caller: the record is
+            // returned. Ctrl-C while writing is the caller's, as anywhere.
+            let written = stdout
+                .call_method1("write", (line.clone() + "\n",))
                 .and_then(|_| stdout.call_method0("flush"));
+            if let Err(error) = written {
+                if !error.is_instance_of::<pyo3::exceptions::PyException>(py) {
+                    return Err(error);
+                }
+            }
         }
-        json_loads(py, record.to_string())
+        // The dict has the line's key order.
+        json_loads(py, line)
     }
 
     /// Re-scans the range now (what the refresh thread does every interval).
