@@ -38,6 +38,22 @@ static LOGGER_OBJECT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 /// refresh thread's records.
 static PACKAGE_FILE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
+/// `sys._getframe` and `logging.NullHandler`, looked up once (an import per
+/// event was a measurable part of a pick's logging).
+static GETFRAME: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static NULL_HANDLER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+fn cached<'py>(
+    py: Python<'py>,
+    cell: &'static PyOnceLock<Py<PyAny>>,
+    module: &str,
+    name: &str,
+) -> PyResult<&'static Py<PyAny>> {
+    cell.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import(module)?.getattr(name)?.unbind())
+    })
+}
+
 /// The function name of the background refresh thread's records.
 pub(super) const BACKGROUND: &str = "(background refresh)";
 
@@ -72,11 +88,8 @@ impl<'py> Caller<'py> {
     /// frame of its own, so it is the innermost one); without one, this is
     /// the background refresh thread, told as the package's `__init__.py`.
     pub(super) fn find(py: Python<'py>) -> Caller<'py> {
-        match py
-            .import("sys")
-            .and_then(|s| s.call_method1("_getframe", (0,)))
-        {
-            Ok(frame) => Self::of_frame(&frame).unwrap_or_else(|_| Self::unknown(py, true)),
+        match cached(py, &GETFRAME, "sys", "_getframe").and_then(|f| f.call1(py, (0,))) {
+            Ok(frame) => Self::of_frame(frame.bind(py)).unwrap_or_else(|_| Self::unknown(py, true)),
             // "call stack is not deep enough": no Python frame on this thread.
             Err(e) if e.is_instance_of::<PyValueError>(py) => Self::background(py),
             Err(_) => Self::unknown(py, true),
@@ -282,8 +295,7 @@ fn write_lines(py: Python<'_>, events: &[&Event]) -> PyResult<()> {
 /// `NullHandler` (the package's own). Asked per call: an app may configure
 /// logging after it made its manager.
 pub(super) fn logging_configured(py: Python<'_>) -> PyResult<bool> {
-    let logging = py.import("logging")?;
-    let null_handler = logging.getattr("NullHandler")?;
+    let null_handler = cached(py, &NULL_HANDLER, "logging", "NullHandler")?.bind(py);
     let mut logger = logger(py)?.clone();
     // The chain ends at the root (parent None); the bound only guards a cycle.
     for _ in 0..64 {
@@ -291,7 +303,7 @@ pub(super) fn logging_configured(py: Python<'_>) -> PyResult<bool> {
             break;
         }
         for handler in logger.getattr("handlers")?.try_iter()? {
-            if !handler?.is_instance(&null_handler)? {
+            if !handler?.is_instance(null_handler)? {
                 return Ok(true);
             }
         }
