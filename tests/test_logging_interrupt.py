@@ -193,3 +193,40 @@ def test_an_uncaught_ctrl_c_ends_the_program_as_python_does(
     assert stderr.count("Traceback") == 1, stderr
     assert stderr.rstrip().endswith("KeyboardInterrupt"), stderr
     assert "m.pick_port()" in stderr and "Exception ignored" not in stderr, stderr
+
+
+EXIT_CHILD = """
+import logging, sys
+from dynamic_port_manager import DynamicPortManager
+
+class Exit(logging.Handler):
+    def emit(self, record):
+        if record.event == "pick":
+            sys.exit(3)
+
+log = logging.getLogger("dynamic_port_manager")
+log.setLevel(logging.INFO)
+log.addHandler(Exit())
+m = DynamicPortManager(int(sys.argv[2]), int(sys.argv[2]), sys.argv[1], console_log=False)
+try:
+    m.pick_port()
+except SystemExit as e:
+    print("SystemExit", e.code, "active", m.active_port, flush=True)
+    raise
+"""
+
+
+def test_sys_exit_in_a_log_handler_ends_the_program(
+    tmp_path: Path, registry: Path, free_port: int
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_CHILD, str(tmp_path / "s.json"), str(free_port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Raised to the caller of pick_port (which still got its port), then
+    # ends the program with the handler's code, as sys.exit does.
+    assert result.stdout.split() == ["SystemExit", "3", "active", str(free_port)], result
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr

@@ -165,13 +165,13 @@ impl<'py> Caller<'py> {
 /// lost.
 fn emit_all(py: Python<'_>, events: &[Event], console: ConsoleLog) {
     let mut caller: Option<Caller<'_>> = None;
-    let mut shows_records = None;
+    let mut unconfigured = None;
     let mut lines = Vec::new();
     for event in events {
         let mut print = match console {
             ConsoleLog::On => true,
             ConsoleLog::Off => false,
-            ConsoleLog::Auto => *shows_records.get_or_insert_with(|| {
+            ConsoleLog::Auto => *unconfigured.get_or_insert_with(|| {
                 // A logging module too broken to ask: print the line, lose nothing.
                 !logging_configured(py).unwrap_or(false)
             }),
@@ -199,11 +199,15 @@ fn emit_all(py: Python<'_>, events: &[Event], console: ConsoleLog) {
         }
     }
     // A signal that arrived while this thread held the GIL in Rust is handled
-    // here, where its exception can still reach the caller (only the main
-    // thread runs signal handlers: elsewhere this does nothing).
+    // here, where its exception (whatever its class: it is the signal
+    // handler's) can still reach the caller. Only the main thread runs signal
+    // handlers: elsewhere this does nothing.
     if let Err(error) = py.check_signals() {
-        let waiting = caller.get_or_insert_with(|| Caller::find(py)).waiting;
-        contain(py, error, waiting);
+        if caller.get_or_insert_with(|| Caller::find(py)).waiting {
+            keep_pending(error);
+        } else {
+            error.write_unraisable(py, None);
+        }
     }
 }
 
