@@ -643,13 +643,14 @@ def test_log_json_prints_one_ecs_line_and_returns_it(
     assert stamp.tzinfo is not None
     assert abs((dt.datetime.now(dt.timezone.utc) - stamp).total_seconds()) < 300
     assert record["log.level"] == "info"
+    assert record["ecs.version"] == "8.11.0"
     assert record["event.action"]
-    assert record["jalali_time"] in minutes
-    assert record["active_port"] == port
-    assert record["free_count"] == 9
-    assert record["used_count"] == 1
-    assert Path(record["state_file"]) == m.state_path
-    assert record["change_count"] == 1
+    assert record["dpm.jalali_time"] in minutes
+    assert record["dpm.active_port"] == port
+    assert record["dpm.free_count"] == 9
+    assert record["dpm.used_count"] == 1
+    assert Path(record["dpm.state_file"]) == m.state_path
+    assert record["dpm.change_count"] == 1
 
 
 # ---------------------------------------------------------------- lifecycle
@@ -841,7 +842,7 @@ print(json.dumps({
     "before": before.isoformat(), "after": after.isoformat(),
     "offset": dt.datetime.now().astimezone().strftime("%z"),
     "time": state["history"][-1]["time"], "last_checked": state["last_checked"],
-    "jalali": record["jalali_time"], "timestamp": record["@timestamp"],
+    "jalali": record["dpm.jalali_time"], "timestamp": record["@timestamp"],
 }))
 """
 

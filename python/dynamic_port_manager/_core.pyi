@@ -138,7 +138,10 @@ class DynamicPortManager:
         ``options`` and ``schema_version``."""
 
     def log_json(self) -> dict[str, Any]:
-        """Write one JSON line (ELK/ECS fields) to stdout and return it."""
+        """Write one ECS JSON line to stdout and return it: ECS fields
+        (``@timestamp``, ``log.level``, ``message``, ``ecs.version``,
+        ``log.origin.*``, ``process.pid``...) at the top level, the manager's
+        own under ``dpm.`` (``dpm.port``, ``dpm.state_file``...)."""
 
     def refresh(self) -> None:
         """Re-scan the range now, as the background thread does every

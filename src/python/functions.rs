@@ -12,11 +12,11 @@ use super::*;
 /// down can crash it) and gives back every lease of this process, waiting on
 /// busy threads a moment at most. Registered with `atexit` by the package.
 #[pyfunction]
-pub(super) fn _shutdown(py: Python<'_>) {
+pub(super) fn _shutdown(py: Python<'_>) -> PyResult<()> {
     EXIT_THREAD.store(this_thread(), Ordering::SeqCst);
-    detach(py, || {
+    detach_checked(py, || {
         crate::release_at_exit(std::time::Duration::from_secs(1))
-    });
+    })
 }
 
 /// Is this process's refresh thread running?
