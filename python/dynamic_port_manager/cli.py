@@ -54,7 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        status = handler(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
     except (UsageError, ValueError) as e:
         # ValueError: the core's checks of range, pid and the DPM_* variables.
         return _fail(f"error: {e}", 2)
@@ -63,6 +67,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"error: {e}", 1)
     except KeyboardInterrupt:
         return 130
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as ``cat`` does.
+
+    Python ignores SIGPIPE, so a write to a closed pipe raises instead of ending
+    the process; the status is the one a shell shows for a command that SIGPIPE
+    ended (128 + 13). stdout is pointed at /dev/null first, so the interpreter's
+    last flush at exit finds nothing to write and prints no second error.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _fail(message: str, status: int) -> int:
@@ -204,9 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         "who",
         cmd_who,
         "Show who holds each used port of the range, or PORTs: processes (pid, name, "
-        "command line) and leases. A table on a terminal, JSON in a pipe.",
+        "command line) and leases, as a table (the same rows on a terminal and in a pipe).",
     )
     p.add_argument("ports", type=_port, nargs="*", metavar="PORT")
+    p.add_argument(
+        "--json", action="store_true", help="print the rows as JSON (as GET /port/owners)"
+    )
 
     p = command("release", cmd_release, "Release the lease on PORT (whoever holds it).")
     p.add_argument("port", type=_port, metavar="PORT")
@@ -296,8 +319,8 @@ def cmd_who(args: argparse.Namespace) -> int:
     s = settings_for(args)
     asked: list[int] = args.ports
     owners = port_owners(asked or range(s.start, s.end + 1))
-    if not sys.stdout.isatty():
-        print(json.dumps(owners))
+    if args.json:
+        print_json(owners)
         return 0
     rows = [line for row in owners for line in _who_lines(row)]
     rows += [
@@ -309,6 +332,7 @@ def cmd_who(args: argparse.Namespace) -> int:
         return 0
     rows.insert(0, ("PORT", "PID", "NAME", "LEASED BY", "COMMAND"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    # The same text on a terminal and in a pipe: a script sees what a person sees.
     for r in rows:
         cells = [r[0].rjust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2])]
         print("  ".join([*cells, r[3].ljust(widths[3]), r[4]]).rstrip())
