@@ -649,6 +649,7 @@ mod tests {
                 port_range: [3000, 3010],
                 json_path: "s.json".into(),
                 history_max: 50,
+                service: "s".into(),
             },
             Options::default(),
         );

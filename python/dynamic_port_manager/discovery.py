@@ -1,0 +1,522 @@
+"""Announcing active ports in etcd, so services can be found across hosts.
+
+Opt-in: ``DynamicPortManager(..., discovery="etcd://127.0.0.1:2379/dpm")`` or
+``DPM_DISCOVERY``. Each active port is the key
+``<prefix>/services/<service>/<host>:<port>`` with a JSON value (host, port,
+pid, service, state_file, started), attached to an etcd lease of its own whose
+TTL (default 3 x ``refresh_interval``, whole seconds) a background thread
+keeps alive. A move or release revokes the old lease (the key goes with it);
+a process killed outright stops renewing and etcd drops the key at expiry.
+
+etcd is never on the critical path: a pick only tells this module's thread
+that something changed. The thread talks to etcd's v3 JSON gateway
+(``/v3/kv/put``, ``/v3/lease/grant`` ...) through the standard library's
+``http.client`` with a short timeout, records failures (``status()``, a log
+record of the ``dynamic_port_manager.discovery`` logger) and tries again at
+the next tick; a lease etcd no longer knows (etcd lost its data, or the lease
+expired while etcd was unreachable) is granted anew and the key written again.
+
+Addresses: ``etcd://HOST[:PORT][,HOST[:PORT]...][/PREFIX][?OPTIONS]``, or
+several such URLs separated by commas; ``etcds://`` for TLS. Options:
+``cacert``, ``cert``, ``key`` (PEM files, as etcdctl's flags), ``timeout``
+(seconds per request, default 1). ``user:password@`` before a host, or
+``DPM_DISCOVERY_USER`` / ``DPM_DISCOVERY_PASSWORD``, authenticate (etcd's
+``/v3/auth/authenticate``). Default port 2379, default prefix ``/dpm``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import http.client
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__all__ = [
+    "DISCOVERY_ENV",
+    "ADVERTISE_HOST_ENV",
+    "DiscoveryError",
+    "EtcdConfig",
+    "EtcdClient",
+    "Announcer",
+    "parse_discovery",
+    "check_host",
+    "service_key_prefix",
+]
+
+DISCOVERY_ENV = "DPM_DISCOVERY"
+ADVERTISE_HOST_ENV = "DPM_ADVERTISE_HOST"
+DEFAULT_PORT = 2379
+DEFAULT_PREFIX = "/dpm"
+DEFAULT_TIMEOUT = 1.0
+
+log = logging.getLogger("dynamic_port_manager.discovery")
+
+
+class DiscoveryError(OSError):
+    """etcd could not be reached or refused a request."""
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """Where etcd is and how to talk to it (see the module's docstring)."""
+
+    endpoints: tuple[tuple[str, int], ...]
+    tls: bool = False
+    prefix: str = DEFAULT_PREFIX
+    cacert: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    user: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)
+    timeout: float = DEFAULT_TIMEOUT
+
+    def describe(self) -> str:
+        """The address without credentials, for logs and errors."""
+        scheme = "etcds" if self.tls else "etcd"
+        hosts = ",".join(_host_port(h, p) for h, p in self.endpoints)
+        return f"{scheme}://{hosts}{self.prefix}"
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_discovery(text: str) -> EtcdConfig:
+    """An ``etcd://`` or ``etcds://`` address (see the module's docstring);
+    ``ValueError`` naming ``discovery`` for anything else."""
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"discovery: {why}, got {text!r}")
+
+    if not isinstance(text, str) or not text.strip():
+        raise bad("expected etcd://HOST[:PORT][,HOST[:PORT]...][/PREFIX]")
+    scheme: Optional[str] = None
+    endpoints: list[tuple[str, int]] = []
+    prefix: Optional[str] = None
+    options: dict[str, str] = {}
+    user: Optional[str] = None
+    password: Optional[str] = None
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            raise bad("an empty endpoint")
+        if "://" not in piece:
+            if scheme is None:
+                raise bad("expected etcd:// or etcds:// first")
+            piece = f"{scheme}://{piece}"
+        try:
+            parts = urlsplit(piece)
+            port = parts.port or DEFAULT_PORT
+        except ValueError as e:
+            raise bad(str(e)) from None
+        if parts.scheme not in ("etcd", "etcds"):
+            raise bad("the scheme must be etcd:// (or etcds:// for TLS)")
+        if scheme is not None and parts.scheme != scheme:
+            raise bad("all endpoints must use the same scheme")
+        scheme = parts.scheme
+        if not parts.hostname:
+            raise bad("an endpoint without a host")
+        endpoints.append((parts.hostname, port))
+        if parts.username is not None:
+            user, password = unquote(parts.username), unquote(parts.password or "")
+        if parts.path not in ("", "/"):
+            path = "/" + parts.path.strip("/")
+            if prefix is not None and prefix != path:
+                raise bad("endpoints name different prefixes")
+            prefix = path
+        for name, values in parse_qs(parts.query, keep_blank_values=True).items():
+            if name not in ("cacert", "cert", "key", "timeout"):
+                raise bad(f"unknown option {name!r} (cacert, cert, key, timeout)")
+            options[name] = values[-1]
+    timeout = DEFAULT_TIMEOUT
+    if "timeout" in options:
+        try:
+            timeout = float(options["timeout"])
+        except ValueError:
+            timeout = -1.0
+        if not 0.01 <= timeout <= 60:
+            raise bad("timeout must be a number of seconds from 0.01 to 60")
+    if ("cert" in options) != ("key" in options):
+        raise bad("cert and key go together")
+    tls = scheme == "etcds"
+    if not tls and any(k in options for k in ("cacert", "cert", "key")):
+        raise bad("cacert, cert and key need etcds://")
+    return EtcdConfig(
+        endpoints=tuple(endpoints),
+        tls=tls,
+        prefix=prefix or DEFAULT_PREFIX,
+        cacert=options.get("cacert"),
+        cert=options.get("cert"),
+        key=options.get("key"),
+        user=user or os.environ.get("DPM_DISCOVERY_USER") or None,
+        password=password if user else os.environ.get("DPM_DISCOVERY_PASSWORD"),
+        timeout=timeout,
+    )
+
+
+_HOST_RE = re.compile(r"[A-Za-z0-9.:_\-\[\]%]{1,253}")
+
+
+def check_host(host: str) -> str:
+    """An advertised host name: 1 to 253 of ``A-Z a-z 0-9 . : _ - [ ] %``."""
+    if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
+        raise ValueError(
+            "advertise_host: must be a host name or address (1 to 253 of A-Z, a-z, 0-9 "
+            f"and . : _ - [ ] %), got {host!r}"
+        )
+    return host
+
+
+def service_key_prefix(prefix: str, service: str) -> str:
+    """The keys of one service start with this."""
+    return f"{prefix}/services/{service}/"
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+def _unb64(text: str) -> str:
+    return base64.b64decode(text).decode("utf-8", "replace")
+
+
+def _prefix_end(prefix: str) -> str:
+    """The range end that makes a range request cover every key under ``prefix``."""
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1  # prefixes end in "/", never 0xff
+    return base64.b64encode(bytes(raw)).decode("ascii")
+
+
+class EtcdClient:
+    """etcd's v3 JSON gateway over ``http.client``: one request at a time (use
+    one client per thread), endpoints tried in turn, each with ``timeout``."""
+
+    def __init__(self, config: EtcdConfig) -> None:
+        self.config = config
+        self._token: Optional[str] = None
+        self._preferred = 0
+        self._context: Optional[ssl.SSLContext] = None
+        if config.tls:
+            self._context = ssl.create_default_context(cafile=config.cacert)
+            if config.cert:
+                self._context.load_cert_chain(config.cert, config.key)
+
+    def _connection(self, host: str, port: int) -> http.client.HTTPConnection:
+        timeout = self.config.timeout
+        if self._context is not None:
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._context)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def _post(self, path: str, body: dict[str, Any], auth: bool = True) -> dict[str, Any]:
+        """One request, to the endpoint that answered last, else the others."""
+        payload = json.dumps(body).encode()
+        problems = []
+        n = len(self.config.endpoints)
+        for i in range(n):
+            index = (self._preferred + i) % n
+            host, port = self.config.endpoints[index]
+            headers = {"Content-Type": "application/json"}
+            if auth and self._token:
+                headers["Authorization"] = self._token
+            conn = self._connection(host, port)
+            try:
+                conn.request("POST", path, payload, headers)
+                response = conn.getresponse()
+                status, raw = response.status, response.read()
+            except (OSError, http.client.HTTPException) as e:
+                problems.append(f"{_host_port(host, port)}: {e or type(e).__name__}")
+                continue
+            finally:
+                conn.close()
+            self._preferred = index
+            try:
+                answer = json.loads(raw) if raw else {}
+            except ValueError:
+                answer = {"error": raw[:200].decode("utf-8", "replace")}
+            if status != 200 or (isinstance(answer.get("error"), (str, dict))):
+                error = answer.get("error")
+                message = (
+                    answer.get("message")
+                    or (error.get("message") if isinstance(error, dict) else error)
+                    or f"HTTP {status}"
+                )
+                raise DiscoveryError(f"etcd {path}: {message}")
+            return answer
+        raise DiscoveryError(f"etcd unreachable ({'; '.join(problems)})")
+
+    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A request, authenticated first when a user is configured (and once
+        more if etcd says the token expired)."""
+        if self.config.user and self._token is None:
+            self._authenticate()
+        try:
+            return self._post(path, body)
+        except DiscoveryError as e:
+            if self.config.user and "token" in str(e):
+                self._authenticate()
+                return self._post(path, body)
+            raise
+
+    def _authenticate(self) -> None:
+        answer = self._post(
+            "/v3/auth/authenticate",
+            {"name": self.config.user, "password": self.config.password or ""},
+            auth=False,
+        )
+        self._token = answer.get("token")
+
+    def grant(self, ttl: int) -> tuple[str, int]:
+        """A new lease: its id and the TTL etcd gave (it may raise a small one)."""
+        answer = self.call("/v3/lease/grant", {"TTL": str(ttl)})
+        return str(answer["ID"]), int(answer.get("TTL", ttl))
+
+    def keepalive(self, lease: str) -> int:
+        """Renews a lease; the TTL it now has, 0 if etcd no longer knows it."""
+        answer = self.call("/v3/lease/keepalive", {"ID": lease})
+        result = answer.get("result", answer)
+        return int(result.get("TTL", 0))
+
+    def revoke(self, lease: str) -> None:
+        """Ends a lease and deletes its keys (a lease etcd does not know is fine)."""
+        try:
+            self.call("/v3/lease/revoke", {"ID": lease})
+        except DiscoveryError as e:
+            if "not found" not in str(e):
+                raise
+
+    def put(self, key: str, value: str, lease: Optional[str] = None) -> None:
+        body = {"key": _b64(key), "value": _b64(value)}
+        if lease is not None:
+            body["lease"] = lease
+        self.call("/v3/kv/put", body)
+
+    def get_prefix(self, prefix: str) -> list[tuple[str, str]]:
+        """Every key under ``prefix`` with its value, in key order."""
+        answer = self.call("/v3/kv/range", {"key": _b64(prefix), "range_end": _prefix_end(prefix)})
+        return [(_unb64(kv["key"]), _unb64(kv.get("value", ""))) for kv in answer.get("kvs", [])]
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+@dataclass
+class _Announced:
+    port: int
+    key: str
+    lease: str
+    ttl: int
+    renewed: float
+
+
+class Announcer:
+    """Keeps one manager's active port announced in etcd, from a daemon thread.
+
+    ``current()`` says which port should be announced (None: none, and the
+    announcer ends once that is true of etcd, or after ``close``). ``poke()``
+    makes the thread look now instead of at its next tick.
+    """
+
+    def __init__(
+        self,
+        config: EtcdConfig,
+        *,
+        service: str,
+        host: str,
+        state_file: str,
+        interval: float,
+        ttl: Optional[int],
+        current: Callable[[], Optional[int]],
+    ) -> None:
+        self.config = config
+        self.service = service
+        self.host = host
+        self.state_file = state_file
+        self.interval = interval
+        self.ttl = ttl if ttl is not None else max(1, int(-(-3 * interval // 1)))
+        self._current = current
+        self._lock = threading.Lock()
+        self._up: Optional[bool] = None
+        self._error: Optional[str] = None
+        self._error_time: Optional[str] = None
+        self._start()
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self._wake = threading.Event()
+        self._closing = False
+        self._announced: Optional[_Announced] = None
+        # Leases to revoke; after `until` etcd has dropped them by itself.
+        self._orphans: list[tuple[str, float]] = []
+        self._client = EtcdClient(self.config)
+        self._thread = threading.Thread(
+            target=self._run, name=f"dpm-discovery-{self.service}", daemon=True
+        )
+        _live.add(self)
+        self._thread.start()
+
+    # ---- called by the manager's thread (never waits on etcd) --------------
+
+    def poke(self) -> None:
+        if self._pid != os.getpid():
+            # A forked child: the thread stayed in the parent, and so do its
+            # leases (never revoked from here). Announce afresh.
+            self._start()
+        self._wake.set()
+
+    def close(self, wait: float) -> None:
+        """Revokes the announced key (waiting ``wait`` seconds at most) and ends."""
+        if self._pid != os.getpid():
+            return
+        self._closing = True
+        self._wake.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(wait)
+
+    def status(self) -> dict[str, Any]:
+        """``up`` (None before the first contact), ``last_error``, ``last_error_time``,
+        ``endpoint``, ``key`` (None while nothing is announced) and ``ttl``."""
+        with self._lock:
+            announced = self._announced
+            return {
+                "endpoint": self.config.describe(),
+                "up": self._up,
+                "last_error": self._error,
+                "last_error_time": self._error_time,
+                "key": announced.key if announced else None,
+                "ttl": announced.ttl if announced else self.ttl,
+            }
+
+    # ---- the thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._tick())
+            self._wake.clear()
+            closing = self._closing
+            try:
+                wanted = None if closing else self._current()
+            except Exception:  # the manager is gone or stopped
+                wanted = None
+            try:
+                self._sync(wanted)
+                self._report(None)
+            except (DiscoveryError, OSError, ValueError, KeyError) as e:
+                self._report(str(e) or type(e).__name__)
+            if closing or (wanted is None and self._announced is None and self._gone()):
+                _live.discard(self)
+                return
+
+    def _gone(self) -> bool:
+        """The manager was stopped or collected: nothing will be announced again."""
+        try:
+            self._current()
+        except Exception:
+            return True
+        return False
+
+    def _tick(self) -> float:
+        """Seconds until the next look: the refresh interval, or sooner so a
+        lease is renewed at a third of its TTL."""
+        announced = self._announced
+        if announced is None:
+            return self.interval
+        due = announced.renewed + announced.ttl / 3 - time.monotonic()
+        return max(0.01, min(self.interval, due))
+
+    def _sync(self, wanted: Optional[int]) -> None:
+        client = self._client
+        announced = self._announced
+        now = time.monotonic()
+        if announced is not None and announced.port != wanted:
+            with self._lock:
+                self._announced = None
+            self._orphans.append((announced.lease, now + announced.ttl))
+        for lease, until in list(self._orphans):
+            if time.monotonic() < until:
+                client.revoke(lease)
+            self._orphans.remove((lease, until))
+        if wanted is None:
+            return
+        announced = self._announced
+        if announced is not None and now - announced.renewed >= min(
+            self.interval * 0.9, announced.ttl / 3
+        ):
+            ttl = client.keepalive(announced.lease)
+            if ttl > 0:
+                announced.renewed = time.monotonic()
+            else:
+                log.warning(
+                    "discovery: etcd lost the lease of %s; announcing it again", announced.key
+                )
+                with self._lock:
+                    self._announced = announced = None
+        if announced is None:
+            self._announce(wanted)
+
+    def _announce(self, port: int) -> None:
+        key = f"{service_key_prefix(self.config.prefix, self.service)}{self.host}:{port}"
+        value = json.dumps(
+            {
+                "host": self.host,
+                "port": port,
+                "pid": os.getpid(),
+                "service": self.service,
+                "state_file": self.state_file,
+                "started": _now_iso(),
+            }
+        )
+        lease, ttl = self._client.grant(self.ttl)
+        try:
+            self._client.put(key, value, lease)
+        except DiscoveryError:
+            self._orphans.append((lease, time.monotonic() + ttl))
+            raise
+        with self._lock:
+            self._announced = _Announced(port, key, lease, ttl, time.monotonic())
+
+    def _report(self, error: Optional[str]) -> None:
+        with self._lock:
+            was_up = self._up
+            self._up = error is None
+            if error is not None:
+                self._error = f"discovery ({self.config.describe()}): {error}"
+                self._error_time = _now_iso()
+        if error is not None and was_up is not False:
+            log.warning("%s; retrying every %ss", self._error, self.interval)
+        elif error is None and was_up is False:
+            log.info("discovery: etcd at %s answers again", self.config.describe())
+
+
+_live: weakref.WeakSet[Announcer] = weakref.WeakSet()
+
+
+def _close_all() -> None:
+    """At exit: revoke every announced key, a moment at most for all of them."""
+    deadline = time.monotonic() + 1.5
+    announcers = list(_live)
+    for a in announcers:
+        a._closing = True
+        a._wake.set()
+    for a in announcers:
+        if a._pid == os.getpid():
+            a._thread.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_close_all)
+
+
+def default_host() -> str:
+    """``$DPM_ADVERTISE_HOST``, else this machine's host name."""
+    return os.environ.get(ADVERTISE_HOST_ENV) or socket.gethostname()
