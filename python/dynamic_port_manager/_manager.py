@@ -11,7 +11,7 @@ import os
 import socket
 import weakref
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from . import _core
 from .discovery import (
@@ -32,14 +32,14 @@ STOP_WAIT = 2.0
 class DynamicPortManager(_core.DynamicPortManager):
     __doc__ = _core.DynamicPortManager.__doc__
 
-    _announcer: Optional[Announcer]
+    _announcer: Announcer | None
 
     def __new__(
         cls,
         *args: Any,
-        discovery: Optional[str] = None,
-        advertise_host: Optional[str] = None,
-        discovery_ttl: Optional[int] = None,
+        discovery: str | None = None,
+        advertise_host: str | None = None,
+        discovery_ttl: int | None = None,
         **kwargs: Any,
     ) -> Self:
         # Checked before the core makes the manager (which writes the state file).
@@ -60,7 +60,7 @@ class DynamicPortManager(_core.DynamicPortManager):
         if config is not None:
             ref = weakref.ref(self)
 
-            def current() -> Optional[int]:
+            def current() -> int | None:
                 manager = ref()
                 if manager is None or manager.stopped:
                     raise LookupError("the manager was stopped")
@@ -77,7 +77,7 @@ class DynamicPortManager(_core.DynamicPortManager):
             )
         return self
 
-    def pick_port(self, *, pid: Optional[int] = None) -> int:
+    def pick_port(self, *, pid: int | None = None) -> int:
         port = super().pick_port(pid=pid)
         if self._announcer is not None:
             self._announcer.poke()
@@ -86,9 +86,9 @@ class DynamicPortManager(_core.DynamicPortManager):
     def pick_socket(
         self,
         *,
-        pid: Optional[int] = None,
-        host: Optional[str] = None,
-        backlog: Optional[int] = None,
+        pid: int | None = None,
+        host: str | None = None,
+        backlog: int | None = None,
         reuse_port: bool = False,
     ) -> socket.socket:
         sock = super().pick_socket(pid=pid, host=host, backlog=backlog, reuse_port=reuse_port)
@@ -134,7 +134,7 @@ class DynamicPortManager(_core.DynamicPortManager):
         return self.get_state()
 
     @property
-    def discovery_status(self) -> Optional[dict[str, Any]]:
+    def discovery_status(self) -> dict[str, Any] | None:
         """None without discovery; else ``endpoint``, ``up`` (None before the
         first answer), ``last_error``, ``last_error_time``, ``key`` and ``ttl``."""
         return None if self._announcer is None else self._announcer.status()

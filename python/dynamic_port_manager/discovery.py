@@ -40,7 +40,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = [
@@ -75,11 +75,11 @@ class EtcdConfig:
     endpoints: tuple[tuple[str, int], ...]
     tls: bool = False
     prefix: str = DEFAULT_PREFIX
-    cacert: Optional[str] = None
-    cert: Optional[str] = None
-    key: Optional[str] = None
-    user: Optional[str] = None
-    password: Optional[str] = field(default=None, repr=False)
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
     timeout: float = DEFAULT_TIMEOUT
 
     def describe(self) -> str:
@@ -102,12 +102,12 @@ def parse_discovery(text: str) -> EtcdConfig:
 
     if not isinstance(text, str) or not text.strip():
         raise bad("expected etcd://HOST[:PORT][,HOST[:PORT]...][/PREFIX]")
-    scheme: Optional[str] = None
+    scheme: str | None = None
     endpoints: list[tuple[str, int]] = []
-    prefix: Optional[str] = None
+    prefix: str | None = None
     options: dict[str, str] = {}
-    user: Optional[str] = None
-    password: Optional[str] = None
+    user: str | None = None
+    password: str | None = None
     for piece in (p.strip() for p in text.split(",")):
         if not piece:
             raise bad("an empty endpoint")
@@ -204,9 +204,9 @@ class EtcdClient:
 
     def __init__(self, config: EtcdConfig) -> None:
         self.config = config
-        self._token: Optional[str] = None
+        self._token: str | None = None
         self._preferred = 0
-        self._context: Optional[ssl.SSLContext] = None
+        self._context: ssl.SSLContext | None = None
         if config.tls:
             self._context = ssl.create_default_context(cafile=config.cacert)
             if config.cert:
@@ -295,7 +295,7 @@ class EtcdClient:
             if "not found" not in str(e):
                 raise
 
-    def put(self, key: str, value: str, lease: Optional[str] = None) -> None:
+    def put(self, key: str, value: str, lease: str | None = None) -> None:
         body = {"key": _b64(key), "value": _b64(value)}
         if lease is not None:
             body["lease"] = lease
@@ -336,8 +336,8 @@ class Announcer:
         host: str,
         state_file: str,
         interval: float,
-        ttl: Optional[int],
-        current: Callable[[], Optional[int]],
+        ttl: int | None,
+        current: Callable[[], int | None],
     ) -> None:
         self.config = config
         self.service = service
@@ -347,16 +347,16 @@ class Announcer:
         self.ttl = ttl if ttl is not None else max(1, int(-(-3 * interval // 1)))
         self._current = current
         self._lock = threading.Lock()
-        self._up: Optional[bool] = None
-        self._error: Optional[str] = None
-        self._error_time: Optional[str] = None
+        self._up: bool | None = None
+        self._error: str | None = None
+        self._error_time: str | None = None
         self._start()
 
     def _start(self) -> None:
         self._pid = os.getpid()
         self._wake = threading.Event()
         self._closing = False
-        self._announced: Optional[_Announced] = None
+        self._announced: _Announced | None = None
         # Leases to revoke; after `until` etcd has dropped them by itself.
         self._orphans: list[tuple[str, float]] = []
         self._client = EtcdClient(self.config)
@@ -435,7 +435,7 @@ class Announcer:
         due = announced.renewed + announced.ttl / 3 - time.monotonic()
         return max(0.01, min(self.interval, due))
 
-    def _sync(self, wanted: Optional[int]) -> None:
+    def _sync(self, wanted: int | None) -> None:
         client = self._client
         announced = self._announced
         now = time.monotonic()
@@ -486,7 +486,7 @@ class Announcer:
         with self._lock:
             self._announced = _Announced(port, key, lease, ttl, time.monotonic())
 
-    def _report(self, error: Optional[str]) -> None:
+    def _report(self, error: str | None) -> None:
         with self._lock:
             was_up = self._up
             self._up = error is None

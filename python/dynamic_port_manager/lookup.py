@@ -12,7 +12,7 @@ import json
 import os
 import re
 import socket
-from typing import Any, Optional, Union
+from typing import Any
 
 from ._core import service_instances
 from .discovery import DISCOVERY_ENV, EtcdClient, parse_discovery, service_key_prefix
@@ -22,9 +22,9 @@ __all__ = ["lookup"]
 
 def lookup(
     name: str,
-    discovery: Optional[str] = None,
+    discovery: str | None = None,
     *,
-    registry_dir: Union[str, os.PathLike[str], None] = None,
+    registry_dir: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The live instances of the service ``name``, each a dict: ``service``,
     ``host``, ``port``, ``pid``, ``state_file``, ``since`` (when the port was
