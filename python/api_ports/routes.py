@@ -22,6 +22,7 @@ from . import models
 from .backup_file import NAME_MAX, NAME_PATTERN, attachment_header, read_backup
 from .dashboard import add_dashboard
 from .metrics import new_registry, render
+from .services import add_services
 
 ManagerSource = Callable[[], DynamicPortManager]
 
@@ -165,6 +166,7 @@ def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRo
         return Response(body, headers={"Content-Type": content_type})
 
     add_dashboard(router)
+    add_services(router, manager)
     return router
 
 

@@ -33,6 +33,7 @@ class DynamicPortManager(_core.DynamicPortManager):
     __doc__ = _core.DynamicPortManager.__doc__
 
     _announcer: Announcer | None
+    _discovery: str | None
 
     def __new__(
         cls,
@@ -57,6 +58,7 @@ class DynamicPortManager(_core.DynamicPortManager):
             )
         self = super().__new__(cls, *args, **kwargs)
         self._announcer = None
+        self._discovery = discovery if config is not None else None
         if config is not None:
             ref = weakref.ref(self)
 
@@ -132,6 +134,12 @@ class DynamicPortManager(_core.DynamicPortManager):
     @property
     def state(self) -> dict[str, Any]:
         return self.get_state()
+
+    @property
+    def discovery(self) -> str | None:
+        """The etcd address this manager announces to (``discovery=`` or
+        ``$DPM_DISCOVERY``), or None."""
+        return self._discovery
 
     @property
     def discovery_status(self) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from typing import Any
 from ._core import service_instances
 from .discovery import DISCOVERY_ENV, EtcdClient, parse_discovery, service_key_prefix
 
-__all__ = ["lookup"]
+__all__ = ["lookup", "find", "check_name"]
 
 
 def lookup(
@@ -29,7 +29,8 @@ def lookup(
     """The live instances of the service ``name``, each a dict: ``service``,
     ``host``, ``port``, ``pid``, ``state_file``, ``since`` (when the port was
     taken), ``command`` (the holder's command line; None from etcd) and
-    ``source`` (``"local"`` or ``"etcd"``). Empty when there is none.
+    ``source`` (``"local"`` or ``"etcd"``); by host and port. Empty when
+    there is none.
 
     ``discovery``: an ``etcd://`` address to ask instead of this host's
     registry (default ``$DPM_DISCOVERY``; ``""`` forces the local registry).
@@ -37,11 +38,22 @@ def lookup(
     ``OSError``) when etcd cannot answer, ``RegistryError`` when the registry
     cannot be read.
     """
+    check_name(name)
+    return find(name, discovery, registry_dir=registry_dir)
+
+
+def find(
+    name: str | None,
+    discovery: str | None = None,
+    *,
+    registry_dir: str | os.PathLike[str] | None = None,
+) -> list[dict[str, Any]]:
+    """``lookup``, or with ``name`` None every named service's instances (by
+    service, host and port)."""
     if discovery is None:
         discovery = os.environ.get(DISCOVERY_ENV) or ""
     if not discovery:
         host = socket.gethostname()
-        found: list[dict[str, Any]] = service_instances(name, registry_dir=registry_dir)
         return [
             {
                 "service": i["service"],
@@ -53,13 +65,14 @@ def lookup(
                 "command": i["command"],
                 "source": "local",
             }
-            for i in found
+            for i in service_instances(name, registry_dir=registry_dir)
         ]
-    _check_name(name)
     config = parse_discovery(discovery)
-    client = EtcdClient(config)
+    prefix = (
+        f"{config.prefix}/services/" if name is None else service_key_prefix(config.prefix, name)
+    )
     instances = []
-    for _key, raw in client.get_prefix(service_key_prefix(config.prefix, name)):
+    for _key, raw in EtcdClient(config).get_prefix(prefix):
         try:
             value = json.loads(raw)
             instances.append(
@@ -74,16 +87,16 @@ def lookup(
                     "source": "etcd",
                 }
             )
-        except (ValueError, KeyError, TypeError):
-            continue  # not written by us: skipped
-    instances.sort(key=lambda i: (i["host"], i["port"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # not written by this package: skipped
+    instances.sort(key=lambda i: (i["service"], i["host"], i["port"]))
     return instances
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     """The core's rule for service names (``ValueError`` naming ``name``)."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(
