@@ -4,11 +4,13 @@
 //! for the leases asked for, so a name among a thousand leases costs one
 //! table copy and a few `/proc` reads.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::holder::Holder;
 use crate::owners::state_file_of;
 use crate::registry::{resolve_dir, Registry};
 
@@ -40,11 +42,21 @@ pub fn find(registry_dir: Option<&Path>, service: Option<&str>) -> Result<Vec<In
             .cloned()
             .collect::<Vec<_>>()
     })?;
+    // One look per process, however many of its leases match.
+    let mut alive: HashMap<Holder, bool> = HashMap::new();
+    let mut commands: HashMap<u32, Option<Vec<String>>> = HashMap::new();
     let mut found: Vec<Instance> = leases
         .into_iter()
-        .filter(|l| l.holder().is_alive())
+        .filter(|l| {
+            *alive
+                .entry(l.holder())
+                .or_insert_with(|| l.holder().is_alive())
+        })
         .map(|l| Instance {
-            command: command_of(l.pid),
+            command: commands
+                .entry(l.pid)
+                .or_insert_with(|| command_of(l.pid))
+                .clone(),
             state_file: state_file_of(&l.owner).to_string(),
             service: l.service,
             port: l.port,
@@ -69,7 +81,6 @@ fn command_of(pid: u32) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::holder::Holder;
     use crate::registry::Lease;
 
     #[test]

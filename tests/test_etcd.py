@@ -135,6 +135,26 @@ def test_a_killed_holder_s_key_expires_with_its_lease(
     assert wait_until(lambda: keys(etcd) == {}, timeout=3 * lease_ttl + 5)
 
 
+def test_a_holder_that_exits_withdraws_its_key_on_the_way_out(
+    etcd: Etcd, tmp_path: Path, registry: Path
+) -> None:
+    start, end = port_block()
+    exits = HOLDER.replace("time.sleep(300)", "sys.stdin.readline()")
+    child = subprocess.Popen(
+        [sys.executable, "-c", exits, str(start), str(end), str(tmp_path / "e.json"), etcd.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stdin is not None
+    port = int(child.stdout.readline())
+    assert wait_until(lambda: list(keys(etcd)) == [key(etcd, "host-k", port)])
+    child.stdin.close()  # the script ends: a normal interpreter exit
+    assert child.wait(30) == 0
+    # Revoked at exit, not left to the TTL (etcd's smallest is 2 s).
+    assert keys(etcd) == {}
+
+
 def _discovery_up(client: TestClient) -> list[float]:
     text = client.get("/api/v1/port/metrics").text
     return [

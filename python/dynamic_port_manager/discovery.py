@@ -346,7 +346,6 @@ class Announcer:
         self.interval = interval
         self.ttl = ttl if ttl is not None else max(1, int(-(-3 * interval // 1)))
         self._current = current
-        self._lock = threading.Lock()
         self._up: bool | None = None
         self._error: str | None = None
         self._error_time: str | None = None
@@ -354,6 +353,7 @@ class Announcer:
 
     def _start(self) -> None:
         self._pid = os.getpid()
+        self._lock = threading.Lock()  # a forked child's copy may be held
         self._wake = threading.Event()
         self._closing = False
         self._announced: _Announced | None = None
@@ -401,9 +401,12 @@ class Announcer:
     # ---- the thread ----------------------------------------------------------
 
     def _run(self) -> None:
+        retry_at = 0.0  # while etcd fails: no new try before this (a poke waits for it)
         while True:
-            self._wake.wait(self._tick())
+            self._wake.wait(self._tick() if not retry_at else retry_at - time.monotonic())
             self._wake.clear()
+            if time.monotonic() < retry_at and not self._closing:
+                continue  # a poke while etcd fails: the next try comes at retry_at
             closing = self._closing
             try:
                 wanted = None if closing else self._current()
@@ -412,8 +415,10 @@ class Announcer:
             try:
                 self._sync(wanted)
                 self._report(None)
+                retry_at = 0.0
             except (DiscoveryError, OSError, ValueError, KeyError) as e:
                 self._report(str(e) or type(e).__name__)
+                retry_at = time.monotonic() + self.interval
             if closing or (wanted is None and self._announced is None and self._gone()):
                 _live.discard(self)
                 return
