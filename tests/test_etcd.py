@@ -241,6 +241,33 @@ def test_two_hosts_announcing_one_service_are_both_found(
             assert [(i["host"], i["port"]) for i in body["instances"]] == expected
 
 
+def test_user_and_password_authenticate(etcd: Etcd, tmp_path: Path, registry: Path) -> None:
+    admin = EtcdClient(parse_discovery(etcd.url))
+    admin.call("/v3/auth/role/add", {"name": "root"})
+    admin.call("/v3/auth/user/add", {"name": "root", "password": "s3cret"})
+    admin.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+    admin.call("/v3/auth/enable", {})
+    with pytest.raises(dpm.DiscoveryError, match="user name is empty|not provided|permission"):
+        dpm.lookup("orders", etcd.url)
+    with pytest.raises(dpm.DiscoveryError, match="authentication failed"):
+        dpm.lookup("orders", etcd.url.replace("etcd://", "etcd://root:wrong@"))
+    url = etcd.url.replace("etcd://", "etcd://root:s3cret@")
+    start, end = port_block()
+    with dpm.DynamicPortManager(
+        start,
+        end,
+        tmp_path / "o.json",
+        INTERVAL,
+        console_log=False,
+        service="orders",
+        discovery=url,
+        advertise_host="host-a",
+    ) as m:
+        port = m.pick_port()
+        assert wait_until(lambda: [i["port"] for i in dpm.lookup("orders", url)] == [port])
+        assert "s3cret" not in str(m.get_state())
+
+
 def test_a_lookup_with_etcd_down_is_an_os_error_naming_it(free_port: int) -> None:
     with pytest.raises(dpm.DiscoveryError, match="etcd unreachable"):
         dpm.lookup("orders", f"etcd://127.0.0.1:{free_port}/dpm")
@@ -278,3 +305,22 @@ def test_addresses_take_several_endpoints_credentials_and_tls_options() -> None:
     listed = parse_discovery("etcd://a:1/dpm, etcd://[::1]:2")
     assert listed.endpoints == (("a", 1), ("::1", 2)) and listed.prefix == "/dpm"
     assert parse_discovery("etcd://a").prefix == "/dpm"
+
+
+def test_the_ttl_is_three_refresh_intervals_or_as_given(
+    etcd: Etcd, tmp_path: Path, registry: Path
+) -> None:
+    start, end = port_block()
+    with dpm.DynamicPortManager(
+        start, end, tmp_path / "t.json", 4, console_log=False, discovery=etcd.url
+    ) as m:
+        m.pick_port()
+        assert wait_until(lambda: (m.discovery_status or {}).get("key") is not None)
+        assert (m.discovery_status or {})["ttl"] == 12
+    with announcing(etcd, tmp_path / "o.json", discovery_ttl=7) as m:
+        m.pick_port()
+        assert wait_until(lambda: (m.discovery_status or {}).get("key") is not None)
+        assert (m.discovery_status or {})["ttl"] == 7
+    for bad in (0, -1, True, 1.5, 86_401):
+        with pytest.raises(ValueError, match="discovery_ttl: must be whole seconds"):
+            announcing(etcd, tmp_path / "x.json", discovery_ttl=bad)
