@@ -244,6 +244,8 @@ class EtcdClient:
                 answer = json.loads(raw) if raw else {}
             except ValueError:
                 answer = {"error": raw[:200].decode("utf-8", "replace")}
+            if not isinstance(answer, dict):
+                raise DiscoveryError(f"etcd {path}: not a JSON object: {raw[:200]!r}")
             if status != 200 or (isinstance(answer.get("error"), (str, dict))):
                 error = answer.get("error")
                 message = (
@@ -416,7 +418,7 @@ class Announcer:
                 self._sync(wanted)
                 self._report(None)
                 retry_at = 0.0
-            except (DiscoveryError, OSError, ValueError, KeyError) as e:
+            except Exception as e:  # whatever etcd answered, the thread goes on
                 self._report(str(e) or type(e).__name__)
                 retry_at = time.monotonic() + self.interval
             if closing or (wanted is None and self._announced is None and self._gone()):
