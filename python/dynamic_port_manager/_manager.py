@@ -37,12 +37,31 @@ class DynamicPortManager(_core.DynamicPortManager):
 
     def __new__(
         cls,
-        *args: Any,
+        start: int = 3000,
+        end: int = 9000,
+        json_path: _core._Path | None = None,
+        refresh_interval: float = 10,
+        history_max: int = 50,
+        *,
+        backup_max: int = 20,
+        durable: bool = False,
+        registry_dir: _core._Path | None = None,
+        console_log: bool | None = None,
+        skip_unsafe: bool = True,
+        service: str | None = None,
         discovery: str | None = None,
         advertise_host: str | None = None,
         discovery_ttl: int | None = None,
-        **kwargs: Any,
     ) -> Self:
+        """The core's arguments (see ``_core.DynamicPortManager``), and:
+
+        ``discovery``: an ``etcd://`` address to announce the active port at
+        (default ``$DPM_DISCOVERY``; see ``dynamic_port_manager.discovery``).
+        ``advertise_host``: the host name in the announcement (default
+        ``$DPM_ADVERTISE_HOST``, else the machine's host name).
+        ``discovery_ttl``: the etcd lease's TTL in whole seconds (default
+        3 x ``refresh_interval``, rounded up).
+        """
         # Checked before the core makes the manager (which writes the state file).
         if discovery is None:
             discovery = os.environ.get(DISCOVERY_ENV) or None
@@ -56,7 +75,20 @@ class DynamicPortManager(_core.DynamicPortManager):
             raise ValueError(
                 f"discovery_ttl: must be whole seconds from 1 to 86400, got {discovery_ttl!r}"
             )
-        self = super().__new__(cls, *args, **kwargs)
+        self = super().__new__(
+            cls,
+            start,
+            end,
+            json_path,
+            refresh_interval,
+            history_max,
+            backup_max=backup_max,
+            durable=durable,
+            registry_dir=registry_dir,
+            console_log=console_log,
+            skip_unsafe=skip_unsafe,
+            service=service,
+        )
         self._announcer = None
         self._discovery = discovery if config is not None else None
         if config is not None:
