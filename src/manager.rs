@@ -177,6 +177,7 @@ impl Manager {
                     port_range: [self.config.start, self.config.end],
                     json_path: self.config.json_path.to_string_lossy().into_owned(),
                     history_max: self.config.history_max,
+                    service: self.config.service.clone(),
                 };
                 State::fresh(settings, Default::default())
             }
@@ -310,6 +311,7 @@ impl Manager {
             start_time: holder.start_time,
             owner: owner.clone(),
             since: stamp.iso.clone(),
+            service: self.config.service.clone(),
         };
         let replacing = moving.then_some(prev).flatten();
         let mut picked = self.try_pick(local, &mut file, replacing, &lease)?;
@@ -710,6 +712,7 @@ impl Manager {
                             start_time: local.holder.start_time,
                             owner: local.owner.clone(),
                             since: stamp.iso.clone(),
+                            service: self.config.service.clone(),
                         })
                     }
                     Some(l) if l.owner != local.owner => conflict = Some(l.clone()),

@@ -155,6 +155,7 @@ def test_defaults_are_the_original_modules(
             "port_range": [3000, 9000],
             "json_path": "utils/port_state/dynamic_ports.json",
             "history_max": 50,
+            "service": "dynamic_ports",
         }
         assert state["options"]["refresh_interval"] == 10.0
         assert state["options"]["backup_max"] == 20
@@ -177,6 +178,7 @@ def test_positional_arguments_in_the_original_order(make: Factory, tmp_path: Pat
         "port_range": [21000, 21009],
         "json_path": str(path),
         "history_max": 7,
+        "service": "positional",
     }
     assert state["options"]["refresh_interval"] == 2.5
     assert json.loads(path.read_text())["settings"]["port_range"] == [21000, 21009]
@@ -461,7 +463,7 @@ def test_get_state_has_exactly_the_spec_keys_and_types(make: Factory) -> None:
     assert type(state["change_count"]) is int
     assert state["last_error"] is None and state["last_error_time"] is None
     settings = state["settings"]
-    assert set(settings) == {"port_range", "json_path", "history_max"}
+    assert set(settings) == {"port_range", "json_path", "history_max", "service"}
     assert settings["port_range"] == [21160, 21169]
     assert isinstance(settings["json_path"], str)
     assert settings["history_max"] == 10

@@ -261,6 +261,7 @@ def test_environment_variables_configure_the_cli_and_flags_win(
         "port_range": [start, end],
         "json_path": str(tmp_path / "env.json"),
         "history_max": 3,
+        "service": "env",
     }
     other = port_block()
     flagged = cli("state", "--range", f"{other[0]}-{other[1]}", "--state", str(tmp_path / "f.json"))

@@ -27,6 +27,7 @@ from . import (
     DynamicPortManager,
     __version__,
     list_backups,
+    lookup,
     port_owners,
     read_state,
     release_lease,
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         description="Hands out free TCP ports of one host, never the same port twice.",
         epilog="Environment: DPM_START, DPM_END, DPM_JSON_PATH, DPM_REFRESH_INTERVAL, "
-        "DPM_HISTORY_MAX, DPM_REGISTRY_DIR.",
+        "DPM_HISTORY_MAX, DPM_REGISTRY_DIR, DPM_DISCOVERY.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -230,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", action="store_true", help="print the rows as JSON (as GET /port/owners)"
     )
+
+    p = command(
+        "lookup",
+        cmd_lookup,
+        "Show where the service NAME listens: its live instances on this host (from "
+        "the lease registry), or on every host with --discovery (etcd). Exit 1 when "
+        "there is none. A table on a terminal, JSON with --json or in a pipe.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--discovery",
+        metavar="URL",
+        help="ask etcd at URL (etcd://HOST:PORT/PREFIX) instead of this host's registry "
+        "(default: $DPM_DISCOVERY)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON even on a terminal")
 
     p = command("release", cmd_release, "Release the lease on PORT (whoever holds it).")
     p.add_argument("port", type=_port, metavar="PORT")
@@ -345,7 +362,8 @@ def _who_lines(row: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     leased = "-"
     if lease is not None:
         dead = "" if lease["alive"] else ", dead"
-        leased = f"pid {lease['pid']} ({Path(lease['state_file']).name}{dead})"
+        named = f"{lease['service']}, " if lease.get("service") else ""
+        leased = f"pid {lease['pid']} ({named}{Path(lease['state_file']).name}{dead})"
     holders = [
         (str(p["pid"]), _printable(p["name"] or "?"), _printable(" ".join(p["cmdline"] or [])))
         for p in row["processes"]
@@ -362,6 +380,19 @@ def _who_lines(row: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 def _printable(text: str) -> str:
     """One table cell: a newline or escape code in a command line is shown, not obeyed."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or "?"
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    found = lookup(args.name, args.discovery)
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps(found))
+    else:
+        for i in found:
+            command = _printable(" ".join(i["command"] or [])) if i["command"] else ""
+            print(f"{i['host']}:{i['port']}  pid {i['pid']}  {i['state_file']}  {command}".rstrip())
+    if not found:
+        return _fail(f"no live instance of service {args.name!r}", 1)
+    return 0
 
 
 def cmd_release(args: argparse.Namespace) -> int:

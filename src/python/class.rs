@@ -37,12 +37,13 @@ impl PyManager {
         durable = false,
         registry_dir = None,
         console_log = None,
-        skip_unsafe = true
+        skip_unsafe = true,
+        service = None
     ))]
     #[pyo3(
         text_signature = "(start=3000, end=9000, json_path=None, refresh_interval=10, \
         history_max=50, *, backup_max=20, durable=False, registry_dir=None, console_log=None, \
-        skip_unsafe=True)"
+        skip_unsafe=True, service=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -57,6 +58,7 @@ impl PyManager {
         registry_dir: Option<PathArg>,
         console_log: Option<bool>,
         skip_unsafe: bool,
+        service: Option<String>,
     ) -> PyResult<Self> {
         let (json_path, given_path) = match json_path {
             Some(GivenPath { arg, given }) => (Some(arg), Some(given)),
@@ -79,6 +81,7 @@ impl PyManager {
                 Some(false) => ConsoleLog::Off,
             },
             skip_unsafe,
+            service,
         };
         let refresh_interval = (args.refresh_interval, interval_int);
         let config = args.check().map_err(to_py_err)?;
@@ -258,6 +261,12 @@ impl PyManager {
     #[getter(state)]
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.get_state(py)
+    }
+
+    /// The service's name (given, or from the state file's name).
+    #[getter]
+    fn service(&self) -> String {
+        self.manager.config().service.clone()
     }
 
     #[getter]

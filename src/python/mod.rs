@@ -197,6 +197,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_refresh_thread_running, m)?)?;
     m.add_function(wrap_pyfunction!(release_lease, m)?)?;
     m.add_function(wrap_pyfunction!(list_leases, m)?)?;
+    m.add_function(wrap_pyfunction!(service_instances, m)?)?;
     m.add_function(wrap_pyfunction!(read_state, m)?)?;
     m.add_function(wrap_pyfunction!(list_backups, m)?)?;
     m.add_function(wrap_pyfunction!(port_owners, m)?)?;
