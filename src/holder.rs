@@ -16,8 +16,7 @@ impl Holder {
     /// This process.
     pub fn current() -> Holder {
         // Read from /proc once per process (a forked child reads its own).
-        static CURRENT: crate::per_process::PerProcess<Holder> =
-            crate::per_process::PerProcess::new();
+        static CURRENT: crate::sys::PerProcess<Holder> = crate::sys::PerProcess::new();
         *CURRENT.get_or_init(|| {
             let pid = std::process::id();
             Holder {
@@ -89,18 +88,16 @@ pub fn pid_exists(pid: u32) -> bool {
 /// none (ESRCH), `None` no answer (any other error).
 fn signal_zero(pid: u32) -> Option<bool> {
     // kill(0, 0) asks about the caller's process group, not a process 0.
-    let Ok(pid @ 1..) = libc::pid_t::try_from(pid) else {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return Some(false);
     };
-    // SAFETY: signal 0 only checks for existence and permission.
-    let rc = unsafe { libc::kill(pid, 0) };
-    if rc == 0 {
-        return Some(true);
-    }
-    match std::io::Error::last_os_error().raw_os_error() {
-        Some(libc::EPERM) => Some(true),
-        Some(libc::ESRCH) => Some(false),
-        _ => None,
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) | Err(rustix::io::Errno::PERM) => Some(true),
+        Err(rustix::io::Errno::SRCH) => Some(false),
+        Err(_) => None,
     }
 }
 

@@ -15,7 +15,7 @@ pub mod lease_log;
 pub mod lookup;
 pub mod manager;
 pub mod owners;
-pub mod per_process;
+
 pub mod port_list;
 pub mod port_policy;
 pub mod probe;

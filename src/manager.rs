@@ -22,7 +22,6 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::{Event, Kind, Origin, PortSummary, Sink};
 use crate::holder::Holder;
-use crate::per_process::PerProcess;
 use crate::probe::{probe_port, Probe};
 use crate::registry::{self, Lease, LeaseTable, Registry};
 use crate::scan::{self, words_of, PortSet};
@@ -31,6 +30,7 @@ use crate::shared::{
 };
 use crate::state::{LeaseView, State};
 use crate::store::Backup;
+use crate::sys::PerProcess;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -92,6 +92,14 @@ impl Manager {
             local: PerProcess::new(),
         });
         let local = manager.local()?;
+        // A registry of another build's format is refused here, with the
+        // version and what to do: a manager that started anyway would not
+        // see that build's leases (or it ours) and hand out their ports.
+        if let Err(e) = local.registry.check() {
+            if e.io_error().map(std::io::Error::kind) == Some(ErrorKind::Unsupported) {
+                return Err(e);
+            }
+        }
         if let Err(what) = local.file.lock().check_path() {
             return Err(Error::invalid(
                 "json_path",
@@ -164,9 +172,22 @@ impl Manager {
 
     /// The state as last computed (what `get_state()` returns), with this
     /// manager's own active port as `current_port`.
+    /// The state as fresh as the file: what any process saved since is read
+    /// first (nothing is re-read when nothing changed), and a port whose only
+    /// holder has died is taken back before the state is shown (used means
+    /// held; a holder that cannot be checked stays).
     pub fn state(&self) -> State {
         match self.local() {
             Ok(local) => {
+                let any_dead = {
+                    let mut file = local.file.lock();
+                    file.catch_up();
+                    !self.is_stopped() && local.registry.any_dead(&file.holders)
+                };
+                if any_dead {
+                    let reclaimed = sweep_dead(&local.registry);
+                    self.refresh(None, &reclaimed, true);
+                }
                 let mine = lock(&local.mine);
                 let mut state = local.file.lock().state.clone();
                 state.current_port = mine.active;

@@ -5,8 +5,8 @@ use std::ops::RangeInclusive;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::per_process::PerProcess;
 use crate::scan::PortSet;
+use crate::sys::PerProcess;
 
 /// The Fetch standard's "bad ports", which Chromium (`net/base/port_util.cc`)
 /// and Firefox (`nsIOService.cpp`) refuse with ERR_UNSAFE_PORT: a service on

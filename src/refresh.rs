@@ -2,7 +2,7 @@
 //! process: one kernel scan and one dead-lease sweep per tick, shared by all
 //! managers that are due, instead of a thread (and a scan) per manager.
 //!
-//! The schedule and the thread belong to the process (`per_process.rs`): a
+//! The schedule and the thread belong to the process (`sys/per_process.rs`): a
 //! forked child starts with an empty schedule and no thread, and starts its
 //! own thread when one of its managers is first used.
 //!
@@ -14,9 +14,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::manager::{sweep_dead, Manager};
-use crate::per_process::PerProcess;
 use crate::registry::{Lease, Registry};
 use crate::scan;
+use crate::sys::PerProcess;
 
 struct Entry {
     id: u64,

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::fsutil::{Dir, FileId, LockFile, Open, Stat, LOCK_WAIT, MAX_READ};
 use crate::holder::{Holder, Liveness};
 use crate::lease_log::{self, Change, Header, Layout, LeaseKey, FORMAT};
-use crate::per_process::PerProcess;
+use crate::sys::PerProcess;
 
 /// The environment variable that moves the registry (e.g. per test session).
 pub const REGISTRY_ENV: &str = "DPM_REGISTRY_DIR";
@@ -248,32 +248,30 @@ impl AliveCache {
 }
 
 fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: a plain system call; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    // SAFETY: a descriptor the kernel just gave us (close-on-exec by default).
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
 }
 
 /// Whether the process behind a pidfd has exited: readable means exited;
 /// an error is no answer.
 fn has_exited(fd: &OwnedFd) -> io::Result<bool> {
-    let mut poll = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
     loop {
-        // SAFETY: one valid pollfd, no waiting.
-        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-        if ready >= 0 {
-            if poll.revents & (libc::POLLNVAL | libc::POLLERR) != 0 {
-                return Err(io::Error::other("poll on a pidfd failed"));
+        match poll(&mut fds, Some(&now)) {
+            Ok(ready) => {
+                let revents = fds[0].revents();
+                if revents.intersects(PollFlags::NVAL | PollFlags::ERR) {
+                    return Err(io::Error::other("poll on a pidfd failed"));
+                }
+                return Ok(ready > 0 && revents.contains(PollFlags::IN));
             }
-            return Ok(ready > 0 && poll.revents & libc::POLLIN != 0);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -452,7 +450,7 @@ fn open_registries() -> &'static OpenRegistries {
 impl Registry {
     /// The registry in `dir`, shared by every manager of this process that uses
     /// the same folder (one in-process mutex, one cache, one lock descriptor).
-    /// A forked child gets registries of its own (see `per_process.rs`).
+    /// A forked child gets registries of its own (see `sys/per_process.rs`).
     pub fn open(dir: &Path) -> Result<Arc<Registry>> {
         let dir = std::path::absolute(dir).map_err(|e| Error::registry(dir, e))?;
         let mut open = lock(open_registries());
@@ -462,6 +460,17 @@ impl Registry {
         let reg = Arc::new(Registry::create(&dir)?);
         open.insert(dir, reg.clone());
         Ok(reg)
+    }
+
+    /// Is any of `holders` known to be gone (positive evidence only, the same
+    /// check a pick makes)? For a read that must not report a dead holder's
+    /// port as used. One `poll` of a cached pidfd per holder.
+    pub fn any_dead(&self, holders: &[(Holder, u16)]) -> bool {
+        if holders.is_empty() {
+            return false;
+        }
+        let mut inner = lock(&self.inner);
+        holders.iter().any(|(h, _)| inner.alive.is_dead(*h))
     }
 
     /// Every registry this process has opened.

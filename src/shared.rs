@@ -4,7 +4,7 @@
 //! thousand managers on one file then cost a thousand small handles, not a
 //! thousand copies of the state and of each other's leases.
 //!
-//! Views belong to the process that made them (see `per_process.rs`): a
+//! Views belong to the process that made them (see `sys/per_process.rs`): a
 //! forked child builds its own from the file on disk.
 
 use std::collections::HashMap;
@@ -18,11 +18,11 @@ use crate::config::Config;
 use crate::events::Kind;
 use crate::fsutil::{printable, FolderLock, Kind as FileKind, SlotGuard, LOCK_WAIT};
 use crate::holder::Holder;
-use crate::per_process::PerProcess;
 use crate::registry::{note_holder, LeaseTable, Registry};
 use crate::scan::{words_of, PortSet};
 use crate::state::{LeaseView, Options, Settings, State};
 use crate::store::{Loaded, Store};
+use crate::sys::PerProcess;
 
 pub struct SharedFile {
     path: PathBuf,
@@ -56,6 +56,9 @@ pub struct FileView {
     /// table since, the next pick starts from it instead of walking every
     /// lease again (thousands, in a crowded range).
     pub leased_memo: Option<(u64, Leased)>,
+    /// The processes holding leases in the range as of the last registry
+    /// transaction: a read checks them for death (see `Manager::state`).
+    pub holders: Vec<(Holder, u16)>,
 }
 
 /// Whether a change must be written even if the file would show the same.
@@ -145,6 +148,7 @@ impl SharedFile {
                 refreshed: None,
                 tidied: None,
                 leased_memo: None,
+                holders: Vec::new(),
             }),
         });
         views.by_key.insert(key, Arc::downgrade(&view));
@@ -181,6 +185,23 @@ impl FileView {
         self.lock.acquire(folder, slot, LOCK_WAIT, interruptible)
     }
 
+    /// Adopts what another process saved since this view last read or wrote
+    /// the file, without taking the lock (a read must not wait behind a save,
+    /// and saves are atomic renames). Costs a `pread` of the counter and a
+    /// `stat` when nothing changed.
+    pub fn catch_up(&mut self) {
+        let slot = self.store.counter_offset();
+        let Ok(folder) = self.store.folder(false) else {
+            return;
+        };
+        let Some(generation) = self.lock.peek_generation(folder, slot) else {
+            return;
+        };
+        if let Some(disk) = self.store.changed_since(generation) {
+            adopt(&mut self.state, disk);
+        }
+    }
+
     /// The uid that owns the folder's lock file, when it is another user's:
     /// that user can hold this file's lock and stall every save.
     pub fn lock_owner_if_foreign(&self) -> Option<u32> {
@@ -211,6 +232,7 @@ impl FileView {
             leased,
             skipped,
             ephemeral,
+            holders,
             ..
         } = self;
         // A lock not taken is an error, never a skip: without it nothing is
@@ -308,6 +330,7 @@ impl FileView {
         if let Some(leases) = leases {
             state.leases = leases.mine;
             *leased = leases.ports;
+            *holders = leases.holders;
         }
         recompute_lists(state, range, leased, bound, skipped);
         state.ephemeral_overlap = ephemeral.clone();

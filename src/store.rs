@@ -205,6 +205,28 @@ impl Store {
         }
     }
 
+    /// For a reader, without the lock: the file's state if another process
+    /// wrote it since this store last read or wrote it (`generation`: the
+    /// lock file's counter, read first). Nothing is ever set aside or written
+    /// here; anything but a changed, valid file is `None` (the caller goes on
+    /// from memory, and the next update deals with it under the lock).
+    pub fn changed_since(&mut self, generation: u64) -> Option<State> {
+        self.open_folder(false).ok()?;
+        let st = self.dir().stat(&self.name).ok()??;
+        if st.kind != Kind::File {
+            return None;
+        }
+        let id = FileId::from_stat(&st);
+        if self.known == Some((id, generation)) {
+            return None;
+        }
+        let bytes = self.dir().read(&self.name).ok()?;
+        let state = State::parse(&bytes).ok()?;
+        self.backup_cache = None;
+        self.known = Some((id, generation));
+        Some(state)
+    }
+
     /// Reads the state file, setting a damaged one aside. `generation` is the
     /// lock file's change counter (0 without a lock).
     pub fn load(&mut self, generation: u64) -> Loaded {

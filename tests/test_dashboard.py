@@ -164,8 +164,15 @@ def _cell_state(page: Page, port: int) -> str | None:
 
 
 def _comm(pid: int) -> str:
-    """A process's name as the kernel keeps it (what the owners data shows)."""
-    return Path(f"/proc/{pid}/comm").read_text().strip()
+    """A process's full name, as the owners data shows it: the kernel's name
+    (cut at 15 bytes) completed from the command line's program or script."""
+    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    for arg in argv[:2]:
+        name = os.path.basename(arg.decode(errors="replace"))
+        if len(comm) == 15 and name.startswith(comm):
+            return name
+    return comm
 
 
 def _minutes_around(before: float, after: float) -> set[str]:

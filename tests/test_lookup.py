@@ -121,7 +121,7 @@ def test_the_command_line_exits_1_when_there_is_none(
         assert found.returncode == 0, found.stderr
         (instance,) = json.loads(found.stdout)
         assert (instance["port"], instance["pid"]) == (port, os.getpid())
-        who = json.loads(cli("who", str(port)).stdout)
+        who = json.loads(cli("who", "--json", str(port)).stdout)
         assert who[0]["lease"]["service"] == "orders"
 
 

@@ -81,6 +81,8 @@ OPERATION_IDS = {
     ("get", "/port/owners"): "get_owners",
     ("get", "/port/log/json"): "log_json",
     ("get", "/port/metrics"): "get_metrics",
+    ("get", "/port/services"): "list_services",
+    ("get", "/port/services/{name}"): "get_service",
 }
 
 
@@ -110,7 +112,7 @@ def test_no_operation_takes_an_accept_parameter() -> None:
         for method, operation in operations.items():
             names = [p["name"].lower() for p in operation.get("parameters", [])]
             assert "accept" not in names, (method, path)
-            assert all(p["in"] == "query" for p in operation.get("parameters", [])), path
+            assert all(p["in"] in ("query", "path") for p in operation.get("parameters", [])), path
 
 
 def test_every_response_field_is_required_and_the_state_lists_each_key() -> None:

@@ -143,7 +143,7 @@ def test_serve_on_a_fixed_port_answers_metrics_with_process_metrics(
         owners = httpx.get(f"{served.url}/api/v1/port/owners?port={free_port}", timeout=30)
         (row,) = owners.json()["owners"]
         assert [p["name"] for p in row["processes"]] == ["dynamic-port-manager"]
-        who = json.loads(cli("who", str(free_port)).stdout)
+        who = json.loads(cli("who", "--json", str(free_port)).stdout)
         assert [p["name"] for p in who[0]["processes"]] == ["dynamic-port-manager"]
         served.proc.send_signal(signal.SIGTERM)
         assert served.proc.wait(timeout=30) == 0

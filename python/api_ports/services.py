@@ -47,7 +47,12 @@ def add_services(router: APIRouter, manager: Callable[[], DynamicPortManager]) -
         except OSError as e:  # the registry
             raise HTTPException(503, f"the port manager cannot serve: {e}") from None
 
-    @router.get("/port/services", response_model=Services, summary="Every named service's ports")
+    @router.get(
+        "/port/services",
+        response_model=Services,
+        summary="Every named service's ports",
+        operation_id="list_services",
+    )
     def services() -> Services:
         return Services.model_validate({"instances": instances(None)})
 
@@ -55,6 +60,7 @@ def add_services(router: APIRouter, manager: Callable[[], DynamicPortManager]) -
         "/port/services/{name}",
         response_model=Service,
         summary="Where a service listens",
+        operation_id="get_service",
         responses={404: {"description": "No live instance of that service."}},
     )
     def service(

@@ -115,6 +115,15 @@ impl FolderLock {
         )))
     }
 
+    /// The change counter of the slot at `offset`, read without the lock (for
+    /// a reader: a writer bumps it before it replaces the state file, so a
+    /// counter and file identity that both match what was last read mean
+    /// nothing changed). `None` when the lock file cannot be opened.
+    pub fn peek_generation(&mut self, dir: &Dir, offset: u64) -> Option<u64> {
+        let file = self.open(dir).ok()?;
+        Some(read_generation(&file, offset))
+    }
+
     /// The uid that owns the lock file, when it is not this process's user.
     pub(crate) fn foreign_owner(&self) -> Option<u32> {
         let uid = self.held.as_ref()?.uid;

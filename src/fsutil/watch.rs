@@ -20,7 +20,7 @@ use std::io;
 use std::sync::{Mutex, MutexGuard};
 
 use super::Dir;
-use crate::per_process::PerProcess;
+use crate::sys::PerProcess;
 
 /// A folder's identity and its times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

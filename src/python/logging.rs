@@ -83,6 +83,9 @@ pub(super) struct Caller<'py> {
     pub(super) waiting: bool,
 }
 
+/// The package's Python subclass of the core's class (see `of_frame`).
+const WRAPPER_FILE: &str = "dynamic_port_manager/_manager.py";
+
 impl<'py> Caller<'py> {
     /// The Python frame that called the library (the binding runs no Python
     /// frame of its own, so it is the innermost one); without one, this is
@@ -97,7 +100,22 @@ impl<'py> Caller<'py> {
     }
 
     fn of_frame(frame: &Bound<'py, PyAny>) -> PyResult<Caller<'py>> {
-        let code = frame.getattr("f_code")?;
+        // The package's own Python wrapper of the class (`_manager.py`) is
+        // not the caller: the user's line that called it is.
+        let mut frame = frame.clone();
+        let mut code = frame.getattr("f_code")?;
+        while code
+            .getattr("co_filename")?
+            .extract::<String>()
+            .is_ok_and(|f| f.ends_with(WRAPPER_FILE))
+        {
+            let back = frame.getattr("f_back")?;
+            if back.is_none() {
+                break;
+            }
+            frame = back;
+            code = frame.getattr("f_code")?;
+        }
         Ok(Caller {
             pathname: code.getattr("co_filename")?,
             lineno: frame

@@ -5,7 +5,14 @@
 //! - `set_range_lock`: an open-file-description byte-range lock
 //!   (`F_OFD_SETLK`), the slot locks of a state folder's lock file;
 //! - `Fd`: a raw socket descriptor closed on drop, for the netlink socket of
-//!   `sockdiag.rs` (until it uses `OwnedFd`).
+//!   `sockdiag.rs` (until it uses `OwnedFd`);
+//! - `PerProcess` (`per_process.rs`): values that a forked child never
+//!   inherits, published through an atomic pointer;
+//! - `on_fork_in_child`: `pthread_atfork`, which counts fork generations;
+//! - `string_from_ascii`: the state's port lists, not validated twice.
+
+mod per_process;
+pub(crate) use per_process::PerProcess;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -65,6 +72,24 @@ impl Drop for Fd {
         // alone and is closed once, here.
         unsafe { libc::close(self.0) };
     }
+}
+
+/// A string of bytes the caller wrote as ASCII only (digits and JSON
+/// punctuation), without checking them again: checking 36 KB of it was a
+/// twentieth of a pick. Checked in debug builds.
+pub(crate) fn string_from_ascii(bytes: Vec<u8>) -> String {
+    debug_assert!(bytes.is_ascii());
+    // SAFETY: ASCII is valid UTF-8; every caller writes only ASCII bytes.
+    unsafe { String::from_utf8_unchecked(bytes) }
+}
+
+/// Runs `handler` in the child after every `fork` of this process (from any
+/// thread). It must be async-signal-safe. `false` if it could not be
+/// registered (ENOMEM).
+pub(crate) fn on_fork_in_child(handler: extern "C" fn()) -> bool {
+    // SAFETY: registers a plain function with no captured state; it stays
+    // valid for the life of the process.
+    unsafe { libc::pthread_atfork(None, None, Some(handler)) == 0 }
 }
 
 #[cfg(test)]

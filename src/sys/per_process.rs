@@ -47,13 +47,9 @@ impl Owner {
     fn this_process() -> Owner {
         static REGISTER: Once = Once::new();
         REGISTER.call_once(|| {
-            // SAFETY: registers a handler that only does an atomic add; it
-            // stays valid for the life of the process (a static function).
             // If registration fails (ENOMEM) the generation stays 0 and the
-            // pid alone keys the slots, as before.
-            unsafe {
-                libc::pthread_atfork(None, None, Some(count_fork));
-            }
+            // pid alone keys the slots.
+            super::on_fork_in_child(count_fork);
         });
         Owner {
             pid: std::process::id(),
