@@ -13,7 +13,10 @@
 //! bytecode filter (`INET_DIAG_REQ_BYTECODE`, source port >= first and <=
 //! last) that the kernel runs on each socket before it builds a message, so a
 //! host with tens of thousands of sockets outside the range costs the scan a
-//! walk of the kernel's table, not a message per socket.
+//! walk of the kernel's table, not a message per socket. And both families
+//! come from one request (`TCPDIAG_GETSOCK`, whose dump leaves the family
+//! open) where the kernel takes it: each dump walks every listener of the
+//! host, whatever its family, so two requests walked them twice.
 
 use std::io;
 use std::mem;
@@ -23,6 +26,7 @@ use crate::probe::Fd;
 use crate::scan::PortSet;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const TCPDIAG_GETSOCK: u16 = 18;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 0x2;
@@ -136,6 +140,30 @@ struct Request {
     filter: PortFilter,
 }
 
+/// `struct inet_diag_req`, the request of the older `TCPDIAG_GETSOCK`
+/// message. The kernel serves it with the address family left open, so one
+/// walk of its socket tables reports IPv4 and IPv6 sockets alike, where
+/// `SOCK_DIAG_BY_FAMILY` needs a request (and a walk of every socket of the
+/// host) per family.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InetDiagReq {
+    family: u8,
+    src_len: u8,
+    dst_len: u8,
+    ext: u8,
+    id: InetDiagSockId,
+    states: u32,
+    dbs: u32,
+}
+
+#[repr(C)]
+struct RequestBoth {
+    header: NlMsgHdr,
+    body: InetDiagReq,
+    filter: PortFilter,
+}
+
 /// One socket of the dump: its local port, state, owner uid and inode (0 for
 /// a connection not yet accepted, which has no file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,16 +221,34 @@ fn dump_both(
     filter: Option<&RangeInclusive<u16>>,
     each: &mut dyn FnMut(SockInfo),
 ) -> io::Result<()> {
-    // One socket for both dumps: a dump ends with NLMSG_DONE, after which the
+    // One request for both families where the kernel takes it; what it
+    // reports is passed on only once the dump ended well, so a kernel that
+    // refuses it half-way is asked again below without double counting.
+    let fd = diag_socket()?;
+    let mut found = Vec::new();
+    if dump(&fd, Family::Both, states, filter, &mut |s| found.push(s)).is_ok() {
+        found.into_iter().for_each(each);
+        return Ok(());
+    }
+    // One request per family, on a new socket (the failed dump may have left
+    // messages on the old one). A dump ends with NLMSG_DONE, after which the
     // socket takes the next request.
     let fd = diag_socket()?;
-    dump(&fd, libc::AF_INET as u8, states, filter, each)?;
-    match dump(&fd, libc::AF_INET6 as u8, states, filter, each) {
+    dump(&fd, Family::One(libc::AF_INET as u8), states, filter, each)?;
+    match dump(&fd, Family::One(libc::AF_INET6 as u8), states, filter, each) {
         // A kernel without IPv6 has no IPv6 sockets to report.
         Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
+}
+
+#[derive(Clone, Copy)]
+enum Family {
+    /// IPv4 and IPv6 in one dump (`TCPDIAG_GETSOCK`).
+    Both,
+    /// `SOCK_DIAG_BY_FAMILY` for one address family.
+    One(u8),
 }
 
 fn diag_socket() -> io::Result<Fd> {
@@ -238,51 +284,79 @@ fn diag_socket() -> io::Result<Fd> {
 
 fn dump(
     fd: &Fd,
-    family: u8,
+    family: Family,
     states: u32,
     filter: Option<&RangeInclusive<u16>>,
     each: &mut dyn FnMut(SockInfo),
 ) -> io::Result<()> {
-    let len = match filter {
-        Some(_) => mem::size_of::<Request>(),
-        None => mem::offset_of!(Request, filter),
+    let header = |kind, len: usize| NlMsgHdr {
+        len: len as u32,
+        kind,
+        flags: NLM_F_REQUEST | NLM_F_DUMP,
+        seq: 1,
+        pid: 0,
     };
-    let request = Request {
-        header: NlMsgHdr {
-            len: len as u32,
-            kind: SOCK_DIAG_BY_FAMILY,
-            flags: NLM_F_REQUEST | NLM_F_DUMP,
-            seq: 1,
-            pid: 0,
-        },
-        body: InetDiagReqV2 {
-            family,
-            protocol: libc::IPPROTO_TCP as u8,
-            ext: 0,
-            pad: 0,
-            states,
-            // SAFETY: an all-zero socket id matches every socket.
-            id: unsafe { mem::zeroed() },
-        },
-        filter: PortFilter::new(filter.unwrap_or(&(0..=u16::MAX))),
-    };
-    // SAFETY: sending the first `len` bytes (at most its size) of a repr(C)
-    // struct without padding that outlives the call.
-    let sent = unsafe {
-        libc::send(
-            fd.0,
-            &request as *const Request as *const libc::c_void,
-            len,
-            0,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
+    // SAFETY: an all-zero socket id matches every socket.
+    let id: InetDiagSockId = unsafe { mem::zeroed() };
+    let port_filter = PortFilter::new(filter.unwrap_or(&(0..=u16::MAX)));
+    match family {
+        Family::Both => {
+            let len = match filter {
+                Some(_) => mem::size_of::<RequestBoth>(),
+                None => mem::offset_of!(RequestBoth, filter),
+            };
+            let request = RequestBoth {
+                header: header(TCPDIAG_GETSOCK, len),
+                body: InetDiagReq {
+                    family: libc::AF_INET as u8,
+                    src_len: 0,
+                    dst_len: 0,
+                    ext: 0,
+                    id,
+                    states,
+                    dbs: 0,
+                },
+                filter: port_filter,
+            };
+            send_prefix(fd, &request, len)?;
+        }
+        Family::One(family) => {
+            let len = match filter {
+                Some(_) => mem::size_of::<Request>(),
+                None => mem::offset_of!(Request, filter),
+            };
+            let request = Request {
+                header: header(SOCK_DIAG_BY_FAMILY, len),
+                body: InetDiagReqV2 {
+                    family,
+                    protocol: libc::IPPROTO_TCP as u8,
+                    ext: 0,
+                    pad: 0,
+                    states,
+                    id,
+                },
+                filter: port_filter,
+            };
+            send_prefix(fd, &request, len)?;
+        }
     }
     crate::kept::with(&RECEIVE, |buf| {
         buf.resize(RECEIVE_SIZE, 0);
         receive(fd, buf, each)
     })
+}
+
+/// Sends the first `len` bytes of `request` (a repr(C) struct of u8, u16 and
+/// u32 fields in their natural order: no padding) as one message.
+fn send_prefix<T>(fd: &Fd, request: &T, len: usize) -> io::Result<()> {
+    assert!(len <= mem::size_of::<T>());
+    // SAFETY: reading `len` bytes, at most its size, of a struct without
+    // padding that outlives the call.
+    let sent = unsafe { libc::send(fd.0, request as *const T as *const libc::c_void, len, 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 const RECEIVE_SIZE: usize = 32 * 1024;
@@ -333,7 +407,7 @@ fn parse_messages(mut data: &[u8], each: &mut dyn FnMut(SockInfo)) -> io::Result
                     return Err(io::Error::from_raw_os_error(-code));
                 }
             }
-            SOCK_DIAG_BY_FAMILY => {
+            SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK => {
                 if let Some(info) = parse_diag_msg(payload) {
                     if info.port != 0 {
                         each(info);
@@ -451,6 +525,39 @@ mod tests {
         for port in ports {
             assert!(whole.contains(port));
         }
+    }
+
+    #[test]
+    fn one_request_reports_both_families() {
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let v6 = TcpListener::bind(("::1", port)).ok();
+        let mut seen = Vec::new();
+        let fd = diag_socket().unwrap();
+        dump(
+            &fd,
+            Family::Both,
+            1 << TCP_LISTEN,
+            Some(&(port..=port)),
+            &mut |s| seen.push(s.port),
+        )
+        .unwrap();
+        let expected = if v6.is_some() { 2 } else { 1 };
+        // Other programs may listen on this port at other addresses.
+        assert!(seen.len() >= expected, "{seen:?}");
+        assert!(seen.iter().all(|p| *p == port), "{seen:?}");
+        let mut per_family = Vec::new();
+        for family in [libc::AF_INET, libc::AF_INET6] {
+            let fd = diag_socket().unwrap();
+            let _ = dump(
+                &fd,
+                Family::One(family as u8),
+                1 << TCP_LISTEN,
+                Some(&(port..=port)),
+                &mut |s| per_family.push(s.port),
+            );
+        }
+        assert!(per_family.len() >= expected, "{per_family:?}");
     }
 
     #[test]
