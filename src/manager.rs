@@ -11,6 +11,7 @@
 //! registry's, and never the registry lock and a state-file lock at once.
 //! Events are emitted only after every lock is released (see `events.rs`).
 
+use std::io::ErrorKind;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +26,7 @@ use crate::per_process::PerProcess;
 use crate::probe::{probe_port, Probe};
 use crate::registry::{self, Lease, LeaseTable, Registry};
 use crate::scan::{self, words_of, PortSet};
-use crate::shared::{leased_in, FileView, Leased, Save, SharedFile, Sweep};
+use crate::shared::{leased_in, lock_problem, FileView, Leased, Save, SharedFile, Sweep};
 use crate::state::{LeaseView, State};
 use crate::store::Backup;
 
@@ -98,7 +99,7 @@ impl Manager {
                 ),
             ));
         }
-        manager.start(local);
+        manager.start(local)?;
         Ok(manager)
     }
 
@@ -192,7 +193,7 @@ impl Manager {
 
     /// Loads or recovers the state (once per file view), takes a first scan,
     /// saves. Emits START.
-    fn start(&self, local: &Local) {
+    fn start(&self, local: &Local) -> Result<()> {
         let stamp = clock::now();
         let mut events = Vec::new();
         {
@@ -205,6 +206,23 @@ impl Manager {
                 file.tidy(Sweep::IfChanged);
                 file.ephemeral = ephemeral_warning(self.range(), &mut warnings);
             }
+            let held = match file.lock_slot(true) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => {
+                    return Err(Error::io(lock_problem(&file.store, &e), e));
+                }
+                held => held,
+            };
+            if let Some(uid) = file.lock_owner_if_foreign() {
+                warnings.push((
+                    Kind::Warning,
+                    format!(
+                        "{} belongs to uid {uid}, another user, who can hold this state \
+                         file's lock and stall every save; keep state files in a folder \
+                         only their user can write",
+                        file.store.lock_path().display()
+                    ),
+                ));
+            }
             let (leases, problems) = self.leases_in_range(local, &mine, &stamp);
             // A current_port left by a manager that is gone is no one's port.
             let live: Vec<u16> = leases
@@ -214,6 +232,7 @@ impl Manager {
             // A start that finds the file as it would write it writes nothing
             // (a missing or damaged file is always written).
             let problems = file.update(
+                held,
                 self.range(),
                 &stamp,
                 leases,
@@ -235,6 +254,7 @@ impl Manager {
             events.push(self.event(&mine, &file, Kind::Start, &stamp, note));
         }
         self.sink().emit(&events);
+        Ok(())
     }
 
     /// Picks the lowest free port of the range and makes it the active port
@@ -260,6 +280,17 @@ impl Manager {
             })?,
         };
         let mut file = local.file.lock();
+        // The state file's lock first, before the registry changes: a wait
+        // that Ctrl-C or the time limit ends leaves nothing half done. A lock
+        // file that cannot be used at all (a read-only folder) leaves the
+        // pick to go on, recorded in memory.
+        let held = match file.lock_slot(true) {
+            Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::TimedOut) => {
+                let problem = lock_problem(&file.store, &e);
+                return Err(Error::io(format!("{problem}; nothing was changed"), e));
+            }
+            held => held,
+        };
         let stamp = clock::now();
         let prev = mine.active;
         let moving = for_pid.is_none();
@@ -296,11 +327,19 @@ impl Manager {
                 bound: file.bound.count_in(self.range()),
             };
             problems.push((Kind::Error, err.to_string()));
-            let problems = file.update(self.range(), &stamp, None, Save::Always, problems, |s| {
-                for port in reclaimed_here {
-                    s.record_reclaim(&stamp.jalali, port);
-                }
-            });
+            let problems = file.update(
+                held,
+                self.range(),
+                &stamp,
+                None,
+                Save::Always,
+                problems,
+                |s| {
+                    for port in reclaimed_here {
+                        s.record_reclaim(&stamp.jalali, port);
+                    }
+                },
+            );
             self.push_problems(events, &mine, &file, &stamp, problems);
             return Err(err);
         };
@@ -310,6 +349,7 @@ impl Manager {
         // Every pick is recorded. A pick on behalf of another pid is not a
         // change of this manager's active port: its entry has no `prev`.
         let problems = file.update(
+            held,
             self.range(),
             &stamp,
             Some(leases),
@@ -433,6 +473,14 @@ impl Manager {
                 return Ok(false);
             };
             let mut file = local.file.lock();
+            // As a pick: the lock first, so a release is never half done.
+            let held = match file.lock_slot(true) {
+                Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::TimedOut) => {
+                    let problem = lock_problem(&file.store, &e);
+                    return Err(Error::io(format!("{problem}; {port} is still held"), e));
+                }
+                held => held,
+            };
             let stamp = clock::now();
             let leases = self.drop_lease(local, port)?;
             mine.active = None;
@@ -446,6 +494,7 @@ impl Manager {
             }
             let problems = self.registry_notice(local);
             let problems = file.update(
+                held,
                 self.range(),
                 &stamp,
                 Some(leases),
@@ -488,6 +537,8 @@ impl Manager {
         {
             let mut mine = lock(&local.mine);
             let mut file = local.file.lock();
+            // Stopping always gives the port back; only the record waits.
+            let held = file.lock_slot(false);
             let stamp = clock::now();
             let released_port = mine.active.take();
             let (leases, mut problems, note) = match released_port {
@@ -514,7 +565,7 @@ impl Manager {
             } else {
                 Save::IfChanged
             };
-            let problems = file.update(self.range(), &stamp, leases, save, problems, |s| {
+            let problems = file.update(held, self.range(), &stamp, leases, save, problems, |s| {
                 if let Some(port) = released {
                     s.record_change(&stamp.jalali, Some(port), None);
                     s.stats.releases += 1;
@@ -545,9 +596,12 @@ impl Manager {
             let mine = lock(&local.mine);
             let mut file = local.file.lock();
             let stamp = clock::now();
-            let due = file
-                .refreshed
-                .is_none_or(|at| at.elapsed() >= self.config.refresh_interval / 2);
+            // An asked-for refresh always looks at the kernel and the registry
+            // afresh; the background one once per file and half an interval.
+            let due = asked
+                || file
+                    .refreshed
+                    .is_none_or(|at| at.elapsed() >= self.config.refresh_interval / 2);
             // Between the file's scans, a manager only makes sure its own
             // lease is still recorded (cheap: a thousand managers idle at a
             // fraction of a percent of one core).
@@ -571,8 +625,10 @@ impl Manager {
                 None => scan::ports_in_use(self.range()),
             };
             file.tidy(if asked { Sweep::Asked } else { Sweep::Periodic });
+            let held = file.lock_slot(false);
             let before = (file.state.free_ports.len(), file.state.used_ports.len());
             let problems = file.update(
+                held,
                 self.range(),
                 &stamp,
                 leases,

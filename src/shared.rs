@@ -16,7 +16,7 @@ use std::time::Instant;
 use crate::clock::Stamp;
 use crate::config::Config;
 use crate::events::Kind;
-use crate::fsutil::{printable, FolderLock, Kind as FileKind, LOCK_WAIT};
+use crate::fsutil::{printable, FolderLock, Kind as FileKind, SlotGuard, LOCK_WAIT};
 use crate::holder::Holder;
 use crate::per_process::PerProcess;
 use crate::registry::{note_holder, LeaseTable, Registry};
@@ -169,6 +169,23 @@ impl SharedFile {
 }
 
 impl FileView {
+    /// Takes this state file's slot of the folder lock (making the folder if
+    /// needed, "folders are always created"), waiting at most `LOCK_WAIT`.
+    /// Callers take it before they change anything else (the registry), so
+    /// an `interruptible` wait that Ctrl-C ends leaves nothing half done.
+    pub fn lock_slot(&mut self, interruptible: bool) -> std::io::Result<SlotGuard> {
+        self.store.revalidate();
+        let slot = self.store.counter_offset();
+        let folder = self.store.folder(true)?;
+        self.lock.acquire(folder, slot, LOCK_WAIT, interruptible)
+    }
+
+    /// The uid that owns the folder's lock file, when it is another user's:
+    /// that user can hold this file's lock and stall every save.
+    pub fn lock_owner_if_foreign(&self) -> Option<u32> {
+        self.lock.foreign_owner()
+    }
+
     /// The read-modify-write of the state file, under its lock: adopt what
     /// another process wrote, apply `change`, recompute the free and used
     /// lists, save (with a backup). `problems` found before (and those found
@@ -178,6 +195,7 @@ impl FileView {
     #[allow(clippy::too_many_arguments)]
     pub fn update(
         &mut self,
+        held: std::io::Result<SlotGuard>,
         range: RangeInclusive<u16>,
         stamp: &Stamp,
         leases: Option<Leased>,
@@ -188,41 +206,35 @@ impl FileView {
         let FileView {
             state,
             store,
-            lock,
             bound,
             leased,
             skipped,
             ephemeral,
             ..
         } = self;
-        // The folder is made now so the lock can be ("folders are always
-        // created"); a failure shows at the save.
-        store.revalidate();
-        let slot = store.counter_offset();
-        let guard = match store.folder(true) {
-            Ok(folder) => match lock.acquire(folder, slot, LOCK_WAIT, false) {
-                Ok(guard) => Some(guard),
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    problems.push((
-                        Kind::Error,
-                        format!("cannot lock {}: {e}", store.lock_path().display()),
-                    ));
-                    None
+        // A lock not taken is an error, never a skip: without it nothing is
+        // read (the counter that says what changed is the lock's) and nothing
+        // is written; the change lives on in memory, saved at the next update
+        // that holds the lock.
+        let guard = match held {
+            Ok(guard) => guard,
+            Err(e) => {
+                let problem = format!(
+                    "{}; not written, the state lives on in memory",
+                    lock_problem(store, &e)
+                );
+                problems.push((Kind::Error, problem));
+                change(state);
+                for (_, message) in &problems {
+                    state.record_error(&stamp.jalali, message.clone());
                 }
-                // Something not a regular file at the lock file's name (a
-                // link, a FIFO) is never used: saves go on unlocked, said so.
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    problems.push((Kind::Error, format!("cannot lock the state file: {e}")));
-                    None
-                }
-                // No lock file can be made (read-only folder): the save reports it.
-                Err(_) => None,
-            },
-            Err(_) => None,
+                return problems;
+            }
         };
-        let generation = guard.as_ref().map_or(0, |g| g.generation());
+        let generation = guard.generation();
         let fresh = state.change_count == 0 && state.last_checked.is_none();
         let mut must_write = save == Save::Always;
+        let mut may_write = true;
         match store.load(generation) {
             Loaded::Unchanged => {}
             Loaded::Missing => {
@@ -270,14 +282,19 @@ impl FileView {
                     ),
                 ));
             }
+            // Unreadable is not damaged: a file that could not be opened or
+            // read in full (EINTR, EMFILE, EIO) may be intact. It is neither
+            // restored from a backup nor written over until it reads again.
             Loaded::Unreadable(e) => {
-                must_write = true;
-                let source = if fresh { restore(state, store) } else { None };
-                let message = match source {
-                    Some(source) => format!("cannot read state file ({e}); {source}"),
-                    None => format!("cannot read state file: {e}"),
-                };
-                problems.push((Kind::Error, message));
+                may_write = false;
+                problems.push((
+                    Kind::Error,
+                    format!(
+                        "cannot read state file {} ({e}); left as it is, the state lives on \
+                         in memory",
+                        store.path().display()
+                    ),
+                ));
             }
         }
         let before = (
@@ -316,14 +333,14 @@ impl FileView {
         for (_, message) in &problems {
             state.record_error(&stamp.jalali, message.clone());
         }
+        if !may_write {
+            return problems;
+        }
         // Bump the file's counter in the lock file before replacing the state
         // file, so a reader never pairs the new file with the old counter.
-        let generation = match &guard {
-            Some(g) => g
-                .set_generation(generation.wrapping_add(1))
-                .map_or(generation, |()| generation.wrapping_add(1)),
-            None => generation,
-        };
+        let generation = guard
+            .set_generation(generation.wrapping_add(1))
+            .map_or(generation, |()| generation.wrapping_add(1));
         match store.save(state, generation) {
             Ok(None) => {}
             Ok(Some(backup_problem)) => {
@@ -374,6 +391,19 @@ impl FileView {
             _ => Ok(()),
         }
     }
+}
+
+/// What went wrong taking a state file's lock, naming the lock file.
+pub fn lock_problem(store: &Store, e: &std::io::Error) -> String {
+    let what = match e.kind() {
+        std::io::ErrorKind::TimedOut => format!(
+            "{} stayed locked for {} s (another process holds this file's slot)",
+            store.lock_path().display(),
+            LOCK_WAIT.as_secs()
+        ),
+        _ => format!("{}: {e}", store.lock_path().display()),
+    };
+    format!("cannot lock state file {} ({what})", store.path().display())
 }
 
 /// What every lease taken through the state file `path` has as its owner's

@@ -213,6 +213,12 @@ impl Store {
             }
             Err(e) => return Loaded::Unreadable(e),
         };
+        // A link is never followed; unlike a failed read it is a definite
+        // answer (what the name holds is not a state file): set aside and
+        // rebuilt like a damaged file. A FIFO or device is never touched.
+        if st.kind == Kind::Symlink {
+            return self.corrupt("a symbolic link, which is never followed".into());
+        }
         if st.kind != Kind::File {
             self.known = None;
             return Loaded::Unreadable(not_a_state_file(&self.path, st.kind));

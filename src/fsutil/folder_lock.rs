@@ -18,7 +18,8 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::dir::Dir;
 use super::lock::{open_lock_file, read_generation, stale, wait_for, write_generation};
@@ -52,16 +53,26 @@ pub struct FolderLock {
 }
 
 struct Held {
-    file: File,
+    file: Arc<File>,
     pid: u32,
     id: (u64, u64),
+    /// Who owns the lock file: another user who can write the folder can
+    /// also hold its slots (reported by the caller, see `foreign_owner`).
+    uid: u32,
 }
 
-/// A state file's slot, locked until dropped.
-pub struct SlotGuard<'a> {
-    file: &'a File,
+/// A state file's slot, locked until dropped. It shares the descriptor (not
+/// a borrow of the `FolderLock`), so a caller can take the lock before it
+/// changes anything else and keep it while it does.
+pub struct SlotGuard {
+    file: Arc<File>,
     offset: u64,
 }
+
+/// How many times a lock is taken again when the name was replaced by
+/// another file while this process waited for (or took) the lock on the old
+/// one: a lock on a file nobody else opens any more excludes no one.
+const REPLACED_RETRIES: u32 = 8;
 
 impl FolderLock {
     /// Locks the slot at `offset` (`counter_slot`) of the lock file in `dir`
@@ -74,47 +85,80 @@ impl FolderLock {
         offset: u64,
         wait: Duration,
         interruptible: bool,
-    ) -> io::Result<SlotGuard<'_>> {
-        if self
-            .held
+    ) -> io::Result<SlotGuard> {
+        let deadline = Instant::now() + wait;
+        for _ in 0..REPLACED_RETRIES {
+            let file = self.open(dir)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            wait_for(left, interruptible, || {
+                match set_lock(&file, libc::F_WRLCK, offset) {
+                    Ok(()) => Ok(Some(())),
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
+            })?;
+            let guard = SlotGuard { file, offset };
+            // The name must still name the file locked, or the lock is on a
+            // file no other process will ever open: drop it, open the new one.
+            if !self.is_stale(dir) {
+                return Ok(guard);
+            }
+            drop(guard);
+            self.held = None;
+        }
+        Err(io::Error::other(format!(
+            "{FOLDER_LOCK} was replaced by another file {REPLACED_RETRIES} times while it was \
+             being locked (something keeps replacing it)"
+        )))
+    }
+
+    /// The uid that owns the lock file, when it is not this process's user.
+    pub fn foreign_owner(&self) -> Option<u32> {
+        let uid = self.held.as_ref()?.uid;
+        (uid != crate::fsutil::effective_uid()).then_some(uid)
+    }
+
+    fn is_stale(&self, dir: &Dir) -> bool {
+        self.held
             .as_ref()
             .is_none_or(|h| stale(dir, OsStr::new(FOLDER_LOCK), h.pid, h.id))
-        {
+    }
+
+    /// The descriptor of the lock file the name names now (opened again
+    /// after a fork or a replacement).
+    fn open(&mut self, dir: &Dir) -> io::Result<Arc<File>> {
+        if self.is_stale(dir) {
             self.held = None;
             // A write lock needs a descriptor open for writing.
             let (file, id) = open_lock_file(dir, OsStr::new(FOLDER_LOCK), false)?;
+            let uid = super::Stat::of_file(&file)?.uid;
             self.held = Some(Held {
-                file,
+                file: Arc::new(file),
                 pid: std::process::id(),
                 id,
+                uid,
             });
         }
-        let file = &self.held.as_ref().expect("opened above").file;
-        wait_for(wait, interruptible, || {
-            match set_lock(file, libc::F_WRLCK, offset) {
-                Ok(()) => Ok(Some(())),
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => Ok(None),
-                Err(e) => Err(e),
-            }
-        })?;
-        Ok(SlotGuard { file, offset })
+        Ok(Arc::clone(&self.held.as_ref().expect("opened above").file))
     }
 }
 
-impl SlotGuard<'_> {
+impl SlotGuard {
     /// The file's change counter (0 if never written).
     pub fn generation(&self) -> u64 {
-        read_generation(self.file, self.offset)
+        read_generation(&self.file, self.offset)
     }
 
     pub fn set_generation(&self, generation: u64) -> io::Result<()> {
-        write_generation(self.file, self.offset, generation)
+        write_generation(&self.file, self.offset, generation)
     }
 }
 
-impl Drop for SlotGuard<'_> {
+impl Drop for SlotGuard {
     fn drop(&mut self) {
-        let _ = set_lock(self.file, libc::F_UNLCK, self.offset);
+        let _ = set_lock(&self.file, libc::F_UNLCK, self.offset);
     }
 }
 

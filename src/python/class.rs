@@ -82,7 +82,7 @@ impl PyManager {
         };
         let refresh_interval = (args.refresh_interval, interval_int);
         let config = args.check().map_err(to_py_err)?;
-        let manager = detach(py, || crate::start_manager(config)).map_err(to_py_err)?;
+        let manager = interruptible(py, || crate::start_manager(config))?;
         Ok(PyManager {
             manager,
             json_path: given_path,
