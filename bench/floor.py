@@ -192,17 +192,17 @@ def report(folder: str, r: dict[str, Any], args: argparse.Namespace) -> None:
         f"{f['lock_unlock']:.1f}"
     )
     cyc_x, cyc_r = f["cycle_floor_exchange"], f["cycle_floor_create_rename"]
-    print(f"{'operation':<28}{'floor us':>22}{'ours us':>10}{'ours/floor':>16}{'portserver':>22}")
-    print(
-        f"{'pick + release cycle':<28}{cyc_x:>9.0f} - {cyc_r:<10.0f}{r['ours_cycle']:>10.0f}"
-        f"{r['ours_cycle'] / cyc_x:>8.1f}x-{r['ours_cycle'] / cyc_r:.1f}x"
-    )
+    new_floor = f["new_manager_floor"]
+    cycle, new = r["ours_cycle"], r["ours_new"]
     ps = r["portserver"]
-    ps_text = f"{ps:>8.0f} us ({r['ours_new'] / ps:.2f}x)" if ps else "n/a"
+    cycle_floor = f"{cyc_x:.0f} / {cyc_r:.0f}"
+    cycle_ratio = f"{cycle / cyc_x:.1f}x / {cycle / cyc_r:.1f}x"
+    new_ratio = f"{new / new_floor:.1f}x"
+    ps_text = f"{ps:.0f} ({new / ps:.2f}x)" if ps else "n/a"
+    print(f"{'median, us':<26}{'floor':>16}{'ours':>8}{'ours/floor':>16}{'portserver':>18}")
+    print(f"{'pick + release cycle':<26}{cycle_floor:>16}{cycle:>8.0f}{cycle_ratio:>16}")
     print(
-        f"{'new manager + first pick':<28}{f['new_manager_floor']:>9.0f}{'':<13}"
-        f"{r['ours_new']:>10.0f}{r['ours_new'] / f['new_manager_floor']:>8.1f}x{'':<8}"
-        f"{ps_text:>22}"
+        f"{'new manager + first pick':<26}{new_floor:>16.0f}{new:>8.0f}{new_ratio:>16}{ps_text:>18}"
     )
 
 
@@ -247,7 +247,8 @@ def main() -> None:
         report(folder, r, args)
     load = os.getloadavg()
     print(
-        f"\nfloor range: exchange saves - create+rename saves. Medians of {args.n} "
+        f"\ncycle floor: with saves by exchange / by create+write+rename; portserver: its "
+        f"held pick (ours' new manager + first pick over it). Medians of {args.n} "
         f"(ours) and {args.rounds} x {args.floor_n} (floor) samples; "
         f"load average now {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
