@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod events;
+mod exit;
 pub mod fsutil;
 pub mod holder;
 pub mod inspect;
@@ -27,6 +28,7 @@ pub mod state;
 pub mod store;
 
 mod python;
+mod sys;
 
 pub use config::{Args, Config};
 pub use error::{Error, Result};
@@ -58,6 +60,7 @@ pub fn refresh_manager(manager: &Manager) {
 /// and gives back every lease this process holds, in every registry it used,
 /// whatever other threads are doing. Each wait is bounded by `wait`.
 pub fn release_at_exit(wait: std::time::Duration) {
+    exit::begin();
     refresh::shutdown();
     let me = holder::Holder::current();
     for registry in registry::Registry::all_open() {

@@ -26,7 +26,9 @@ use crate::per_process::PerProcess;
 use crate::probe::{probe_port, Probe};
 use crate::registry::{self, Lease, LeaseTable, Registry};
 use crate::scan::{self, words_of, PortSet};
-use crate::shared::{leased_in, lock_problem, FileView, Leased, Save, SharedFile, Sweep};
+use crate::shared::{
+    leased_in, lock_problem, owned_through, FileView, Leased, Save, SharedFile, Sweep,
+};
 use crate::state::{LeaseView, State};
 use crate::store::Backup;
 
@@ -212,6 +214,9 @@ impl Manager {
                 }
                 held => held,
             };
+            if let Some(why) = registry::fallback_notice(&self.registry_dir) {
+                warnings.push((Kind::Warning, why));
+            }
             if let Some(uid) = file.lock_owner_if_foreign() {
                 warnings.push((
                     Kind::Warning,
@@ -398,6 +403,11 @@ impl Manager {
         let prefix = local.file.owner_prefix();
         let picked = local.registry.transact_seeing(|table, seen| {
             let mut reclaimed = Vec::new();
+            // Checked under the registry's lock: the exit hook's release of
+            // this process's leases comes after this pick or sees its lease.
+            if crate::exit::begun() {
+                return Err((None, reclaimed));
+            }
             // One pass over the table for both the search and the state's
             // view (none if the table is as the last pick left it); it is
             // kept up to date below rather than built again.
@@ -409,7 +419,7 @@ impl Manager {
                 let found = match lowest_free(range.clone(), &leased.ports, bound, skipped) {
                     Ok(found) => found,
                     // Nothing was learnt: no holder is checked, nothing taken.
-                    Err(e) => return Err((e, reclaimed)),
+                    Err(e) => return Err((Some(e), reclaimed)),
                 };
                 let dead = table.remove_dead_among(&range, found, &leased.holders, seen);
                 if dead.is_empty() {
@@ -446,7 +456,8 @@ impl Manager {
         })?;
         let (picked, reclaimed, memo) = match picked {
             Ok(picked) => picked,
-            Err((e, _)) => {
+            Err((None, _)) => return Err(Error::Stopped(self.path.clone())),
+            Err((Some(e), _)) => {
                 return Err(Error::io(
                     format!(
                         "cannot look for a free port in {}-{} (a bind probe failed)",
@@ -748,7 +759,7 @@ impl Manager {
                 lease.port, lease.owner, lease.pid
             );
             events.push(self.event(mine, file, Kind::Reclaim, stamp, note));
-            if lease.owner.starts_with(local.file.owner_prefix()) {
+            if owned_through(&lease.owner, local.file.owner_prefix()) {
                 here.push(lease.port);
             }
         }

@@ -25,7 +25,8 @@ use crate::scan::PortSet;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Process {
     pub pid: u32,
-    /// `/proc/<pid>/comm`; None if the process is gone or unreadable.
+    /// The program's name in full (see `full_name`); None if the process is
+    /// gone or unreadable.
     pub name: Option<String>,
     /// `/proc/<pid>/cmdline` split at NULs; None where it cannot be read.
     pub cmdline: Option<Vec<String>>,
@@ -274,7 +275,7 @@ fn socket_inode(link: &[u8]) -> Option<u64> {
 /// A process's name and command line, each None where it cannot be read.
 fn describe(proc: &Path, pid: u32) -> (Option<String>, Option<Vec<String>>) {
     let dir = proc.join(pid.to_string());
-    let name = fs::read(dir.join("comm")).ok().map(|b| {
+    let comm = fs::read(dir.join("comm")).ok().map(|b| {
         String::from_utf8_lossy(&b)
             .trim_end_matches('\n')
             .to_string()
@@ -289,7 +290,38 @@ fn describe(proc: &Path, pid: u32) -> (Option<String>, Option<Vec<String>>) {
                 .map(|arg| String::from_utf8_lossy(arg).into_owned())
                 .collect()
         });
-    (name, cmdline)
+    (full_name(comm, cmdline.as_deref()), cmdline)
+}
+
+/// The kernel keeps a process's name (`comm`) to 15 bytes: `dynamic-port-manager`
+/// shows as `dynamic-port-ma`.
+const COMM_MAX: usize = 15;
+
+/// The program's name in full: `comm`, or where the kernel may have cut it
+/// short, the file name of the first argument that it begins (argv[0], or the
+/// script an interpreter runs: `python3 /venv/bin/dynamic-port-manager serve`).
+/// Where the command line cannot be read (a zombie, another user's process
+/// under `hidepid`) or no argument matches (a renamed thread), `comm` as it is.
+fn full_name(comm: Option<String>, cmdline: Option<&[String]>) -> Option<String> {
+    let Some(comm) = comm else {
+        // No comm but a command line: the name its first argument gives.
+        let first = cmdline?.first()?;
+        return Some(base_name(first).to_string()).filter(|n| !n.is_empty());
+    };
+    if comm.len() < COMM_MAX {
+        return Some(comm);
+    }
+    let longer = cmdline
+        .unwrap_or_default()
+        .iter()
+        .take(2) // the program, or an interpreter and its script
+        .map(|arg| base_name(arg))
+        .find(|name| name.len() > comm.len() && name.starts_with(comm.as_str()));
+    Some(longer.map_or(comm, str::to_string))
+}
+
+fn base_name(arg: &str) -> &str {
+    arg.rsplit('/').next().unwrap_or(arg)
 }
 
 #[cfg(test)]
@@ -313,8 +345,12 @@ mod tests {
         assert_eq!(owners.processes.len(), 1, "{owners:?}");
         let process = &owners.processes[0];
         assert_eq!(process.pid, me);
+        // The test binary's name (`dynamic_port_manager-<hash>`) in full, not
+        // the kernel's 15 bytes of it.
+        let argv0 = std::env::args().next().unwrap();
         let comm = fs::read_to_string("/proc/self/comm").unwrap();
-        assert_eq!(process.name.as_deref(), Some(comm.trim_end()));
+        assert!(base_name(&argv0).starts_with(comm.trim_end()));
+        assert_eq!(process.name.as_deref(), Some(base_name(&argv0)));
         assert!(process.cmdline.as_ref().is_some_and(|c| !c.is_empty()));
         assert!(owners.unknown_uids.is_empty());
     }
@@ -444,6 +480,46 @@ mod tests {
         let found = report(proc.path(), &sockets, &only_8080, &[]);
         assert_eq!(found[0].processes.len(), 1);
         assert_eq!(found[0].processes[0].pid, 7);
+    }
+
+    #[test]
+    fn names_cut_to_15_bytes_are_completed_from_the_command_line() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let name = |comm: Option<&str>, cmdline: Option<&[String]>| {
+            full_name(comm.map(str::to_string), cmdline)
+        };
+        // A console script: the interpreter, then the script it runs.
+        let script = args(&[
+            "/venv/bin/python3",
+            "/venv/bin/dynamic-port-manager",
+            "serve",
+        ]);
+        assert_eq!(
+            name(Some("dynamic-port-ma"), Some(&script)).as_deref(),
+            Some("dynamic-port-manager")
+        );
+        let binary = args(&["/usr/sbin/a-very-long-daemon-name", "-f"]);
+        assert_eq!(
+            name(Some("a-very-long-dae"), Some(&binary)).as_deref(),
+            Some("a-very-long-daemon-name")
+        );
+        // Short names are whole; a name no argument begins is kept as it is.
+        assert_eq!(name(Some("nginx"), Some(&binary)).as_deref(), Some("nginx"));
+        let other = args(&["/usr/bin/python3", "worker.py"]);
+        assert_eq!(
+            name(Some("renamed-thread-"), Some(&other)).as_deref(),
+            Some("renamed-thread-")
+        );
+        // No command line (a zombie, a process hidden by hidepid): comm.
+        assert_eq!(
+            name(Some("dynamic-port-ma"), None).as_deref(),
+            Some("dynamic-port-ma")
+        );
+        assert_eq!(
+            name(None, Some(&binary)).as_deref(),
+            Some("a-very-long-daemon-name")
+        );
+        assert_eq!(name(None, None), None);
     }
 
     #[test]

@@ -11,14 +11,55 @@
 //! builds a fresh value, and the parent's copy is never touched again (it is
 //! leaked, never dropped: it may be torn). No lock is ever inherited.
 //!
-//! The cost on the hot path is one `getpid` (a plain system call) and one
-//! atomic load.
+//! A slot is keyed on the pid *and* the fork generation (how many forks
+//! lie between this process and the one that loaded the library), never on
+//! the pid alone: a grandchild that is given its dead grandparent's pid (pid
+//! namespaces, a small `pid_max`) must not take the grandparent's identity.
+//!
+//! The cost on the hot path is one `getpid` (a plain system call) and two
+//! atomic loads.
 
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::Once;
 
 struct Slot<T> {
-    pid: u32,
+    owner: Owner,
     value: T,
+}
+
+/// Which process a slot was made in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Owner {
+    pid: u32,
+    generation: u64,
+}
+
+/// Forks since the library was loaded, counted in every child by a
+/// `pthread_atfork` handler (registered before the first slot is made).
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn count_fork() {
+    // Async-signal-safe: one atomic add, nothing else.
+    FORKS.fetch_add(1, Ordering::SeqCst);
+}
+
+impl Owner {
+    fn this_process() -> Owner {
+        static REGISTER: Once = Once::new();
+        REGISTER.call_once(|| {
+            // SAFETY: registers a handler that only does an atomic add; it
+            // stays valid for the life of the process (a static function).
+            // If registration fails (ENOMEM) the generation stays 0 and the
+            // pid alone keys the slots, as before.
+            unsafe {
+                libc::pthread_atfork(None, None, Some(count_fork));
+            }
+        });
+        Owner {
+            pid: std::process::id(),
+            generation: FORKS.load(Ordering::SeqCst),
+        }
+    }
 }
 
 pub struct PerProcess<T> {
@@ -44,21 +85,24 @@ impl<T> PerProcess<T> {
         // SAFETY: a slot, once published, is never freed while `self` lives
         // (see `get_or_init` and `Drop`).
         let slot = unsafe { slot.as_ref()? };
-        (slot.pid == std::process::id()).then_some(&slot.value)
+        (slot.owner == Owner::this_process()).then_some(&slot.value)
     }
 
     /// This process's value, made by `init` on first use in this process.
     /// `init` may run more than once if threads race; one result is kept.
     pub fn get_or_init(&self, init: impl FnOnce() -> T) -> &T {
-        let pid = std::process::id();
+        let owner = Owner::this_process();
         let seen = self.slot.load(Ordering::Acquire);
         // SAFETY: as in `current`.
         if let Some(slot) = unsafe { seen.as_ref() } {
-            if slot.pid == pid {
+            if slot.owner == owner {
                 return &slot.value;
             }
         }
-        let fresh = Box::into_raw(Box::new(Slot { pid, value: init() }));
+        let fresh = Box::into_raw(Box::new(Slot {
+            owner,
+            value: init(),
+        }));
         match self
             .slot
             .compare_exchange(seen, fresh, Ordering::AcqRel, Ordering::Acquire)
@@ -87,7 +131,7 @@ impl<T> Drop for PerProcess<T> {
         // SAFETY: we own the slot now (`&mut self`). Only this process's own
         // value is dropped; an inherited one may be torn and is leaked.
         unsafe {
-            if (*slot).pid == std::process::id() {
+            if (*slot).owner == Owner::this_process() {
                 drop(Box::from_raw(slot));
             }
         }

@@ -4,7 +4,10 @@
 //! IPv6 wildcard addresses, closed at once.
 
 use std::io;
-use std::mem;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+
+use rustix::io::Errno;
+use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
 
 /// What a bind probe found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,15 +42,8 @@ enum Family {
     V6,
 }
 
-/// An owned socket descriptor, closed on every path out of its scope.
-pub(crate) struct Fd(pub(crate) libc::c_int);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor was returned by socket() and is closed once.
-        unsafe { libc::close(self.0) };
-    }
-}
+/// For `sockdiag.rs`, until its socket is an `OwnedFd` too.
+pub(crate) use crate::sys::Fd;
 
 fn probe_family(port: u16, family: Family) -> Probe {
     match bind_once(port, family) {
@@ -58,96 +54,44 @@ fn probe_family(port: u16, family: Family) -> Probe {
 
 /// The meaning of a failed bind, per errno.
 fn classify(error: &io::Error) -> Probe {
-    match error.raw_os_error() {
-        Some(libc::EADDRINUSE) => Probe::InUse,
+    let Some(errno) = Errno::from_io_error(error) else {
+        return Probe::Unusable;
+    };
+    match errno {
+        Errno::ADDRINUSE => Probe::InUse,
         // The host has no such address family (IPv6 disabled, say): nothing
         // there can conflict, so it does not count against the port.
-        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL) | Some(libc::EPROTONOSUPPORT) => {
-            Probe::Free
-        }
+        Errno::AFNOSUPPORT | Errno::ADDRNOTAVAIL | Errno::PROTONOSUPPORT => Probe::Free,
         // This process is out of something: the port was never looked at.
-        Some(
-            errno @ (libc::EMFILE
-            | libc::ENFILE
-            | libc::ENOBUFS
-            | libc::ENOMEM
-            | libc::EINTR
-            | libc::EAGAIN),
-        ) => Probe::Unknown(errno),
+        Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM | Errno::INTR | Errno::AGAIN => {
+            Probe::Unknown(errno.raw_os_error())
+        }
         // EACCES (privileged port) and anything unexpected: not usable.
         _ => Probe::Unusable,
     }
 }
 
+/// One bind of `port` on the family's wildcard address, with `SO_REUSEADDR`
+/// as servers set it; the socket is closed when it goes out of scope.
 fn bind_once(port: u16, family: Family) -> io::Result<()> {
     let domain = match family {
-        Family::V4 => libc::AF_INET,
-        Family::V6 => libc::AF_INET6,
+        Family::V4 => AddressFamily::INET,
+        Family::V6 => AddressFamily::INET6,
     };
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let raw = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = Fd(raw);
-    set_flag(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
+    let fd = rustix::net::socket_with(domain, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
     match family {
         Family::V4 => {
-            // SAFETY: sockaddr_in is plain old data; zeroed is a valid value.
-            let mut addr: libc::sockaddr_in = unsafe { mem::zeroed() };
-            addr.sin_family = libc::AF_INET as libc::sa_family_t;
-            addr.sin_port = port.to_be();
-            addr.sin_addr = libc::in_addr {
-                s_addr: libc::INADDR_ANY,
-            };
-            bind(&fd, &addr)
+            rustix::net::bind(&fd, &SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
         }
         Family::V6 => {
             // Without V6ONLY, [::] would also claim the IPv4 port and the two
             // probes would measure the same thing twice.
-            set_flag(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?;
-            // SAFETY: sockaddr_in6 is plain old data; zeroed is `[::]`.
-            let mut addr: libc::sockaddr_in6 = unsafe { mem::zeroed() };
-            addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            addr.sin6_port = port.to_be();
-            bind(&fd, &addr)
+            sockopt::set_ipv6_v6only(&fd, true)?;
+            rustix::net::bind(&fd, &SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0))?;
         }
     }
-}
-
-fn set_flag(fd: &Fd, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: the option value is a c_int that outlives the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.0,
-            level,
-            name,
-            &one as *const libc::c_int as *const libc::c_void,
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn bind<T>(fd: &Fd, addr: &T) -> io::Result<()> {
-    // SAFETY: `addr` is a fully initialised sockaddr_in/sockaddr_in6 of size T.
-    let rc = unsafe {
-        libc::bind(
-            fd.0,
-            addr as *const T as *const libc::sockaddr,
-            mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -488,7 +488,10 @@ pub(crate) fn leased_in(table: &LeaseTable, range: &RangeInclusive<u16>, prefix:
 /// `prefix` (`<state file>#`)? The byte where the prefix's `#` would stand is
 /// looked at first: in a registry of thousands of leases through other state
 /// files, nearly all differ there, and a full compare of each long path was
-/// a tenth of a pick.
+/// a tenth of a pick. The rest after the prefix (`<pid>.<instance>` or
+/// `pid`) never holds a `#`: that tells `a.json#x.json#12.1` (a lease through
+/// the file `a.json#x.json`) from a lease through `a.json`, with the owners
+/// every earlier build wrote.
 pub(crate) fn owned_through(owner: &str, prefix: &str) -> bool {
     let (owner, prefix) = (owner.as_bytes(), prefix.as_bytes());
     owner.len() >= prefix.len()
@@ -496,6 +499,7 @@ pub(crate) fn owned_through(owner: &str, prefix: &str) -> bool {
             .last()
             .is_none_or(|last| owner[prefix.len() - 1] == *last)
         && owner.starts_with(prefix)
+        && !owner[prefix.len()..].contains(&b'#')
 }
 
 /// used = leased or bound; skipped = the rest that is never handed out;
@@ -523,6 +527,16 @@ pub(crate) fn recompute_lists(
 #[cfg(test)]
 mod tests {
     use super::owned_through;
+
+    #[test]
+    fn an_owner_belongs_to_one_state_file_whatever_its_name_holds() {
+        // `a.json#x.json` is a file name of its own, not `a.json`'s lease.
+        assert!(owned_through("/d/a.json#12.1", "/d/a.json#"));
+        assert!(owned_through("/d/a.json#pid", "/d/a.json#"));
+        assert!(!owned_through("/d/a.json#x.json#12.1", "/d/a.json#"));
+        assert!(owned_through("/d/a.json#x.json#12.1", "/d/a.json#x.json#"));
+        assert!(!owned_through("/d/a.json#12.1", "/d/a.json#x.json#"));
+    }
 
     #[test]
     fn the_lists_split_the_range_port_by_port() {

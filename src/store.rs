@@ -81,6 +81,10 @@ pub struct Store {
     backup_cache: Option<Vec<Backup>>,
     /// What the save in progress did to the backups folder's names.
     touched: Touched,
+    /// Backups whose content names another state file with this one's stem
+    /// (`a.json` and `a.state` both back up as `a_<time>.json`): never
+    /// restored from, never rotated away by this file.
+    foreign: std::collections::HashSet<String>,
 }
 
 /// What a save did to the backups folder, for what the process knows of its
@@ -120,7 +124,20 @@ impl Store {
             known: None,
             backup_cache: None,
             touched: Touched::Nothing,
+            foreign: Default::default(),
         }
+    }
+
+    /// Does the backup `name`'s content belong to this state file? It does
+    /// unless its `settings.json_path` names a file of another name (the
+    /// original's backups, and any without settings, count as this file's).
+    /// A backup that cannot be read is not called foreign (unknown is not
+    /// known): it is left out of recovery by its failed parse instead.
+    fn belongs_here(&self, dir: &Dir, name: &str) -> bool {
+        let Ok(bytes) = dir.read(OsStr::new(name)) else {
+            return true;
+        };
+        names_this_file(&bytes, &self.name)
     }
 
     pub fn path(&self) -> &Path {
@@ -382,6 +399,18 @@ impl Store {
     pub fn backups(&mut self) -> io::Result<Vec<Backup>> {
         let stem = self.stem.clone();
         let backup_dir = self.backup_dir.clone();
+        let foreign = std::mem::take(&mut self.foreign);
+        let listed = self.list_backups(&stem, &backup_dir, &foreign);
+        self.foreign = foreign;
+        listed
+    }
+
+    fn list_backups(
+        &mut self,
+        stem: &str,
+        backup_dir: &Path,
+        foreign: &std::collections::HashSet<String>,
+    ) -> io::Result<Vec<Backup>> {
         let dir = match self.backups_folder(false) {
             Ok(dir) => dir,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -394,7 +423,10 @@ impl Store {
             .into_iter()
             .filter_map(|name| {
                 let name = name.into_string().ok()?;
-                let key = parse_backup_name(&stem, &name)?;
+                if foreign.contains(&name) {
+                    return None;
+                }
+                let key = parse_backup_name(stem, &name)?;
                 // Only regular files: a link or FIFO planted here is not a backup.
                 let st = dir.stat(OsStr::new(&name)).ok()??;
                 (st.kind == Kind::File).then(|| Backup {
@@ -431,6 +463,10 @@ impl Store {
             let Ok(state) = State::parse(&bytes) else {
                 continue;
             };
+            if !names_this_file(&bytes, &self.name) {
+                self.foreign.insert(backup.name);
+                continue;
+            }
             if best
                 .as_ref()
                 .is_none_or(|(_, b)| state.change_count >= b.change_count)
@@ -538,8 +574,18 @@ impl Store {
             name,
             key: (compact, suffix),
         });
-        let excess = existing.len().saturating_sub(self.backup_max);
-        let mut dropped: Vec<Backup> = existing.drain(..excess).collect();
+        // The oldest past `backup_max` go, each only once its content shows
+        // it is this file's: another same-stem file's backup leaves the list
+        // (and is never counted again) but stays on disk.
+        let mut dropped: Vec<Backup> = Vec::new();
+        while existing.len() > self.backup_max {
+            let oldest = existing.remove(0);
+            if self.belongs_here(backups, &oldest.name) {
+                dropped.push(oldest);
+            } else {
+                self.foreign.insert(oldest.name);
+            }
+        }
         let made = existing
             .last()
             .map(|b| b.name.clone())
@@ -611,6 +657,31 @@ fn not_a_state_file(path: &Path, kind: Kind) -> io::Error {
     )
 }
 
+/// Does a state file's content (a backup's) name the state file `name` in
+/// its `settings.json_path`, or name none at all?
+fn names_this_file(bytes: &[u8], name: &OsStr) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Only {
+        #[serde(default)]
+        settings: Option<OnlyPath>,
+    }
+    #[derive(serde::Deserialize)]
+    struct OnlyPath {
+        #[serde(default)]
+        json_path: Option<String>,
+    }
+    let Ok(only) = serde_json::from_slice::<Only>(bytes) else {
+        return true;
+    };
+    match only.settings.and_then(|s| s.json_path) {
+        Some(path) if !path.is_empty() => Path::new(&path)
+            .file_name()
+            // Written lossily (`to_string_lossy`): compared the same way.
+            .is_none_or(|file| file.to_string_lossy() == name.to_string_lossy()),
+        _ => true,
+    }
+}
+
 /// Copies `from` to a new file `to` (never overwriting one).
 fn copy_new(from_dir: &Dir, from: &OsStr, to_dir: &Dir, to: &OsStr) -> io::Result<()> {
     let bytes = from_dir.read(from)?;
@@ -653,7 +724,7 @@ mod tests {
         let mut s = State::fresh(
             Settings {
                 port_range: [3000, 3010],
-                json_path: "s.json".into(),
+                json_path: "svc.json".into(),
                 history_max: 50,
             },
             Options::default(),

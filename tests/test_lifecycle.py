@@ -379,9 +379,16 @@ work = sys.argv[1]
 def late():
     # atexit runs the last registered first: registered before the package
     # was imported, this runs after the package's own hook (_shutdown).
-    from dynamic_port_manager import DynamicPortManager
+    from dynamic_port_manager import DynamicPortManager, ManagerStoppedError
     m = DynamicPortManager(14750, 14759, f"{work}/late.json", console_log=False)
-    m.pick_port()
+    try:
+        m.pick_port()
+    except ManagerStoppedError:
+        # The process is exiting: its leases were given back, and no new one
+        # is taken (it would outlive the exit hook).
+        print("refused at exit", file=sys.stderr)
+    else:
+        raise SystemExit("a lease was taken after the exit hook")
 
 atexit.register(late)
 from dynamic_port_manager import DynamicPortManager

@@ -3,6 +3,13 @@
 Each router has its own ``CollectorRegistry`` (never the process-global one,
 so two routers, or an app's own metrics, never clash), holding one collector
 that reads the state at scrape time.
+
+Every ``dpm_*`` counter is a figure the state file records (``change_count``,
+``stats``), never a tally of the process that answers: behind several workers,
+whichever worker a scrape reaches reports the same count, so a counter never
+goes backwards between two scrapes. ``server_registry`` adds the standard
+``process_*`` and ``python_*`` metrics (of the answering process) for
+``dynamic-port-manager serve``'s ``/metrics``.
 """
 
 from __future__ import annotations
@@ -10,7 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
@@ -78,6 +90,18 @@ def _families(state: dict[str, Any] | None) -> Iterator[Metric]:
 def new_registry(get_state: Callable[[], dict[str, Any]]) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PortCollector(get_state))
+    return registry
+
+
+def server_registry(get_state: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    """``new_registry``'s metrics and the standard ones of this process:
+    ``process_*`` (CPU, memory, open files, start time; read from ``/proc``)
+    and ``python_*`` (interpreter version, garbage collections)."""
+    registry = new_registry(get_state)
+    ProcessCollector(registry=registry)
+    # Stateless collectors: the process-global instances serve any registry.
+    registry.register(PLATFORM_COLLECTOR)
+    registry.register(GC_COLLECTOR)
     return registry
 
 

@@ -3,6 +3,12 @@
 Field for field the original module's JSON. pydantic evaluates these
 annotations at runtime, so ``Optional[X]`` (not ``X | None``, which Python 3.9
 cannot evaluate) and no ``from __future__ import annotations``.
+
+Every field is required (``Field(...)``, no default): every response carries
+every key, ``null`` where a value is absent. A default would make a key
+optional in one pydantic release's schema and required in another's (they
+disagree on defaults in the serialization schema), so the published contract
+would move with the installed version.
 """
 
 from typing import Literal, Optional
@@ -11,29 +17,29 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class HistoryEntry(BaseModel):
-    time: str = Field(description="Local Jalali time, `YYYY/MM/DD HH:MM weekday`.")
-    prev: Optional[int] = Field(description="The active port before the change.")
-    new: Optional[int] = Field(description="The active port after it (null: released).")
+    time: str = Field(..., description="Local Jalali time, `YYYY/MM/DD HH:MM weekday`.")
+    prev: Optional[int] = Field(..., description="The active port before the change.")
+    new: Optional[int] = Field(..., description="The active port after it (null: released).")
 
 
 class Settings(BaseModel):
-    port_range: list[int] = Field(min_length=2, max_length=2, description="[start, end].")
+    port_range: list[int] = Field(..., min_length=2, max_length=2, description="[start, end].")
     json_path: str
     history_max: int
 
 
 class EphemeralOverlap(BaseModel):
-    ephemeral_range: list[int] = Field(description="net.ipv4.ip_local_port_range")
+    ephemeral_range: list[int] = Field(..., description="net.ipv4.ip_local_port_range")
     first: int
     last: int
-    count: int = Field(description="Ports of the range inside it and not reserved.")
+    count: int = Field(..., description="Ports of the range inside it and not reserved.")
 
 
 class Lease(BaseModel):
     port: int
     pid: int
     owner: str
-    since: str = Field(description="ISO-8601 time the lease was taken.")
+    since: str = Field(..., description="ISO-8601 time the lease was taken.")
 
 
 class Stats(BaseModel):
@@ -58,7 +64,7 @@ class PortState(BaseModel):
     current_port: Optional[int]
     free_ports: list[int]
     used_ports: list[int]
-    port_usage: dict[str, int] = Field(description="Picks per port (keys are port numbers).")
+    port_usage: dict[str, int] = Field(..., description="Picks per port (keys are port numbers).")
     history: list[HistoryEntry]
     last_checked: Optional[str]
     change_count: int
@@ -67,20 +73,21 @@ class PortState(BaseModel):
     settings: Settings
     schema_version: int
     last_checked_unix: Optional[float] = Field(
-        description="`last_checked` as seconds since the Unix epoch."
+        ..., description="`last_checked` as seconds since the Unix epoch."
     )
     error_active: bool = Field(
-        default=False,
+        ...,
         description="Whether `last_error` is still in effect (cleared by the next "
         "save that met no problem).",
     )
     skipped_ports: list[int] = Field(
-        default_factory=list,
+        ...,
         description="Free ports never handed out because web browsers refuse to open them.",
     )
     ephemeral_overlap: Optional[EphemeralOverlap] = Field(
-        default=None,
-        description="Where the range lies in the kernel's ephemeral port range, if it does.",
+        ...,
+        description="Where the range lies in the kernel's ephemeral port range (null: "
+        "it does not).",
     )
     leases: list[Lease]
     stats: Stats
@@ -88,16 +95,16 @@ class PortState(BaseModel):
 
 
 class PickResponse(BaseModel):
-    status: Literal["success"] = "success"
+    status: Literal["success"] = Field(..., description="Always `success`.")
     port: int
 
 
 class SuccessResponse(BaseModel):
-    status: Literal["success"] = "success"
+    status: Literal["success"] = Field(..., description="Always `success`.")
 
 
 class OkResponse(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok"] = Field(..., description="Always `ok`.")
 
 
 class FreePorts(BaseModel):
@@ -113,37 +120,44 @@ class History(BaseModel):
 
 
 class BackupList(BaseModel):
-    backups: list[str] = Field(description="File names, oldest first.")
+    backups: list[str] = Field(..., description="File names, oldest first.")
 
 
 class OwnerProcess(BaseModel):
     pid: int
-    name: Optional[str] = Field(description="`/proc/<pid>/comm`; null where unreadable.")
-    cmdline: Optional[list[str]] = Field(description="Its arguments; null where unreadable.")
-    uid: int = Field(description="The uid that owns the socket.")
+    name: Optional[str] = Field(
+        ...,
+        description="The program's name: the file name of the program it runs, in full "
+        "(`/proc/<pid>/cmdline`), else the kernel's `comm` (at most 15 bytes); null "
+        "where neither can be read.",
+    )
+    cmdline: Optional[list[str]] = Field(..., description="Its arguments; null where unreadable.")
+    uid: int = Field(..., description="The uid that owns the socket.")
 
 
 class OwnerLease(BaseModel):
     pid: int
-    state_file: str = Field(description="The state file of the manager that leased it.")
+    state_file: str = Field(..., description="The state file of the manager that leased it.")
     owner: str
-    since: str = Field(description="ISO-8601 time the lease was taken.")
-    alive: bool = Field(description="False: its process is gone; the next pick reclaims it.")
+    since: str = Field(..., description="ISO-8601 time the lease was taken.")
+    alive: bool = Field(..., description="False: its process is gone; the next pick reclaims it.")
 
 
 class PortOwner(BaseModel):
     port: int
-    listening: bool = Field(description="A socket listens on the port.")
-    sockets: int = Field(description="TCP sockets on the port (TIME_WAIT not counted).")
-    processes: list[OwnerProcess] = Field(description="The processes holding them.")
+    listening: bool = Field(..., description="A socket listens on the port.")
+    sockets: int = Field(..., description="TCP sockets on the port (TIME_WAIT not counted).")
+    processes: list[OwnerProcess] = Field(..., description="The processes holding them.")
     unknown_uids: list[int] = Field(
-        description="Uids of sockets whose process this server's user cannot see."
+        ..., description="Uids of sockets whose process this server's user cannot see."
     )
-    lease: Optional[OwnerLease] = Field(description="The registry's lease on the port, if any.")
+    lease: Optional[OwnerLease] = Field(
+        ..., description="The registry's lease on the port, if any."
+    )
 
 
 class Owners(BaseModel):
-    owners: list[PortOwner] = Field(description="Used ports only, in port order.")
+    owners: list[PortOwner] = Field(..., description="Used ports only, in port order.")
 
 
 class ErrorResponse(BaseModel):

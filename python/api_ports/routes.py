@@ -6,22 +6,29 @@ event loop. Errors follow FastAPI's convention, ``{"detail": ...}``: 503 when
 no port is free or the manager cannot serve, 404 for an unknown backup, 422
 for a bad query; nothing a client sends can cause a 500. The dashboard page
 (``port/dashboard``, see ``dashboard.py``) rides along, outside the schema.
+
+Each operation has a fixed ``operationId`` (the manager's method names where
+there is one: ``pick_port``, ``get_state``, ...), so a client generated from
+the schema is the same wherever the app mounts the router.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 from dynamic_port_manager import DynamicPortManager, ManagerStoppedError, NoFreePortError
-from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import Field
 
 from . import models
 from .backup_file import NAME_MAX, NAME_PATTERN, attachment_header, read_backup
 from .dashboard import add_dashboard
 from .metrics import new_registry, render
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 ManagerSource = Callable[[], DynamicPortManager]
 
@@ -49,47 +56,83 @@ def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRo
             raise HTTPException(503, f"the port manager could not start: {e}") from None
 
     def state() -> dict[str, Any]:
-        with _errors():
+        with http_errors():
             return manager().get_state()
 
     metrics_registry = new_registry(state)
 
-    @router.get("/port/state", response_model=models.PortState, summary="Full state and settings")
+    @router.get(
+        "/port/state",
+        response_model=models.PortState,
+        summary="Full state and settings",
+        operation_id="get_state",
+    )
     def port_state() -> dict[str, Any]:
         return state()
 
-    @router.post("/port/pick", response_model=models.PickResponse, summary="Pick a free port")
+    @router.post(
+        "/port/pick",
+        response_model=models.PickResponse,
+        summary="Pick a free port",
+        operation_id="pick_port",
+    )
     def pick() -> models.PickResponse:
-        with _errors():
-            return models.PickResponse(port=manager().pick_port())
+        with http_errors():
+            return models.PickResponse(status="success", port=manager().pick_port())
 
-    @router.post("/port/release", response_model=models.SuccessResponse, summary="Free it")
+    @router.post(
+        "/port/release",
+        response_model=models.SuccessResponse,
+        summary="Free it",
+        operation_id="release_port",
+    )
     def release() -> models.SuccessResponse:
-        with _errors():
+        with http_errors():
             manager().release_port()
-        return models.SuccessResponse()
+        return models.SuccessResponse(status="success")
 
-    @router.get("/port/free", response_model=models.FreePorts, summary="Free ports")
+    @router.get(
+        "/port/free",
+        response_model=models.FreePorts,
+        summary="Free ports",
+        operation_id="get_free_ports",
+    )
     def free() -> models.FreePorts:
         return models.FreePorts(free_ports=state()["free_ports"])
 
-    @router.get("/port/used", response_model=models.UsedPorts, summary="Used ports")
+    @router.get(
+        "/port/used",
+        response_model=models.UsedPorts,
+        summary="Used ports",
+        operation_id="get_used_ports",
+    )
     def used() -> models.UsedPorts:
         return models.UsedPorts(used_ports=state()["used_ports"])
 
-    @router.get("/port/history", response_model=models.History, summary="Active-port history")
+    @router.get(
+        "/port/history",
+        response_model=models.History,
+        summary="Active-port history",
+        operation_id="get_history",
+    )
     def history() -> models.History:
         return models.History.model_validate({"history": state()["history"]})
 
-    @router.get("/port/backup/list", response_model=models.BackupList, summary="The JSON backups")
+    @router.get(
+        "/port/backup/list",
+        response_model=models.BackupList,
+        summary="The JSON backups",
+        operation_id="list_backups",
+    )
     def backup_list() -> models.BackupList:
-        with _errors():
+        with http_errors():
             return models.BackupList(backups=manager().backups())
 
     @router.get(
         "/port/backup/download",
         response_class=Response,
         summary="Download one backup",
+        operation_id="download_backup",
         responses={
             200: {
                 "description": "The backup file, as an attachment.",
@@ -108,7 +151,7 @@ def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRo
             ),
         ],
     ) -> Response:
-        with _errors():
+        with http_errors():
             data = read_backup(manager(), filename)
         if data is None:
             raise HTTPException(404, f"no backup named {filename!r} for this state file")
@@ -121,55 +164,68 @@ def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRo
             },
         )
 
-    @router.get("/port/owners", response_model=models.Owners, summary="Who holds each used port")
+    @router.get(
+        "/port/owners",
+        response_model=models.Owners,
+        summary="Who holds each used port",
+        operation_id="get_owners",
+    )
     def owners(
         port: Annotated[
             _Ports, Query(description="Ports to look at (repeat it); default: the whole range.")
         ] = None,
     ) -> models.Owners:
-        with _errors():
+        with http_errors():
             return models.Owners.model_validate({"owners": manager().owners(port)})
 
-    @router.get("/port/log/json", response_model=models.OkResponse, summary="Log the state as JSON")
-    def log_json() -> models.OkResponse:
-        with _errors():
-            manager().log_json()
-        return models.OkResponse()
-
     @router.get(
-        "/port/metrics",
-        response_class=Response,
-        summary="Prometheus metrics",
-        responses={
-            200: {
-                "description": "Prometheus text format (OpenMetrics if the scraper asks).",
-                "content": {
-                    "text/plain": {"schema": {"type": "string"}},
-                    "application/openmetrics-text": {"schema": {"type": "string"}},
-                },
-            }
-        },
+        "/port/log/json",
+        response_model=models.OkResponse,
+        summary="Log the state as JSON",
+        operation_id="log_json",
     )
-    def metrics(
-        # Declared (FastAPI reads the header either way) so that the schema shows
-        # it and schemathesis sends generated values.
-        accept: Annotated[
-            str,
-            Header(
-                description="`application/openmetrics-text` for OpenMetrics; anything "
-                "else, also a malformed value, gets the Prometheus text format."
-            ),
-        ] = "",
-    ) -> Response:
-        body, content_type = render(metrics_registry, accept)
-        return Response(body, headers={"Content-Type": content_type})
+    def log_json() -> models.OkResponse:
+        with http_errors():
+            manager().log_json()
+        return models.OkResponse(status="ok")
+
+    @router.get("/port/metrics", operation_id="get_metrics", **METRICS_OPERATION)
+    def metrics(request: Request) -> Response:
+        return metrics_response(metrics_registry, request)
 
     add_dashboard(router)
     return router
 
 
+#: The metrics operation's documentation. The Accept header is read from the
+#: request, not declared as a parameter: content negotiation is HTTP's, and a
+#: declared `accept` would show in the schema as an argument of the operation.
+METRICS_OPERATION: dict[str, Any] = {
+    "response_class": Response,
+    "summary": "Prometheus metrics",
+    "description": "The Prometheus text format; OpenMetrics when the request's `Accept` "
+    "header asks for `application/openmetrics-text` (any other value, a malformed one "
+    "too, gets the text format).",
+    "responses": {
+        200: {
+            "description": "Prometheus text format (OpenMetrics if the scraper asks).",
+            "content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "application/openmetrics-text": {"schema": {"type": "string"}},
+            },
+        }
+    },
+}
+
+
+def metrics_response(registry: CollectorRegistry, request: Request) -> Response:
+    """The scrape of ``registry``, in the format the request's Accept header asks for."""
+    body, content_type = render(registry, request.headers.get("accept", ""))
+    return Response(body, headers={"Content-Type": content_type})
+
+
 @contextmanager
-def _errors() -> Iterator[None]:
+def http_errors() -> Iterator[None]:
     """The manager's exceptions as HTTP errors (never a 500)."""
     try:
         yield

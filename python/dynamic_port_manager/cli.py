@@ -112,6 +112,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _fd(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a file descriptor number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Common options are accepted before or after the subcommand; SUPPRESS keeps
     # a subcommand's unset copy from overwriting the value given before it.
@@ -204,11 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "serve",
         cmd_serve,
-        "Serve the port API (/api/v1/port/..., docs at /docs) on a port it picks itself.",
+        "Serve the port API (/api/v1/port/...), the dashboard (/), Prometheus metrics "
+        "(/metrics) and docs (/docs): on --port, on a socket it is handed (--fd, systemd "
+        "socket activation), else on a port it picks itself. Tells systemd it is ready "
+        "when $NOTIFY_SOCKET is set.",
     )
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--port",
+        type=_port,
+        help="a fixed port to listen on, outside the managed range (for a service, "
+        "a proxy or a scrape target)",
     )
+    where.add_argument(
+        "--fd",
+        type=_fd,
+        help="listen on this already-listening socket (e.g. 3); without --fd and "
+        "--port, systemd's socket (LISTEN_FDS=1 with LISTEN_PID) is taken when passed",
+    )
+    p.add_argument("--host", help="address for --port or the picked port (default: 127.0.0.1)")
     p.add_argument(
         "--log-level",
         default="info",
@@ -325,8 +349,15 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve  # FastAPI and uvicorn load only for this command
 
+    s = settings_for(args)
+    if args.port is not None and s.start <= args.port <= s.end:
+        # Before the manager starts: nothing to undo (the server checks it again).
+        raise UsageError(
+            f"serve: --port {args.port} is inside the managed range {s.start}-{s.end}: the "
+            "server's own port must lie outside it (choose another port or narrow --range)"
+        )
     with open_manager(args, console_log=True) as manager:
-        serve(manager, host=args.host, log_level=args.log_level)
+        serve(manager, host=args.host, log_level=args.log_level, port=args.port, fd=args.fd)
     return 0
 
 

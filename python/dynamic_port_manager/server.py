@@ -1,15 +1,23 @@
-"""``dynamic-port-manager serve``: the port API on a port the manager picks itself.
+"""``dynamic-port-manager serve``: the port API, the dashboard and ``/metrics``.
 
-The server's own port is leased to this process (``pick_socket(pid=...)``),
-so the API's ``pick``/``release`` move the manager's active port without ever
-touching the port the server listens on. The socket is bound by the pick,
-before uvicorn starts, so no other program can take the port in between.
+Where it listens, in order of precedence:
+
+- a socket it is handed: ``--fd N``, or systemd's socket activation
+  (``LISTEN_FDS=1`` with ``LISTEN_PID`` equal to this process's pid: fd 3);
+- ``--port N`` (with ``--host``): a fixed port outside the managed range, for
+  a service manager, a proxy or a Prometheus scrape target;
+- neither: a port the manager picks itself, leased to this process
+  (``pick_socket(pid=...)``) and released at exit.
+
+The API's ``pick``/``release`` move the manager's active port; they never hand
+out the port the server listens on. When ``$NOTIFY_SOCKET`` is set (systemd's
+``Type=notify``), ``READY=1`` is sent once the server accepts connections and
+``STOPPING=1`` when it begins to shut down.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import socket
 from collections.abc import Iterator
@@ -21,12 +29,15 @@ import fastapi_offline
 import uvicorn
 from api_ports import create_router
 from api_ports.dashboard import page_response
+from api_ports.metrics import server_registry
+from api_ports.routes import METRICS_OPERATION, http_errors, metrics_response
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html
 from fastapi.responses import HTMLResponse, Response
 from fastapi_offline import FastAPIOffline
 
 from . import DynamicPortManager, __version__, release_lease
+from .service import Listener, notify, open_listener
 
 
 def create_app(manager: DynamicPortManager) -> FastAPI:
@@ -43,6 +54,17 @@ def create_app(manager: DynamicPortManager) -> FastAPI:
         redoc_url=None,  # served below, from a bundle that asks no CDN for its logo
     )
     app.include_router(create_router(manager), prefix="/api/v1")
+
+    def state() -> dict[str, Any]:
+        with http_errors():
+            return manager.get_state()
+
+    metrics_registry = server_registry(state)
+
+    @app.get("/metrics", operation_id="get_server_metrics", **METRICS_OPERATION)
+    def metrics(request: Request) -> Response:
+        # `/api/v1/port/metrics` and this process's `process_*` and `python_*`.
+        return metrics_response(metrics_registry, request)
 
     @app.get("/redoc", include_in_schema=False)
     def redoc(request: Request) -> HTMLResponse:
@@ -76,21 +98,6 @@ def offline_redoc_bundle() -> bytes:
     with no source asks nothing of anyone, and ReDoc hides it on the error."""
     bundle = Path(fastapi_offline.__file__).parent / "static" / "redoc.standalone.js"
     return bundle.read_bytes().replace(REDOC_CDN_LOGO, b"")
-
-
-def listen(manager: DynamicPortManager, host: str) -> tuple[socket.socket, int]:
-    """A listening socket on ``host`` and a port leased to this process."""
-    try:
-        sock = manager.pick_socket(pid=os.getpid(), host=host)
-    except socket.gaierror as e:
-        raise ValueError(f"--host {host!r}: {e.strerror}") from None
-    except OSError as e:
-        raise OSError(e.errno, f"cannot listen on {host}: {e.strerror or e}") from None
-    return sock, sock.getsockname()[1]
-
-
-def url_of(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class _Server(uvicorn.Server):
@@ -131,29 +138,45 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def serve(manager: DynamicPortManager, host: str = "127.0.0.1", log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM, then release the port and stop ``manager``."""
+def serve(
+    manager: DynamicPortManager,
+    host: str | None = None,
+    log_level: str = "info",
+    *,
+    port: int | None = None,
+    fd: int | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM, then stop ``manager`` (and give back the
+    server's own port if it was picked). ``fd``, ``port``: see the module's doc."""
     with _stop_on_signals():
-        sock, port = listen(manager, host)
+        listener = open_listener(manager, host=host, port=port, fd=fd)
         try:
-            url = url_of(host, port)
+            url = listener.url
 
             def announce() -> None:
                 try:
                     print(f"Serving on {url}", flush=True)
                     print(
-                        f"Dashboard: {url}/  API: {url}/api/v1/port/state  Docs: {url}/docs",
+                        f"Dashboard: {url}/  API: {url}/api/v1/port/state  "
+                        f"Metrics: {url}/metrics  Docs: {url}/docs",
                         flush=True,
                     )
                 except OSError:
                     pass  # stdout closed (`serve | head -1`): keep serving regardless
+                notify(f"READY=1\nSTATUS=Serving on {url}")
 
             config = uvicorn.Config(create_app(manager), log_level=log_level, lifespan="on")
             try:
-                _Server(config, announce).run(sockets=[sock])
+                _Server(config, announce).run(sockets=[listener.sock])
             except SystemExit as e:  # uvicorn's exit when the app fails to start
                 raise RuntimeError(f"the server failed to start (status {e.code})") from None
         finally:
-            sock.close()
-            release_lease(port, registry_dir=manager.registry_dir)
-            manager.stop()
+            notify("STOPPING=1")
+            _close(listener, manager)
+
+
+def _close(listener: Listener, manager: DynamicPortManager) -> None:
+    listener.sock.close()
+    if listener.leased:
+        release_lease(listener.port, registry_dir=manager.registry_dir)
+    manager.stop()

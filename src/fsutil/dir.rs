@@ -5,18 +5,26 @@
 //! or replaced. This is how OpenSSH checks its private files and how systemd's
 //! `chase()` avoids link swaps; every file the library opens goes through here.
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+
 /// The most the library reads of any file: a state file of the largest range
 /// with a long history is well under 1 MiB; 16 MiB leaves room and keeps a
 /// link to `/dev/zero` or a giant file from taking the host's memory.
-pub const MAX_READ: u64 = 16 * 1024 * 1024;
+pub(crate) const MAX_READ: u64 = 16 * 1024 * 1024;
+
+/// How often an open, a look or a read that a signal interrupted (EINTR) is
+/// tried again before the error is let through: a signal handler that runs
+/// at every try is a loop, not a transient.
+const EINTR_RETRIES: u32 = 64;
 
 fn cstr(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| {
@@ -27,15 +35,30 @@ fn cstr(name: &OsStr) -> io::Result<CString> {
     })
 }
 
-fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
+/// Runs `call` again while a signal interrupts it (EINTR), `EINTR_RETRIES`
+/// times at most.
+pub(crate) fn retry_eintr<T>(mut call: impl FnMut() -> rustix::io::Result<T>) -> io::Result<T> {
+    retry_interrupted(|| call().map_err(io::Error::from))
+}
+
+/// `retry_eintr` for a std call.
+fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut tries = 0;
+    loop {
+        match call() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted && tries < EINTR_RETRIES => tries += 1,
+            other => return other,
+        }
     }
 }
 
+/// The errno of `e`, if it has one.
+pub(crate) fn errno(e: &io::Error) -> Option<Errno> {
+    Errno::from_io_error(e)
+}
+
 /// What kind of thing a name in a folder is (never following a link).
+/// (`pub`, like `Dir`, only because `Store`'s public methods name it.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     File,
@@ -47,7 +70,7 @@ pub enum Kind {
 
 /// `fstatat` of a name, not following a final symbolic link.
 #[derive(Debug, Clone, Copy)]
-pub struct Stat {
+pub(crate) struct Stat {
     pub kind: Kind,
     pub dev: u64,
     pub ino: u64,
@@ -60,37 +83,37 @@ pub struct Stat {
 }
 
 impl Stat {
-    fn of(st: &libc::stat) -> Stat {
-        let kind = match st.st_mode & libc::S_IFMT {
-            libc::S_IFREG => Kind::File,
-            libc::S_IFDIR => Kind::Dir,
-            libc::S_IFLNK => Kind::Symlink,
+    // The kernel's `struct stat` has other field types on other
+    // architectures: some of these casts do nothing on x86_64.
+    #[allow(clippy::unnecessary_cast)]
+    fn of(st: &rustix::fs::Stat) -> Stat {
+        let kind = match FileType::from_raw_mode(st.st_mode as rustix::fs::RawMode) {
+            FileType::RegularFile => Kind::File,
+            FileType::Directory => Kind::Dir,
+            FileType::Symlink => Kind::Symlink,
             _ => Kind::Other,
         };
         Stat {
             kind,
-            dev: st.st_dev,
-            ino: st.st_ino,
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
             size: st.st_size as u64,
-            nlink: st.st_nlink,
-            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
-            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
-            uid: st.st_uid,
-            mode: st.st_mode & 0o7777,
+            nlink: st.st_nlink as u64,
+            mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
+            ctime_ns: st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64,
+            uid: st.st_uid as u32,
+            mode: st.st_mode as u32 & 0o7777,
         }
     }
 
-    pub fn of_file(file: &File) -> io::Result<Stat> {
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: fstat fills `st` on success.
-        check(unsafe { libc::fstat(file.as_raw_fd(), st.as_mut_ptr()) })?;
-        Ok(Stat::of(unsafe { &st.assume_init() }))
+    pub(crate) fn of_file(file: &File) -> io::Result<Stat> {
+        Ok(Stat::of(&retry_eintr(|| rustix::fs::fstat(file))?))
     }
 }
 
 /// How a file in a `Dir` is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Open {
+pub(crate) enum Open {
     Read,
     /// Read and write, creating it (mode) if missing; never truncated here.
     ReadWriteCreate(u32),
@@ -98,6 +121,8 @@ pub enum Open {
     CreateNew(u32),
 }
 
+/// An open folder (see the module's text). `pub` only because `Store`'s
+/// public methods name it; nothing outside the crate can reach this module.
 pub struct Dir {
     fd: OwnedFd,
     path: PathBuf,
@@ -114,53 +139,52 @@ impl std::fmt::Debug for Dir {
 impl Dir {
     /// Opens the folder `path`; its last component must not be a symbolic
     /// link (a link planted in a sticky /tmp is refused, not followed).
-    pub fn open(path: &Path) -> io::Result<Dir> {
-        Dir::open_with(path, libc::O_NOFOLLOW)
+    pub(crate) fn open(path: &Path) -> io::Result<Dir> {
+        Dir::open_with(path, false)
     }
 
     /// Opens the folder `path` the user named for a state file, following a
     /// link there (`port_state -> ../shared/port_state` is a deployment's own
     /// layout), once: the descriptor then pins the folder it reached. The
     /// folders the library makes inside it are opened with `open`'s rules.
-    pub fn open_following(path: &Path) -> io::Result<Dir> {
-        Dir::open_with(path, 0)
+    pub(crate) fn open_following(path: &Path) -> io::Result<Dir> {
+        Dir::open_with(path, true)
     }
 
-    fn open_with(path: &Path, follow: libc::c_int) -> io::Result<Dir> {
+    fn open_with(path: &Path, follow: bool) -> io::Result<Dir> {
         let c = cstr(path.as_os_str())?;
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | follow | libc::O_CLOEXEC;
-        // SAFETY: a valid C string; the result is checked.
-        let fd = unsafe { libc::open(c.as_ptr(), flags) };
-        let fd = check(fd).map_err(|e| explain_dir(path, e))?;
+        let mut flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        if !follow {
+            flags |= OFlags::NOFOLLOW;
+        }
+        let fd = retry_eintr(|| rustix::fs::open(c.as_c_str(), flags, Mode::empty()))
+            .map_err(|e| explain_dir(path, e))?;
         Ok(Dir {
-            // SAFETY: a descriptor we just opened and own.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd,
             path: path.to_path_buf(),
-            follows: follow == 0,
+            follows: follow,
         })
     }
 
     /// `open`, creating the folder (and its parents, new ones with `mode`) first.
-    pub fn create(path: &Path, mode: u32) -> io::Result<Dir> {
+    pub(crate) fn create(path: &Path, mode: u32) -> io::Result<Dir> {
         Dir::make(path, mode)?;
         Dir::open(path)
     }
 
     /// `open_following`, creating the folder (and its parents) first.
-    pub fn create_following(path: &Path, mode: u32) -> io::Result<Dir> {
+    pub(crate) fn create_following(path: &Path, mode: u32) -> io::Result<Dir> {
         Dir::make(path, mode)?;
         Dir::open_following(path)
     }
 
     fn make(path: &Path, mode: u32) -> io::Result<()> {
-        match fs::symlink_metadata(path) {
+        match retry_interrupted(|| fs::symlink_metadata(path)) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                match fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(mode)
-                    .create(path)
-                {
+                let mut builder = fs::DirBuilder::new();
+                builder.recursive(true).mode(mode);
+                match retry_interrupted(|| builder.create(path)) {
                     Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
                     _ => Ok(()),
                 }
@@ -169,27 +193,22 @@ impl Dir {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The folder's own owner and mode, from the descriptor.
-    pub fn stat_self(&self) -> io::Result<Stat> {
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: fstat fills `st` on success.
-        check(unsafe { libc::fstat(self.fd.as_raw_fd(), st.as_mut_ptr()) })?;
-        Ok(Stat::of(unsafe { &st.assume_init() }))
+    pub(crate) fn stat_self(&self) -> io::Result<Stat> {
+        Ok(Stat::of(&retry_eintr(|| rustix::fs::fstat(&self.fd))?))
     }
 
     /// Does the path still name this folder? Not after it was deleted,
     /// renamed, or replaced (by a link, say): the caller then reopens it,
     /// with every check again, rather than work in a folder no one else sees.
-    pub fn still_at_path(&self) -> bool {
-        let on_disk = if self.follows {
-            fs::metadata(&self.path)
-        } else {
-            fs::symlink_metadata(&self.path)
-        };
+    pub(crate) fn still_at_path(&self) -> bool {
+        let on_disk = retry_interrupted(|| {
+            if self.follows {
+                fs::metadata(&self.path)
+            } else {
+                fs::symlink_metadata(&self.path)
+            }
+        });
         let Ok(on_disk) = on_disk else {
             return false;
         };
@@ -200,10 +219,9 @@ impl Dir {
 
     /// Refuses a folder that another user owns or that group or others can
     /// write: such a user could plant files here, or delete ours.
-    pub fn check_trusted(&self) -> io::Result<()> {
+    pub(crate) fn check_trusted(&self) -> io::Result<()> {
         let st = self.stat_self()?;
-        // SAFETY: geteuid cannot fail.
-        let uid = unsafe { libc::geteuid() };
+        let uid = rustix::process::geteuid().as_raw();
         if st.uid != uid {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -228,20 +246,11 @@ impl Dir {
     }
 
     /// `fstatat` of `name`, not following a link. `Ok(None)`: no such name.
-    pub fn stat(&self, name: &OsStr) -> io::Result<Option<Stat>> {
+    pub(crate) fn stat(&self, name: &OsStr) -> io::Result<Option<Stat>> {
         let c = cstr(name)?;
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: valid descriptor and C string; fills `st` on success.
-        let rc = unsafe {
-            libc::fstatat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                st.as_mut_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        match check(rc) {
-            Ok(_) => Ok(Some(Stat::of(unsafe { &st.assume_init() }))),
+        match retry_eintr(|| rustix::fs::statat(&self.fd, c.as_c_str(), AtFlags::SYMLINK_NOFOLLOW))
+        {
+            Ok(st) => Ok(Some(Stat::of(&st))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -249,32 +258,25 @@ impl Dir {
 
     /// Opens the regular file `name`: never through a symbolic link, never
     /// blocking on a FIFO or a device (O_NONBLOCK, then `fstat`), and never
-    /// anything but a regular file (`InvalidData` naming what it is).
-    pub fn open_file(&self, name: &OsStr, how: Open) -> io::Result<File> {
+    /// anything but a regular file (`InvalidData` naming what it is). An open
+    /// a signal interrupted is tried again.
+    pub(crate) fn open_file(&self, name: &OsStr, how: Open) -> io::Result<File> {
         let c = cstr(name)?;
-        let base = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
+        let base = OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
         let (flags, mode) = match how {
-            Open::Read => (libc::O_RDONLY, 0),
-            Open::ReadWriteCreate(mode) => (libc::O_RDWR | libc::O_CREAT, mode),
-            Open::CreateNew(mode) => (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, mode),
+            Open::Read => (OFlags::RDONLY, 0),
+            Open::ReadWriteCreate(mode) => (OFlags::RDWR | OFlags::CREATE, mode),
+            Open::CreateNew(mode) => (OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL, mode),
         };
-        // SAFETY: valid descriptor and C string; the result is checked.
-        let fd = unsafe {
-            libc::openat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                base | flags,
-                mode as libc::c_uint,
-            )
-        };
-        let fd = check(fd).map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => not_regular(&self.path.join(name), Kind::Symlink),
-            Some(libc::EISDIR) => not_regular(&self.path.join(name), Kind::Dir),
-            Some(libc::ENXIO) => not_regular(&self.path.join(name), Kind::Other),
-            _ => e,
-        })?;
-        // SAFETY: a descriptor we just opened and own.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let mode = Mode::from_raw_mode(mode as rustix::fs::RawMode);
+        let fd = retry_eintr(|| rustix::fs::openat(&self.fd, c.as_c_str(), base | flags, mode))
+            .map_err(|e| match errno(&e) {
+                Some(Errno::LOOP) => not_regular(&self.path.join(name), Kind::Symlink),
+                Some(Errno::ISDIR) => not_regular(&self.path.join(name), Kind::Dir),
+                Some(Errno::NXIO) => not_regular(&self.path.join(name), Kind::Other),
+                _ => e,
+            })?;
+        let file = File::from(fd);
         if let Open::CreateNew(_) = how {
             // O_CREAT|O_EXCL made a new regular file: nothing to check, and
             // O_NONBLOCK means nothing for it.
@@ -284,46 +286,38 @@ impl Dir {
         if st.kind != Kind::File {
             return Err(not_regular(&self.path.join(name), st.kind));
         }
-        // Back to blocking IO for a regular file (O_NONBLOCK only guarded the open).
-        set_blocking(fd)?;
+        // Back to blocking IO for a regular file (O_NONBLOCK only guarded the
+        // open). F_SETFL sets only O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME and
+        // O_NONBLOCK, and the open asked for none but the last: clearing them
+        // all needs no F_GETFL first.
+        retry_eintr(|| rustix::fs::fcntl_setfl(&file, OFlags::empty()))?;
         Ok(file)
     }
 
     /// Renames `from` here to `to` in `dest`, replacing a file there.
-    pub fn rename(&self, from: &OsStr, dest: &Dir, to: &OsStr) -> io::Result<()> {
+    pub(crate) fn rename(&self, from: &OsStr, dest: &Dir, to: &OsStr) -> io::Result<()> {
         let (f, t) = (cstr(from)?, cstr(to)?);
-        // SAFETY: valid descriptors and C strings.
-        check(unsafe {
-            libc::renameat(
-                self.fd.as_raw_fd(),
-                f.as_ptr(),
-                dest.fd.as_raw_fd(),
-                t.as_ptr(),
-            )
-        })
-        .map(drop)
+        Ok(rustix::fs::renameat(
+            &self.fd,
+            f.as_c_str(),
+            &dest.fd,
+            t.as_c_str(),
+        )?)
     }
 
     /// Swaps the files `a` and `b` of this folder in one step (both must
     /// exist). `ENOSYS` or `EINVAL` where the kernel or file system cannot.
-    pub fn exchange(&self, a: &OsStr, b: &OsStr) -> io::Result<()> {
-        let fd = self.fd.as_raw_fd();
-        renameat2(fd, &cstr(a)?, fd, &cstr(b)?, libc::RENAME_EXCHANGE)
+    pub(crate) fn exchange(&self, a: &OsStr, b: &OsStr) -> io::Result<()> {
+        renameat2(self, &cstr(a)?, self, &cstr(b)?, RenameFlags::EXCHANGE)
     }
 
     /// Renames `from` to `to` only if `to` does not exist (never replaces).
     /// Where the kernel or file system has no such rename, a second link
     /// made only if `to` is free, then the first name removed.
-    pub fn rename_new(&self, from: &OsStr, dest: &Dir, to: &OsStr) -> io::Result<()> {
+    pub(crate) fn rename_new(&self, from: &OsStr, dest: &Dir, to: &OsStr) -> io::Result<()> {
         let (f, t) = (cstr(from)?, cstr(to)?);
-        match renameat2(
-            self.fd.as_raw_fd(),
-            &f,
-            dest.fd.as_raw_fd(),
-            &t,
-            libc::RENAME_NOREPLACE,
-        ) {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) => {
+        match renameat2(self, &f, dest, &t, RenameFlags::NOREPLACE) {
+            Err(e) if matches!(errno(&e), Some(Errno::NOSYS | Errno::INVAL)) => {
                 self.rename_new_by_link(from, dest, to)
             }
             other => other,
@@ -338,80 +332,82 @@ impl Dir {
     }
 
     /// A second name `to` in `dest` for the file `from` here (never a link's target).
-    pub fn link(&self, from: &OsStr, dest: &Dir, to: &OsStr) -> io::Result<()> {
+    pub(crate) fn link(&self, from: &OsStr, dest: &Dir, to: &OsStr) -> io::Result<()> {
         let (f, t) = (cstr(from)?, cstr(to)?);
-        // SAFETY: valid descriptors and C strings; flags 0: a link is not followed.
-        check(unsafe {
-            libc::linkat(
-                self.fd.as_raw_fd(),
-                f.as_ptr(),
-                dest.fd.as_raw_fd(),
-                t.as_ptr(),
-                0,
-            )
-        })
-        .map(drop)
+        // No AT_SYMLINK_FOLLOW: a link is linked, not followed.
+        Ok(rustix::fs::linkat(
+            &self.fd,
+            f.as_c_str(),
+            &dest.fd,
+            t.as_c_str(),
+            AtFlags::empty(),
+        )?)
     }
 
-    pub fn remove(&self, name: &OsStr) -> io::Result<()> {
+    pub(crate) fn remove(&self, name: &OsStr) -> io::Result<()> {
         let c = cstr(name)?;
-        // SAFETY: valid descriptor and C string.
-        check(unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) }).map(drop)
+        Ok(rustix::fs::unlinkat(
+            &self.fd,
+            c.as_c_str(),
+            AtFlags::empty(),
+        )?)
     }
 
     /// The names in the folder (through the descriptor, not the path).
-    pub fn names(&self) -> io::Result<Vec<OsString>> {
-        let listing = PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()));
+    pub(crate) fn names(&self) -> io::Result<Vec<OsString>> {
+        // A descriptor of its own ("." reopened), so that reading it moves
+        // no position another listing shares.
+        let listing = retry_eintr(|| rustix::fs::Dir::read_from(&self.fd))?;
         let mut names = Vec::new();
-        for entry in fs::read_dir(listing)? {
-            names.push(entry?.file_name());
+        for entry in listing {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                names.push(OsStr::from_bytes(name).to_os_string());
+            }
         }
         Ok(names)
     }
 
-    pub fn sync(&self) -> io::Result<()> {
-        // SAFETY: a valid descriptor.
-        check(unsafe { libc::fsync(self.fd.as_raw_fd()) }).map(drop)
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        Ok(rustix::fs::fsync(&self.fd)?)
     }
 
     /// Reads the regular file `name` whole, up to `MAX_READ` bytes.
-    pub fn read(&self, name: &OsStr) -> io::Result<Vec<u8>> {
+    pub(crate) fn read(&self, name: &OsStr) -> io::Result<Vec<u8>> {
         let mut file = self.open_file(name, Open::Read)?;
         read_bounded(&mut file, &self.path.join(name))
     }
 
     /// The folder `name` inside this one, opened the same way.
-    pub fn sub(&self, name: &OsStr) -> io::Result<Dir> {
+    pub(crate) fn sub(&self, name: &OsStr) -> io::Result<Dir> {
         let c = cstr(name)?;
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: valid descriptor and C string; the result is checked.
-        let fd = unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), flags) };
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let path = self.path.join(name);
-        let fd = check(fd).map_err(|e| explain_dir(&path, e))?;
+        let fd = retry_eintr(|| rustix::fs::openat(&self.fd, c.as_c_str(), flags, Mode::empty()))
+            .map_err(|e| explain_dir(&path, e))?;
         Ok(Dir {
-            // SAFETY: a descriptor we just opened and own.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd,
             path,
             follows: false,
         })
     }
 
     /// `sub`, creating it with `mode` if missing.
-    pub fn sub_create(&self, name: &OsStr, mode: u32) -> io::Result<Dir> {
+    pub(crate) fn sub_create(&self, name: &OsStr, mode: u32) -> io::Result<Dir> {
         let c = cstr(name)?;
-        // SAFETY: valid descriptor and C string.
-        let rc = unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), mode as libc::mode_t) };
-        match check(rc) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
+        let mode = Mode::from_raw_mode(mode as rustix::fs::RawMode);
+        match rustix::fs::mkdirat(&self.fd, c.as_c_str(), mode) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
         }
         self.sub(name)
     }
 }
 
-/// Reads `file` whole, refusing more than `MAX_READ` bytes.
-pub fn read_bounded(file: &mut File, path: &Path) -> io::Result<Vec<u8>> {
+/// Reads `file` whole, refusing more than `MAX_READ` bytes (a read a signal
+/// interrupted is tried again: `read_to_end` does).
+pub(crate) fn read_bounded(file: &mut File, path: &Path) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     file.take(MAX_READ + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > MAX_READ {
@@ -429,7 +425,7 @@ pub fn read_bounded(file: &mut File, path: &Path) -> io::Result<Vec<u8>> {
 
 impl Kind {
     /// What a message says the thing is.
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Kind::Dir => "a folder",
             Kind::Symlink => "a symbolic link (not followed)",
@@ -451,13 +447,13 @@ fn not_regular(path: &Path, kind: Kind) -> io::Error {
 }
 
 fn explain_dir(path: &Path, e: io::Error) -> io::Error {
-    match e.raw_os_error() {
-        Some(libc::ELOOP) => io::Error::new(
+    match errno(&e) {
+        Some(Errno::LOOP) => io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!("{} is a symbolic link; it is not followed", path.display()),
         ),
         // O_DIRECTORY|O_NOFOLLOW on a link says ENOTDIR: tell the two apart.
-        Some(libc::ENOTDIR)
+        Some(Errno::NOTDIR)
             if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) =>
         {
             io::Error::new(
@@ -465,7 +461,7 @@ fn explain_dir(path: &Path, e: io::Error) -> io::Error {
                 format!("{} is a symbolic link; it is not followed", path.display()),
             )
         }
-        Some(libc::ENOTDIR) => io::Error::new(
+        Some(Errno::NOTDIR) => io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{} is not a folder", path.display()),
         ),
@@ -473,40 +469,22 @@ fn explain_dir(path: &Path, e: io::Error) -> io::Error {
     }
 }
 
-/// renameat2(2) by its system call: glibc has a wrapper only from 2.28, and
-/// the wheel must load on glibc 2.17 (one missing symbol and the module fails
-/// to import there).
+/// renameat2(2), which rustix calls by its system call number: glibc has a
+/// wrapper only from 2.28, and the wheel must load on glibc 2.17.
 fn renameat2(
-    from_dir: RawFd,
-    from: &std::ffi::CStr,
-    to_dir: RawFd,
-    to: &std::ffi::CStr,
-    flags: libc::c_uint,
+    from_dir: &Dir,
+    from: &CStr,
+    to_dir: &Dir,
+    to: &CStr,
+    flags: RenameFlags,
 ) -> io::Result<()> {
-    // SAFETY: valid descriptors and C strings; the kernel checks the rest.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            from_dir,
-            from.as_ptr(),
-            to_dir,
-            to.as_ptr(),
-            flags,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn set_blocking(fd: RawFd) -> io::Result<()> {
-    // F_SETFL sets only O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME and
-    // O_NONBLOCK, and `open_file` asks for none but the last: clearing them
-    // all needs no F_GETFL first.
-    // SAFETY: fcntl on a descriptor we own.
-    check(unsafe { libc::fcntl(fd, libc::F_SETFL, 0) }).map(drop)
+    Ok(rustix::fs::renameat_with(
+        &from_dir.fd,
+        from,
+        &to_dir.fd,
+        to,
+        flags,
+    )?)
 }
 
 #[cfg(test)]
@@ -546,8 +524,14 @@ mod tests {
         let dir = Dir::open(tmp.path()).unwrap();
         fs::write(tmp.path().join("victim"), b"secret").unwrap();
         symlink(tmp.path().join("victim"), tmp.path().join("link")).unwrap();
-        let c = CString::new(tmp.path().join("fifo").as_os_str().as_bytes()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        rustix::fs::mknodat(
+            &dir.fd,
+            "fifo",
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
         fs::create_dir(tmp.path().join("sub")).unwrap();
         for name in ["link", "fifo", "sub"] {
             for how in [Open::Read, Open::ReadWriteCreate(0o600)] {
@@ -570,6 +554,28 @@ mod tests {
         assert!(err.to_string().contains("symbolic link"), "{err}");
         let parent = Dir::open(tmp.path()).unwrap();
         assert!(parent.sub(OsStr::new("alias")).is_err());
+    }
+
+    #[test]
+    fn an_interrupted_call_is_tried_again_a_bounded_number_of_times() {
+        let mut calls = 0;
+        let value = retry_eintr(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(Errno::INTR)
+            } else {
+                Ok(7)
+            }
+        });
+        assert_eq!((value.unwrap(), calls), (7, 3));
+        let mut calls = 0;
+        let err = retry_eintr(|| -> rustix::io::Result<()> {
+            calls += 1;
+            Err(Errno::INTR)
+        })
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+        assert_eq!(calls, EINTR_RETRIES + 1);
     }
 
     #[test]

@@ -17,15 +17,17 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::dir::Dir;
+use rustix::io::Errno;
+
+use super::dir::{errno, Dir};
 use super::lock::{open_lock_file, read_generation, stale, wait_for, write_generation};
+use crate::sys::{set_range_lock, RangeLock};
 
 /// The lock file's name in a state folder.
-pub const FOLDER_LOCK: &str = ".dynamic_port_manager.lock";
+pub(crate) const FOLDER_LOCK: &str = ".dynamic_port_manager.lock";
 
 /// Slots in `FOLDER_LOCK`. Two names sharing a slot share its lock and
 /// counter: their saves take turns, and each makes the other's managers
@@ -34,7 +36,7 @@ const SLOTS: u64 = 4096;
 
 /// The slot of the state file `name` in `FOLDER_LOCK`, as a byte offset
 /// (FNV-1a of the name: the same in every process, version and build).
-pub fn counter_slot(name: &OsStr) -> u64 {
+pub(crate) fn counter_slot(name: &OsStr) -> u64 {
     use std::os::unix::ffi::OsStrExt;
     let hash = name
         .as_bytes()
@@ -48,7 +50,7 @@ pub fn counter_slot(name: &OsStr) -> u64 {
 /// This process's descriptor of a folder's lock file, reopened after a fork
 /// or when the name no longer names it (as `LockFile`).
 #[derive(Default)]
-pub struct FolderLock {
+pub(crate) struct FolderLock {
     held: Option<Held>,
 }
 
@@ -64,6 +66,7 @@ struct Held {
 /// A state file's slot, locked until dropped. It shares the descriptor (not
 /// a borrow of the `FolderLock`), so a caller can take the lock before it
 /// changes anything else and keep it while it does.
+/// (`pub` only because `FileView`'s public methods name it.)
 pub struct SlotGuard {
     file: Arc<File>,
     offset: u64,
@@ -79,7 +82,7 @@ impl FolderLock {
     /// (made if missing, never through a link), waiting at most `wait`; an
     /// `interruptible` wait gives up when the thread's interrupt check says
     /// so (see `lock::with_interrupt_check`).
-    pub fn acquire(
+    pub(crate) fn acquire(
         &mut self,
         dir: &Dir,
         offset: u64,
@@ -91,11 +94,9 @@ impl FolderLock {
             let file = self.open(dir)?;
             let left = deadline.saturating_duration_since(Instant::now());
             wait_for(left, interruptible, || {
-                match set_lock(&file, libc::F_WRLCK, offset) {
+                match set_range_lock(&*file, RangeLock::Write, offset, 8) {
                     Ok(()) => Ok(Some(())),
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
-                        Ok(None)
-                    }
+                    Err(e) if matches!(errno(&e), Some(Errno::AGAIN | Errno::ACCESS)) => Ok(None),
                     Err(e) => Err(e),
                 }
             })?;
@@ -115,7 +116,7 @@ impl FolderLock {
     }
 
     /// The uid that owns the lock file, when it is not this process's user.
-    pub fn foreign_owner(&self) -> Option<u32> {
+    pub(crate) fn foreign_owner(&self) -> Option<u32> {
         let uid = self.held.as_ref()?.uid;
         (uid != crate::fsutil::effective_uid()).then_some(uid)
     }
@@ -147,36 +148,18 @@ impl FolderLock {
 
 impl SlotGuard {
     /// The file's change counter (0 if never written).
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         read_generation(&self.file, self.offset)
     }
 
-    pub fn set_generation(&self, generation: u64) -> io::Result<()> {
+    pub(crate) fn set_generation(&self, generation: u64) -> io::Result<()> {
         write_generation(&self.file, self.offset, generation)
     }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        let _ = set_lock(&self.file, libc::F_UNLCK, self.offset);
-    }
-}
-
-/// Sets (`F_WRLCK`) or clears (`F_UNLCK`) this descriptor's lock of the 8
-/// bytes at `offset`, without waiting.
-fn set_lock(file: &File, kind: libc::c_int, offset: u64) -> io::Result<()> {
-    // SAFETY: a zeroed `flock` is valid; the fields are set below.
-    let mut range: libc::flock = unsafe { std::mem::zeroed() };
-    range.l_type = kind as libc::c_short;
-    range.l_whence = libc::SEEK_SET as libc::c_short;
-    range.l_start = offset as libc::off_t;
-    range.l_len = 8;
-    // SAFETY: fcntl on a descriptor we own, with a valid `flock`.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &range) };
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
+        let _ = set_range_lock(&*self.file, RangeLock::Unlock, self.offset, 8);
     }
 }
 

@@ -15,7 +15,7 @@ use super::dir::{Dir, Open, Stat};
 /// process holds. Locks are held for microseconds; one held this long belongs
 /// to a process that is stopped or stuck, and an error says so instead of a
 /// pick that never returns.
-pub const LOCK_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// How often a lock wait asks whether the caller was interrupted (Ctrl-C).
 const INTERRUPT_CHECK: Duration = Duration::from_millis(100);
@@ -31,7 +31,7 @@ thread_local! {
 /// Runs `f` with interruptible lock waits on this thread polling
 /// `interrupted` every 100 ms; a wait it answers `true` for fails with
 /// `ErrorKind::Interrupted`.
-pub fn with_interrupt_check<R>(interrupted: fn() -> bool, f: impl FnOnce() -> R) -> R {
+pub(crate) fn with_interrupt_check<R>(interrupted: fn() -> bool, f: impl FnOnce() -> R) -> R {
     let before = INTERRUPT.with(|c| c.replace(Some(interrupted)));
     let result = f();
     INTERRUPT.with(|c| c.set(before));
@@ -39,7 +39,7 @@ pub fn with_interrupt_check<R>(interrupted: fn() -> bool, f: impl FnOnce() -> R)
 }
 
 /// Runs `f` with every lock wait of this thread limited to `cap`.
-pub fn with_wait_cap<R>(cap: Duration, f: impl FnOnce() -> R) -> R {
+pub(crate) fn with_wait_cap<R>(cap: Duration, f: impl FnOnce() -> R) -> R {
     let before = WAIT_CAP.with(|c| c.replace(Some(cap)));
     let result = f();
     WAIT_CAP.with(|c| c.set(before));
@@ -47,22 +47,29 @@ pub fn with_wait_cap<R>(cap: Duration, f: impl FnOnce() -> R) -> R {
 }
 
 /// Takes `lock` exclusively, waiting at most `wait` (see `wait_for`).
-pub fn lock_within(
+///
+/// The wait holds no guard across tries (a guard returned from inside the
+/// loop would keep `lock` borrowed for all of them): a try that succeeds
+/// keeps its flock and forgets its guard (which owns nothing else), and the
+/// guard returned is taken afterwards on a lock this descriptor already
+/// holds, which nothing else can then hold (flock belongs to the open file
+/// description; taking it again there succeeds at once). Should that fail
+/// anyway (ENOLCK), the lock stays held until this descriptor's next
+/// `acquire` hands out a guard for it, or it is closed.
+fn lock_within(
     lock: &mut fd_lock::RwLock<File>,
     wait: Duration,
     interruptible: bool,
 ) -> io::Result<fd_lock::RwLockWriteGuard<'_, File>> {
-    let lock: *mut fd_lock::RwLock<File> = lock;
-    wait_for(wait, interruptible, || {
-        // SAFETY: each attempt's borrow ends before the next one starts; the
-        // pointer only works around the borrow checker's conditional-return
-        // limitation (a returned guard keeps the borrow, others end at once).
-        match unsafe { &mut *lock }.try_write() {
-            Ok(guard) => Ok(Some(guard)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
+    wait_for(wait, interruptible, || match lock.try_write() {
+        Ok(guard) => {
+            std::mem::forget(guard);
+            Ok(Some(()))
         }
-    })
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    })?;
+    lock.try_write()
 }
 
 /// Retries `attempt` (`None`: the lock is held elsewhere) until it succeeds,
@@ -122,7 +129,7 @@ pub(super) fn wait_for<G>(
 /// (a /tmp cleaner deleted it), we open the new one, or processes locking the
 /// old inode and the new one would not exclude each other. The registry's
 /// (state files lock a slot of their folder's, `folder_lock.rs`).
-pub struct LockFile {
+pub(crate) struct LockFile {
     /// Its name in the folder passed to `acquire`.
     name: OsString,
     /// `None` until it could be opened (a read-only folder, say).
@@ -136,15 +143,11 @@ struct HeldLock {
 }
 
 impl LockFile {
-    pub fn new(name: impl Into<OsString>) -> LockFile {
+    pub(crate) fn new(name: impl Into<OsString>) -> LockFile {
         LockFile {
             name: name.into(),
             held: None,
         }
-    }
-
-    pub fn name(&self) -> &OsStr {
-        &self.name
     }
 
     /// Takes the lock (the file `name` in `dir`, created if missing, never
@@ -153,7 +156,7 @@ impl LockFile {
     /// under the old one is not to be trusted. An `interruptible` wait gives
     /// up when the thread's interrupt check says so (see `with_interrupt_check`):
     /// only for waits before anything was changed.
-    pub fn acquire(
+    pub(crate) fn acquire(
         &mut self,
         dir: &Dir,
         wait: Duration,
@@ -218,7 +221,7 @@ pub(super) fn open_lock_file(
 /// file, so "same counter and same `FileId`" means "unchanged" even when the
 /// file system reuses an inode within one timestamp tick. A short or
 /// unreadable lock file reads as 0: the caller then re-reads, which is safe.
-pub fn read_generation(lock: &File, offset: u64) -> u64 {
+pub(crate) fn read_generation(lock: &File, offset: u64) -> u64 {
     let mut bytes = [0u8; 8];
     match lock.read_exact_at(&mut bytes, offset) {
         Ok(()) => u64::from_le_bytes(bytes),
@@ -226,7 +229,7 @@ pub fn read_generation(lock: &File, offset: u64) -> u64 {
     }
 }
 
-pub fn write_generation(lock: &File, offset: u64, generation: u64) -> io::Result<()> {
+pub(crate) fn write_generation(lock: &File, offset: u64, generation: u64) -> io::Result<()> {
     lock.write_all_at(&generation.to_le_bytes(), offset)
 }
 

@@ -8,18 +8,19 @@ mod folder_lock;
 mod lock;
 mod watch;
 
-pub use dir::{read_bounded, Dir, Kind, Open, Stat, MAX_READ};
-pub use folder_lock::{counter_slot, FolderLock, SlotGuard, FOLDER_LOCK};
-pub use lock::{
-    lock_within, read_generation, with_interrupt_check, with_wait_cap, write_generation, LockFile,
-    LOCK_WAIT,
-};
-pub use watch::{added, names_where, sweep, OwnChange};
+pub(crate) use dir::{errno, Dir, Kind, Open, Stat, MAX_READ};
+pub(crate) use folder_lock::{counter_slot, FolderLock, SlotGuard, FOLDER_LOCK};
+#[cfg(test)]
+pub(crate) use lock::read_generation;
+pub(crate) use lock::{with_interrupt_check, with_wait_cap, LockFile, LOCK_WAIT};
+pub(crate) use watch::{added, names_where, sweep, OwnChange};
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
+
+use rustix::io::Errno;
 
 /// Enough of a file's metadata to tell "the file I read before" from "a file
 /// someone has written since". Every save is a rename of a new inode, so the
@@ -27,7 +28,7 @@ use std::os::unix::ffi::OsStrExt;
 /// Not ctime: taking a backup hard-links the file, which changes its ctime
 /// but not its content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileId {
+pub(crate) struct FileId {
     dev: u64,
     ino: u64,
     size: u64,
@@ -35,7 +36,7 @@ pub struct FileId {
 }
 
 impl FileId {
-    pub fn from_stat(st: &Stat) -> FileId {
+    pub(crate) fn from_stat(st: &Stat) -> FileId {
         FileId {
             dev: st.dev,
             ino: st.ino,
@@ -48,7 +49,7 @@ impl FileId {
 /// `name` as text, losing nothing: UTF-8 as it is, and if it is not all
 /// UTF-8, each other byte as `%XX` and `%` as `%25`. Names that differ only in
 /// such bytes stay different (where `to_string_lossy` would make both `\u{FFFD}`).
-pub fn printable(name: &OsStr) -> String {
+pub(crate) fn printable(name: &OsStr) -> String {
     match name.to_str() {
         Some(text) => text.to_string(),
         None => {
@@ -64,26 +65,94 @@ pub fn printable(name: &OsStr) -> String {
     }
 }
 
-/// The name of the temporary file a save of `name` by process `pid` writes.
-pub fn temp_name(name: &OsStr, pid: u32) -> OsString {
+/// Letters (never digits, so that it cannot be read as the pid of the older
+/// form) in the random part of a temporary file's name: 12 of 26, 56 bits.
+const RANDOM_LEN: usize = 12;
+
+/// How many new names a save tries for its temporary file when the name it
+/// drew is taken (by a file planted there, or an astronomical coincidence).
+const TEMP_TRIES: usize = 8;
+
+/// The name of a temporary file a save of `name` by process `pid` writes:
+/// `.<name>.<pid>.<random>.tmp`, which no other user can guess, so none can
+/// plant a FIFO or a link at it beforehand. `random` is `RANDOM_LEN` letters.
+pub(crate) fn temp_name(name: &OsStr, pid: u32, random: &str) -> OsString {
     let mut tmp = OsString::from(".");
     tmp.push(name);
-    tmp.push(format!(".{pid}.tmp"));
+    tmp.push(format!(".{pid}.{random}.tmp"));
     tmp
 }
 
-/// The state file's name and the saver's pid in a temporary file's name (see
-/// `temp_name`), if it is one.
-pub fn temp_of(candidate: &OsStr) -> Option<(&OsStr, u32)> {
+/// `RANDOM_LEN` random letters, from the kernel (getrandom, by its system
+/// call) or, where it has none (before Linux 3.17), from std's hasher keys,
+/// which are drawn from the kernel's randomness once per thread.
+fn random_letters() -> String {
+    let mut bytes = [0u8; RANDOM_LEN];
+    let from_kernel = matches!(
+        rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::NONBLOCK),
+        Ok(n) if n == RANDOM_LEN
+    );
+    if !from_kernel {
+        use std::hash::{BuildHasher, Hasher};
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u64(calls);
+            hasher.write_usize(i);
+            let hash = hasher.finish().to_le_bytes();
+            chunk.copy_from_slice(&hash[..chunk.len()]);
+        }
+    }
+    bytes.iter().map(|b| char::from(b'a' + b % 26)).collect()
+}
+
+/// The state file's name and the saver's pid in a temporary file's name, if
+/// it is one: `.<name>.<pid>.<random>.tmp` (`temp_name`), or the older
+/// `.<name>.<pid>.tmp` that earlier versions wrote.
+pub(crate) fn temp_of(candidate: &OsStr) -> Option<(&OsStr, u32)> {
     let rest = candidate.as_bytes().strip_prefix(b".")?;
     let rest = rest.strip_suffix(b".tmp")?;
-    let dot = rest.iter().rposition(|&b| b == b'.')?;
-    let (name, pid) = (&rest[..dot], &rest[dot + 1..]);
+    fn split(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+        let dot = bytes.iter().rposition(|&b| b == b'.')?;
+        Some((&bytes[..dot], &bytes[dot + 1..]))
+    }
+    let (mut head, mut last) = split(rest)?;
+    if last.len() == RANDOM_LEN && last.iter().all(u8::is_ascii_lowercase) {
+        (head, last) = split(head)?;
+    }
+    let (name, pid) = (head, last);
     if name.is_empty() || pid.is_empty() || !pid.iter().all(u8::is_ascii_digit) {
         return None;
     }
     let pid = std::str::from_utf8(pid).ok()?.parse().ok()?;
     Some((OsStr::from_bytes(name), pid))
+}
+
+/// A new temporary file for a save of `name` (`temp_name`), made with O_EXCL
+/// (never through anything planted at its name); a name that is taken is
+/// drawn again, `TEMP_TRIES` times at most.
+fn create_temp(dir: &Dir, name: &OsStr) -> io::Result<(OsString, File)> {
+    create_temp_drawing(dir, name, random_letters)
+}
+
+fn create_temp_drawing(
+    dir: &Dir,
+    name: &OsStr,
+    mut draw: impl FnMut() -> String,
+) -> io::Result<(OsString, File)> {
+    let pid = std::process::id();
+    let mut tries = 0;
+    loop {
+        let tmp = temp_name(name, pid, &draw());
+        match dir.open_file(&tmp, Open::CreateNew(0o644)) {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries + 1 < TEMP_TRIES => {
+                tries += 1
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Replaces `name` in `dir` with `bytes` so that no reader ever sees a
@@ -99,25 +168,24 @@ pub fn temp_of(candidate: &OsStr) -> Option<(&OsStr, u32)> {
 /// every inode freed in the last seconds. `reuse` is only taken if it is a
 /// regular file with no other link: it must not be the live state file under
 /// another name.
-pub fn write_atomic(
+pub(crate) fn write_atomic(
     dir: &Dir,
     name: &OsStr,
     bytes: &[u8],
     durable: bool,
     reuse: Option<(&Dir, &OsStr)>,
 ) -> io::Result<Recycled> {
-    // One writer at a time holds the lock, but a process killed between
-    // write and rename leaves its temporary file: ours is named by our pid.
-    let tmp = temp_name(name, std::process::id());
-    let mut recycled = Recycled::No;
+    // A process killed between write and rename leaves its temporary file:
+    // its name carries our pid, so a sweep removes it once we are gone.
+    let recycled_file = reuse.and_then(|(from, old)| {
+        let tmp = temp_name(name, std::process::id(), &random_letters());
+        recycle(from, old, dir, &tmp).map(|file| (tmp, file))
+    });
+    let (recycled, (tmp, mut file)) = match recycled_file {
+        Some(taken) => (Recycled::Yes, taken),
+        None => (Recycled::No, create_temp(dir, name)?),
+    };
     let result = (|| {
-        let mut file = match reuse.and_then(|(from, old)| recycle(from, old, dir, &tmp)) {
-            Some(file) => {
-                recycled = Recycled::Yes;
-                file
-            }
-            None => create_new(dir, &tmp)?,
-        };
         file.write_all(bytes)?;
         // A recycled file is cut to size after the write, not emptied before
         // it: freeing all its blocks first made ext4 (with `discard`) wait
@@ -156,18 +224,18 @@ fn put_in_place(dir: &Dir, tmp: &OsStr, name: &OsStr) -> io::Result<()> {
         Ok(()) => match dir.remove(tmp) {
             // A folder put at `name` since the caller looked: it goes back,
             // as a rename over it would have been refused.
-            Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+            Err(e) if errno(&e) == Some(Errno::ISDIR) => {
                 let _ = dir.exchange(tmp, name);
                 Err(e)
             }
-            // Left at `tmp`: this pid's next save removes it first.
+            // Left at `tmp`: swept as a dead saver's once this process is gone.
             _ => Ok(()),
         },
         // Nothing to exchange with (a new file), or a file system that cannot.
         Err(e)
             if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                errno(&e),
+                Some(Errno::NOENT | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP)
             ) =>
         {
             dir.rename(tmp, dir, name)
@@ -178,21 +246,9 @@ fn put_in_place(dir: &Dir, tmp: &OsStr, name: &OsStr) -> io::Result<()> {
 
 /// Whether `write_atomic` took the file offered for reuse (it is gone then).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recycled {
+pub(crate) enum Recycled {
     Yes,
     No,
-}
-
-/// A new file `name`; a leftover of that name (our pid's, from a process
-/// that had it before; or anything planted there) is removed, not followed.
-fn create_new(dir: &Dir, name: &OsStr) -> io::Result<File> {
-    match dir.open_file(name, Open::CreateNew(0o644)) {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            dir.remove(name)?;
-            dir.open_file(name, Open::CreateNew(0o644))
-        }
-        other => other,
-    }
 }
 
 /// Moves `old` to `tmp` and opens it emptied, if it is a regular file with a
@@ -215,9 +271,8 @@ fn recycle(from: &Dir, old: &OsStr, dir: &Dir, tmp: &OsStr) -> Option<File> {
 }
 
 /// This process's effective user id.
-pub fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+pub(crate) fn effective_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
 }
 
 #[cfg(test)]
@@ -261,8 +316,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let victim = tmp.path().join("victim");
         fs::write(&victim, b"precious").unwrap();
-        let planted = temp_name(n("a.json"), std::process::id());
-        std::os::unix::fs::symlink(&victim, tmp.path().join(&planted)).unwrap();
+        // At the name earlier versions used, and at one of the current form.
+        let pid = std::process::id();
+        for planted in [
+            format!(".a.json.{pid}.tmp"),
+            format!(".a.json.{pid}.abcdefghijkl.tmp"),
+        ] {
+            std::os::unix::fs::symlink(&victim, tmp.path().join(planted)).unwrap();
+        }
         let dir = Dir::open(tmp.path()).unwrap();
         write_atomic(&dir, n("a.json"), b"state", false, None).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
@@ -297,21 +358,75 @@ mod tests {
         fs::write(tmp.path().join("a.json/inside"), b"kept").unwrap();
         fs::write(tmp.path().join(".t"), b"new").unwrap();
         let err = put_in_place(&dir, n(".t"), n("a.json")).unwrap_err();
-        assert!(err.raw_os_error() == Some(libc::EISDIR), "{err}");
+        assert!(errno(&err) == Some(Errno::ISDIR), "{err}");
         assert_eq!(fs::read(tmp.path().join("a.json/inside")).unwrap(), b"kept");
         assert_eq!(fs::read(tmp.path().join(".t")).unwrap(), b"new");
     }
 
     #[test]
-    fn temporary_names_carry_their_pid() {
-        let name = temp_name(n("s.json"), 4242);
-        assert_eq!(name, ".s.json.4242.tmp");
+    fn temporary_names_carry_their_pid_and_are_recognised_in_both_forms() {
+        let name = temp_name(n("s.json"), 4242, "abcdefghijkl");
+        assert_eq!(name, ".s.json.4242.abcdefghijkl.tmp");
         assert_eq!(temp_of(&name), Some((n("s.json"), 4242)));
+        // The form of earlier versions.
+        assert_eq!(temp_of(n(".s.json.4242.tmp")), Some((n("s.json"), 4242)));
         assert_eq!(temp_of(n(".t.json.4242.tmp")), Some((n("t.json"), 4242)));
-        assert_eq!(temp_of(n(".s.json.x.tmp")), None);
-        assert_eq!(temp_of(n(".s.json..tmp")), None);
-        assert_eq!(temp_of(n("..4242.tmp")), None);
-        assert_eq!(temp_of(n("s.json.4242.tmp")), None);
+        // A state file whose name looks like a new-form suffix.
+        assert_eq!(
+            temp_of(n(".x.1.abcdefghijkl.4242.tmp")),
+            Some((n("x.1.abcdefghijkl"), 4242))
+        );
+        for not_ours in [
+            ".s.json.x.tmp",
+            ".s.json..tmp",
+            "..4242.tmp",
+            "s.json.4242.tmp",
+            ".s.json.abcdefghijkl.tmp",
+            ".s.json.4242.abcdefghijk.tmp",
+            ".s.json.4242.ABCDEFGHIJKL.tmp",
+            ".4242.abcdefghijkl.tmp",
+        ] {
+            assert_eq!(temp_of(n(not_ours)), None, "{not_ours}");
+        }
+    }
+
+    #[test]
+    fn temporary_names_differ_between_saves() {
+        let names: std::collections::HashSet<String> = (0..100).map(|_| random_letters()).collect();
+        assert_eq!(names.len(), 100);
+        assert!(names
+            .iter()
+            .all(|r| r.len() == RANDOM_LEN && r.bytes().all(|b| b.is_ascii_lowercase())));
+    }
+
+    #[test]
+    fn a_taken_temporary_name_is_drawn_again_a_few_times() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let pid = std::process::id();
+        let taken = temp_name(n("a.json"), pid, "aaaaaaaaaaaa");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            tmp.path().join(&taken),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let mut draws = ["aaaaaaaaaaaa", "bbbbbbbbbbbb"].into_iter();
+        let draw = || draws.next().unwrap().to_string();
+        let (made, _file) = create_temp_drawing(&dir, n("a.json"), draw).unwrap();
+        assert_eq!(made, temp_name(n("a.json"), pid, "bbbbbbbbbbbb"));
+        let mut draws = 0;
+        let always_taken = || {
+            draws += 1;
+            "aaaaaaaaaaaa".to_string()
+        };
+        let err = create_temp_drawing(&dir, n("a.json"), always_taken).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(draws, TEMP_TRIES);
+        // The FIFO was never opened (that would have blocked) nor removed.
+        assert!(fs::symlink_metadata(tmp.path().join(&taken)).is_ok());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::per_process::PerProcess;
 
 /// A folder's identity and its times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DirStamp {
+pub(crate) struct DirStamp {
     dev: u64,
     ino: u64,
     mtime_ns: i64,
@@ -57,7 +57,7 @@ fn table() -> MutexGuard<'static, HashMap<(u64, u64), Known>> {
 
 impl Dir {
     /// The folder's identity and times, from its descriptor.
-    pub fn stamp(&self) -> io::Result<DirStamp> {
+    pub(crate) fn stamp(&self) -> io::Result<DirStamp> {
         let st = self.stat_self()?;
         Ok(DirStamp {
             dev: st.dev,
@@ -70,7 +70,7 @@ impl Dir {
 
 /// The folder's names that `wanted` accepts: from what this process knows
 /// while the folder is unchanged, else listed afresh (and kept).
-pub fn names_where(dir: &Dir, wanted: impl Fn(&OsStr) -> bool) -> io::Result<Vec<OsString>> {
+pub(crate) fn names_where(dir: &Dir, wanted: impl Fn(&OsStr) -> bool) -> io::Result<Vec<OsString>> {
     let now = dir.stamp()?;
     if let Some(Known {
         names: Some(names), ..
@@ -100,7 +100,7 @@ pub fn names_where(dir: &Dir, wanted: impl Fn(&OsStr) -> bool) -> io::Result<Vec
 /// Hands the folder's names to `remove` (which removes what it should and
 /// returns what it removed), unless `always` is false and the folder has not
 /// changed since this process last did so.
-pub fn sweep(
+pub(crate) fn sweep(
     dir: &Dir,
     always: bool,
     remove: impl FnOnce(&[OsString]) -> Vec<OsString>,
@@ -135,12 +135,12 @@ pub fn sweep(
 }
 
 /// A change this process is about to make in a folder (see the module's text).
-pub struct OwnChange {
+pub(crate) struct OwnChange {
     before: Option<DirStamp>,
 }
 
 impl OwnChange {
-    pub fn begin(dir: &Dir) -> OwnChange {
+    pub(crate) fn begin(dir: &Dir) -> OwnChange {
         OwnChange {
             before: dir.stamp().ok(),
         }
@@ -148,7 +148,7 @@ impl OwnChange {
 
     /// The change is made: `edit` applies it to the names, if they are
     /// known, and returns false if it cannot (they are then forgotten).
-    pub fn end(self, dir: &Dir, edit: impl FnOnce(&mut Vec<OsString>) -> bool) {
+    pub(crate) fn end(self, dir: &Dir, edit: impl FnOnce(&mut Vec<OsString>) -> bool) {
         let Some(before) = self.before else {
             return;
         };
@@ -175,7 +175,7 @@ impl OwnChange {
 }
 
 /// For `OwnChange::end`: `name` was made.
-pub fn added(name: &OsStr) -> impl FnOnce(&mut Vec<OsString>) -> bool + '_ {
+pub(crate) fn added(name: &OsStr) -> impl FnOnce(&mut Vec<OsString>) -> bool + '_ {
     move |names| {
         if !names.iter().any(|n| n == name) {
             names.push(name.to_os_string());

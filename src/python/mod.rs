@@ -78,10 +78,9 @@ fn to_py_err(error: Error) -> PyErr {
 static EXIT_THREAD: AtomicU64 = AtomicU64::new(0);
 
 fn this_thread() -> u64 {
-    // By its system call: glibc's wrapper is from 2.30, and the wheel must
-    // load on glibc 2.17 (one missing symbol and the module fails to import).
-    // SAFETY: gettid takes no argument and cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as u64 }
+    // rustix makes the system call: glibc's wrapper is from 2.30, and the wheel
+    // must load on glibc 2.17 (one missing symbol and the module fails to import).
+    rustix::thread::gettid().as_raw_nonzero().get() as u64
 }
 
 fn may_enter_python() -> bool {
