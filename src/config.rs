@@ -24,6 +24,8 @@ pub struct Config {
     pub console_log: ConsoleLog,
     /// Never hand out the ports web browsers refuse to open.
     pub skip_unsafe: bool,
+    /// The name clients look the service up by (see `service_name`).
+    pub service: String,
 }
 
 /// The raw arguments, as wide as any caller may pass them, before checking.
@@ -39,6 +41,8 @@ pub struct Args {
     pub registry_dir: Option<PathBuf>,
     pub console_log: ConsoleLog,
     pub skip_unsafe: bool,
+    /// None: derived from the state file's name (`service_of_path`).
+    pub service: Option<String>,
 }
 
 impl Default for Args {
@@ -54,6 +58,7 @@ impl Default for Args {
             registry_dir: None,
             console_log: ConsoleLog::Auto,
             skip_unsafe: true,
+            service: None,
         }
     }
 }
@@ -114,6 +119,56 @@ pub fn path(argument: &'static str, path: PathBuf) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The longest service name (a DNS label's length).
+pub const MAX_SERVICE_LEN: usize = 63;
+
+fn service_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// A service name: 1 to 63 of `A-Z a-z 0-9 . _ -`, starting with a letter or
+/// digit (so it is one path segment of a key or URL, never `..` or hidden).
+pub fn service_name(argument: &'static str, name: &str) -> Result<String> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first_ok || !chars.all(service_char) || name.len() > MAX_SERVICE_LEN {
+        return Err(Error::invalid(
+            argument,
+            format!(
+                "must be 1 to {MAX_SERVICE_LEN} characters of A-Z, a-z, 0-9, '.', '_' and '-', \
+                 starting with a letter or digit, got {name:?}"
+            ),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// The service name a state file implies, as the original named its files:
+/// `dynamic_ports_orders.json` is `orders`, any other file its stem. Characters
+/// a name may not have become `_`, leading `.`/`_`/`-` are dropped, and it is
+/// cut to 63 characters; `dynamic_ports` where nothing is left.
+pub fn service_of_path(path: &std::path::Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = match stem.strip_prefix("dynamic_ports_") {
+        Some(rest) if !rest.is_empty() => rest.to_string(),
+        _ => stem,
+    };
+    let cleaned: String = stem
+        .chars()
+        .map(|c| if service_char(c) { c } else { '_' })
+        .skip_while(|c| !c.is_ascii_alphanumeric())
+        .take(MAX_SERVICE_LEN)
+        .collect();
+    if cleaned.is_empty() {
+        "dynamic_ports".to_string()
+    } else {
+        cleaned
+    }
+}
+
 fn count(argument: &'static str, value: i64) -> Result<usize> {
     usize::try_from(value)
         .map_err(|_| Error::invalid(argument, format!("must be 0 or more, got {value}")))
@@ -151,6 +206,10 @@ impl Args {
                 format!("must name a file, got {json_path:?}"),
             ));
         }
+        let service = match &self.service {
+            Some(name) => service_name("service", name)?,
+            None => service_of_path(&json_path),
+        };
         Ok(Config {
             start,
             end,
@@ -162,6 +221,7 @@ impl Args {
             registry_dir,
             console_log: self.console_log,
             skip_unsafe: self.skip_unsafe,
+            service,
         })
     }
 }
@@ -292,6 +352,38 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .starts_with("port:"));
+        }
+    }
+
+    #[test]
+    fn the_service_name_is_given_or_comes_from_the_state_file() {
+        let named = |path: &str| service_of_path(std::path::Path::new(path));
+        assert_eq!(
+            named("utils/port_state/dynamic_ports_orders.json"),
+            "orders"
+        );
+        assert_eq!(
+            named("utils/port_state/dynamic_ports.json"),
+            "dynamic_ports"
+        );
+        assert_eq!(named("/srv/billing.json"), "billing");
+        assert_eq!(named("/srv/.my ports!.json"), "my_ports_");
+        assert_eq!(named("/srv/....json"), "dynamic_ports");
+        assert_eq!(named(&format!("{}.json", "x".repeat(100))).len(), 63);
+        let c = Args {
+            service: Some("orders-v2.eu_1".into()),
+            ..Args::default()
+        }
+        .check()
+        .unwrap();
+        assert_eq!(c.service, "orders-v2.eu_1");
+        for bad in ["", "-x", ".x", "a/b", "a b", "ä", &"x".repeat(64)] {
+            let message = err(Args {
+                service: Some(bad.into()),
+                ..Args::default()
+            });
+            assert!(message.starts_with("service:"), "{message}");
+            assert!(message.contains("A-Z, a-z, 0-9"), "{message}");
         }
     }
 

@@ -1,6 +1,7 @@
-//! Everything the manager reports: one `Event` per happening, turned into a
-//! `tracing` record (which the binding routes to Python's `logging`), the
-//! original module's coloured console line on stderr, and the JSON line for ELK.
+//! Everything the manager reports: one `Event` per happening, handed to the
+//! process's `Output` (the Python binding makes each a `logging` record with
+//! the event's fields), the original module's coloured console line on
+//! stderr, and the ECS JSON line of `log_json()`.
 //!
 //! Events are collected while the manager's locks are held and emitted only
 //! after they are released: emitting may call into Python, which needs the
@@ -50,6 +51,15 @@ impl Kind {
         matches!(self, Kind::Error | Kind::Recover)
     }
 
+    /// The level of the event's log record.
+    pub fn level(self) -> Level {
+        match self {
+            k if k.is_error() => Level::Error,
+            Kind::Warning => Level::Warning,
+            _ => Level::Info,
+        }
+    }
+
     /// ANSI colour of the event name on a terminal.
     fn colour(self) -> &'static str {
         match self {
@@ -64,6 +74,36 @@ impl Kind {
     }
 }
 
+/// The level of an event's log record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warning,
+    Error,
+}
+
+impl Level {
+    /// The number Python's `logging` (and syslog-like tools) use.
+    pub fn number(self) -> u8 {
+        match self {
+            Level::Info => 20,
+            Level::Warning => 30,
+            Level::Error => 40,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Info => "info",
+            Level::Warning => "warning",
+            Level::Error => "error",
+        }
+    }
+}
+
+/// The ECS version `log_json()` follows.
+pub const ECS_VERSION: &str = "8.11.0";
+
 /// One happening, with the numbers the console line shows.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -74,6 +114,22 @@ pub struct Event {
     pub used: PortSummary,
     pub note: String,
     pub state_file: String,
+    /// The port the event is about: picked, released, reclaimed, given back
+    /// at stop (None for the others).
+    pub port: Option<u16>,
+    /// For a pick that moved the active port: the port it replaced.
+    pub prev: Option<u16>,
+    /// The process the event is about: the lease's holder for a pick or a
+    /// reclaim, this process otherwise.
+    pub pid: u32,
+}
+
+/// Where a log line comes from: the caller's source line (`log.origin.*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub file: String,
+    pub line: u32,
+    pub function: String,
 }
 
 /// A list of ports as the console line shows it: `[8001...8020](20)`.
@@ -153,7 +209,7 @@ pub fn escape_controls(text: &str) -> Cow<'_, str> {
 /// which `str.splitlines()` and some log shippers take as line ends. They can
 /// only occur inside strings, where `\uXXXX` is the same character.
 pub fn json_line(value: &serde_json::Value) -> String {
-    let text = value.to_string();
+    let text = ordered(value);
     if !text.chars().any(is_hidden) {
         return text;
     }
@@ -165,6 +221,32 @@ pub fn json_line(value: &serde_json::Value) -> String {
             out.push(c);
         }
     }
+    out
+}
+
+/// Keys an object's text starts with, as ECS logging libraries write them
+/// (the rest follow in name order).
+const LEADING_KEYS: [&str; 4] = ["@timestamp", "log.level", "message", "ecs.version"];
+
+/// `value` as JSON text, an object's `LEADING_KEYS` first.
+fn ordered(value: &serde_json::Value) -> String {
+    let Some(object) = value.as_object() else {
+        return value.to_string();
+    };
+    let lead = LEADING_KEYS.iter().filter_map(|k| object.get_key_value(*k));
+    let rest = object
+        .iter()
+        .filter(|(k, _)| !LEADING_KEYS.contains(&k.as_str()));
+    let mut out = String::from("{");
+    for (i, (key, item)) in lead.chain(rest).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out += &serde_json::Value::from(key.as_str()).to_string();
+        out.push(':');
+        out += &item.to_string();
+    }
+    out.push('}');
     out
 }
 
@@ -205,58 +287,97 @@ impl Event {
         )
     }
 
-    /// One ELK-friendly JSON object (ECS field names where one exists).
-    pub fn json(&self) -> serde_json::Value {
+    /// The port the event is about (see `Event::port`).
+    pub fn with_port(mut self, port: Option<u16>) -> Event {
+        self.port = port;
+        self
+    }
+
+    /// The port a pick replaced (see `Event::prev`).
+    pub fn with_prev(mut self, prev: Option<u16>) -> Event {
+        self.prev = prev;
+        self
+    }
+
+    /// The process the event is about (see `Event::pid`).
+    pub fn with_pid(mut self, pid: u32) -> Event {
+        self.pid = pid;
+        self
+    }
+
+    /// The event's name in fields: `pick`, `release`, ...
+    pub fn name(&self) -> String {
+        self.kind.name().to_ascii_lowercase()
+    }
+
+    /// One ECS document (flat, dotted keys): ECS fields at the top level,
+    /// the package's own under `dpm.`. `origin` is the caller's source line.
+    pub fn json(&self, origin: &Origin) -> serde_json::Value {
         json!({
             "@timestamp": self.time.iso,
-            "log.level": if self.kind.is_error() { "error" } else { "info" },
-            "log.logger": "dynamic_port_manager",
-            "event.action": self.kind.name().to_lowercase(),
+            "log.level": self.kind.level().name(),
             "message": self.note,
-            "jalali_time": self.time.jalali,
-            "active_port": self.active,
-            "free_count": self.free.count,
-            "used_count": self.used.count,
-            "state_file": self.state_file,
+            "ecs.version": ECS_VERSION,
+            "log.logger": LOGGER,
+            "log.origin.file.name": origin.file,
+            "log.origin.file.line": origin.line,
+            "log.origin.function": origin.function,
+            "process.pid": std::process::id(),
+            "event.action": self.name(),
+            "dpm.event": self.name(),
+            "dpm.port": self.port,
+            "dpm.prev": self.prev,
+            "dpm.pid": self.pid,
+            "dpm.jalali_time": self.time.jalali,
+            "dpm.active_port": self.active,
+            "dpm.free_count": self.free.count,
+            "dpm.used_count": self.used.count,
+            "dpm.state_file": self.state_file,
         })
     }
 }
 
-/// Where console lines are written. The default is the process's stderr;
-/// the Python binding installs one that writes through `sys.stderr`, so
-/// redirection and capture work and a closed fd 2 is never written to.
-pub trait Console: Send + Sync {
-    /// Writes one line; `render(colour)` makes it, `colour` being whether the
-    /// destination is a terminal (NO_COLOR is applied by the caller).
-    fn write_line(&self, render: &dyn Fn(bool) -> String);
+/// The name of the `logging` logger (and `log.logger`) of every event.
+pub const LOGGER: &str = "dynamic_port_manager";
 
-    /// Does the host program show log records itself (has it configured its
-    /// logging)? Then `ConsoleLog::Auto` leaves the event to the record.
-    fn host_shows_records(&self) -> bool {
-        false
-    }
+/// Where events go: the host's logging, and the console line. The default
+/// (a program without Python) prints the console line on the process's
+/// stderr; the Python binding installs one that makes each event a `logging`
+/// record and writes the line through `sys.stderr`, so redirection and
+/// capture work and a closed fd 2 is never written to.
+pub trait Output: Send + Sync {
+    /// Reports `events` (in order); `console` says when their console lines
+    /// are printed (`render(event, colour)` makes one, `colour` being whether
+    /// the destination is a terminal, NO_COLOR applied).
+    fn emit(&self, events: &[Event], console: ConsoleLog);
 }
 
 struct ProcessStderr;
 
-impl Console for ProcessStderr {
-    fn write_line(&self, render: &dyn Fn(bool) -> String) {
+impl Output for ProcessStderr {
+    fn emit(&self, events: &[Event], console: ConsoleLog) {
+        if console == ConsoleLog::Off {
+            return;
+        }
         let stderr = std::io::stderr();
-        let line = render(stderr.is_terminal());
-        // A closed or full stderr must never take the host program down.
-        let _ = writeln!(stderr.lock(), "{line}");
+        let colour = use_colour(stderr.is_terminal());
+        let mut out = stderr.lock();
+        for event in events {
+            // A closed or full stderr must never take the host program down.
+            let _ = writeln!(out, "{}", event.console_line(colour));
+        }
     }
 }
 
-static CONSOLE: OnceLock<Box<dyn Console>> = OnceLock::new();
+static OUTPUT: OnceLock<Box<dyn Output>> = OnceLock::new();
 
-/// Sets where console lines go, once per process (later calls are ignored).
-pub fn set_console(console: Box<dyn Console>) {
-    let _ = CONSOLE.set(console);
+/// Sets where events go, once per process (later calls are ignored).
+pub fn set_output(output: Box<dyn Output>) {
+    let _ = OUTPUT.set(output);
 }
 
-fn console() -> &'static dyn Console {
-    CONSOLE.get().map_or(&ProcessStderr, |c| c.as_ref())
+fn output() -> &'static dyn Output {
+    OUTPUT.get().map_or(&ProcessStderr, |c| c.as_ref())
 }
 
 /// When the console line is printed. Each event also becomes a log record;
@@ -281,27 +402,8 @@ pub struct Sink {
 
 impl Sink {
     pub fn emit(&self, events: &[Event]) {
-        for event in events {
-            self.emit_one(event);
-        }
-    }
-
-    fn emit_one(&self, event: &Event) {
-        let message = event.log_message();
-        if event.kind.is_error() {
-            tracing::error!(target: "dynamic_port_manager", "{message}");
-        } else if event.kind == Kind::Warning {
-            tracing::warn!(target: "dynamic_port_manager", "{message}");
-        } else {
-            tracing::info!(target: "dynamic_port_manager", "{message}");
-        }
-        let print = match self.console {
-            ConsoleLog::On => true,
-            ConsoleLog::Off => false,
-            ConsoleLog::Auto => !console().host_shows_records(),
-        };
-        if print {
-            console().write_line(&|terminal| event.console_line(use_colour(terminal)));
+        if !events.is_empty() {
+            output().emit(events, self.console);
         }
     }
 }
@@ -336,6 +438,17 @@ mod tests {
             used: PortSummary::of(&used.iter().copied().collect()),
             note: "DynamicPortManager started.".into(),
             state_file: "s.json".into(),
+            port: None,
+            prev: None,
+            pid: 7,
+        }
+    }
+
+    fn origin() -> Origin {
+        Origin {
+            file: "app.py".into(),
+            line: 12,
+            function: "main".into(),
         }
     }
 
@@ -376,11 +489,18 @@ mod tests {
     fn a_json_line_has_no_character_that_ends_a_line() {
         let mut e = event(Kind::Pick, &[], &[]);
         e.state_file = "/tmp/a\nb\rc\x1b[31md\u{2028}e\u{2029}f\u{85}g\u{7f}h.json".into();
-        let line = json_line(&e.json());
+        let line = json_line(&e.json(&origin()));
         assert!(!line.chars().any(is_hidden), "{line:?}");
         assert!(line.contains(r"\u2028e\u2029f\u0085g\u007fh"), "{line}");
         let back: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(back["state_file"], e.state_file.as_str());
+        assert_eq!(back["dpm.state_file"], e.state_file.as_str());
+        assert_eq!(back, e.json(&origin()));
+        assert!(
+            line.starts_with(
+                r#"{"@timestamp":"2024-07-22T12:10:00.000+00:00","log.level":"info","message":"#
+            ),
+            "{line}"
+        );
     }
 
     #[test]
@@ -389,16 +509,57 @@ mod tests {
     }
 
     #[test]
-    fn json_has_the_elk_fields() {
-        let v = event(Kind::Pick, &[1, 2], &[3000]).json();
+    fn json_is_ecs_with_the_packages_fields_under_dpm() {
+        let e = event(Kind::Pick, &[1, 2], &[3000])
+            .with_port(Some(3000))
+            .with_prev(Some(2999))
+            .with_pid(42);
+        let v = e.json(&origin());
+        assert_eq!(v["ecs.version"], ECS_VERSION);
         assert_eq!(v["event.action"], "pick");
         assert_eq!(v["log.level"], "info");
-        assert_eq!(v["jalali_time"], "1403/05/01 12:10 doshanbe");
-        assert_eq!(v["free_count"], 2);
-        assert_eq!(v["active_port"], 3000);
+        assert_eq!(v["log.logger"], LOGGER);
+        assert_eq!(v["log.origin.file.name"], "app.py");
+        assert_eq!(v["log.origin.file.line"], 12);
+        assert_eq!(v["log.origin.function"], "main");
+        assert_eq!(v["process.pid"], std::process::id());
+        assert_eq!(v["message"], "DynamicPortManager started.");
+        assert_eq!(v["dpm.event"], "pick");
+        assert_eq!(v["dpm.port"], 3000);
+        assert_eq!(v["dpm.prev"], 2999);
+        assert_eq!(v["dpm.pid"], 42);
+        assert_eq!(v["dpm.jalali_time"], "1403/05/01 12:10 doshanbe");
+        assert_eq!(v["dpm.free_count"], 2);
+        assert_eq!(v["dpm.active_port"], 3000);
         assert!(v["@timestamp"]
             .as_str()
             .unwrap()
             .starts_with("2024-07-22T12:10"));
+        let ecs = [
+            "@timestamp",
+            "message",
+            "ecs.version",
+            "event.action",
+            "log.level",
+            "log.logger",
+            "log.origin.file.name",
+            "log.origin.file.line",
+            "log.origin.function",
+            "process.pid",
+        ];
+        for key in v.as_object().unwrap().keys() {
+            assert!(
+                ecs.contains(&key.as_str()) || key.starts_with("dpm."),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn levels_are_pythons_numbers() {
+        assert_eq!(Kind::Pick.level().number(), 20);
+        assert_eq!(Kind::Warning.level().number(), 30);
+        assert_eq!(Kind::Error.level().number(), 40);
+        assert_eq!(Kind::Recover.level(), Level::Error);
     }
 }

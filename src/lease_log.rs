@@ -240,6 +240,7 @@ mod tests {
             start_time: 9,
             owner: "s.json#7.1".into(),
             since: "now".into(),
+            service: "s".into(),
         }
     }
 

@@ -12,6 +12,7 @@ pub mod holder;
 pub mod inspect;
 pub mod kept;
 pub mod lease_log;
+pub mod lookup;
 pub mod manager;
 pub mod owners;
 pub mod per_process;

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use crate::clock::{self, Stamp};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::events::{Event, Kind, PortSummary, Sink};
+use crate::events::{Event, Kind, Origin, PortSummary, Sink};
 use crate::holder::Holder;
 use crate::per_process::PerProcess;
 use crate::probe::{probe_port, Probe};
@@ -177,6 +177,7 @@ impl Manager {
                     port_range: [self.config.start, self.config.end],
                     json_path: self.config.json_path.to_string_lossy().into_owned(),
                     history_max: self.config.history_max,
+                    service: self.config.service.clone(),
                 };
                 State::fresh(settings, Default::default())
             }
@@ -310,6 +311,7 @@ impl Manager {
             start_time: holder.start_time,
             owner: owner.clone(),
             since: stamp.iso.clone(),
+            service: self.config.service.clone(),
         };
         let replacing = moving.then_some(prev).flatten();
         let mut picked = self.try_pick(local, &mut file, replacing, &lease)?;
@@ -378,7 +380,13 @@ impl Manager {
             (true, Some(old)) => format!("moved from {old} to {port}"),
             (true, None) => format!("picked {port}"),
         };
-        events.push(self.event(&mine, &file, Kind::Pick, &stamp, note));
+        let event = self.event(&mine, &file, Kind::Pick, &stamp, note);
+        events.push(
+            event
+                .with_port(Some(port))
+                .with_prev(prev.filter(|_| moving))
+                .with_pid(holder.pid),
+        );
         Ok(port)
     }
 
@@ -518,7 +526,8 @@ impl Manager {
             );
             self.push_problems(&mut events, &mine, &file, &stamp, problems);
             let note = format!("released {port}");
-            events.push(self.event(&mine, &file, Kind::Release, &stamp, note));
+            let event = self.event(&mine, &file, Kind::Release, &stamp, note);
+            events.push(event.with_port(Some(port)));
             Ok(true)
         })();
         self.sink().emit(&events);
@@ -583,7 +592,8 @@ impl Manager {
                 }
             });
             self.push_problems(&mut events, &mine, &file, &stamp, problems);
-            events.push(self.event(&mine, &file, Kind::Stop, &stamp, note));
+            let event = self.event(&mine, &file, Kind::Stop, &stamp, note);
+            events.push(event.with_port(released_port));
         }
         self.sink().emit(&events);
     }
@@ -702,6 +712,7 @@ impl Manager {
                             start_time: local.holder.start_time,
                             owner: local.owner.clone(),
                             since: stamp.iso.clone(),
+                            service: self.config.service.clone(),
                         })
                     }
                     Some(l) if l.owner != local.owner => conflict = Some(l.clone()),
@@ -758,7 +769,8 @@ impl Manager {
                 "reclaimed {} from {} (pid {} is gone)",
                 lease.port, lease.owner, lease.pid
             );
-            events.push(self.event(mine, file, Kind::Reclaim, stamp, note));
+            let event = self.event(mine, file, Kind::Reclaim, stamp, note);
+            events.push(event.with_port(Some(lease.port)).with_pid(lease.pid));
             if owned_through(&lease.owner, local.file.owner_prefix()) {
                 here.push(lease.port);
             }
@@ -795,11 +807,14 @@ impl Manager {
             used: PortSummary::of(&file.state.used_ports),
             note,
             state_file: self.path.display().to_string(),
+            port: None,
+            prev: None,
+            pid: std::process::id(),
         }
     }
 
-    /// The ELK record of the current state (`log_json()`).
-    pub fn json_record(&self) -> serde_json::Value {
+    /// The ECS record of the current state (`log_json()`), from `origin`.
+    pub fn json_record(&self, origin: &Origin) -> serde_json::Value {
         let state = self.state();
         let stamp = clock::now();
         let event = Event {
@@ -810,13 +825,17 @@ impl Manager {
             used: PortSummary::of(&state.used_ports),
             note: "state snapshot".into(),
             state_file: self.path.display().to_string(),
+            port: state.current_port,
+            prev: None,
+            pid: std::process::id(),
         };
-        let mut record = event.json();
+        let mut record = event.json(origin);
         record["event.action"] = "log_json".into();
-        record["current_port"] = state.current_port.into();
-        record["change_count"] = state.change_count.into();
-        record["last_error"] = state.last_error.clone().into();
-        record["error_active"] = state.error_active.into();
+        record["dpm.event"] = "log_json".into();
+        record["dpm.current_port"] = state.current_port.into();
+        record["dpm.change_count"] = state.change_count.into();
+        record["dpm.last_error"] = state.last_error.clone().into();
+        record["dpm.error_active"] = state.error_active.into();
         record
     }
 

@@ -44,6 +44,8 @@ pub struct LeaseHolder {
     pub owner: String,
     pub since: String,
     pub alive: bool,
+    /// The service's name (see `Lease::service`).
+    pub service: String,
 }
 
 /// Everything known about one used port.
@@ -136,6 +138,7 @@ pub fn report(
                 owner: lease.owner.clone(),
                 since: lease.since.clone(),
                 alive: lease.holder().is_alive(),
+                service: lease.service.clone(),
             });
         }
     }
@@ -161,7 +164,7 @@ fn entry(report: &mut BTreeMap<u16, PortOwners>, port: u16) -> &mut PortOwners {
 }
 
 /// The registry's owner is `<state file>#<instance>`; the state file may itself contain `#`.
-fn state_file_of(owner: &str) -> &str {
+pub fn state_file_of(owner: &str) -> &str {
     owner.rsplit_once('#').map_or(owner, |(file, _)| file)
 }
 
@@ -380,6 +383,7 @@ mod tests {
             start_time: crate::holder::Holder::current().start_time,
             owner: "/srv/a#b/ports.json#123.4".into(),
             since: "2024-07-22T12:00:00+00:00".into(),
+            service: "ports".into(),
         };
         let report = find(&only(1), std::slice::from_ref(&lease)).unwrap();
         let held = report[0].lease.as_ref().unwrap();

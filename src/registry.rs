@@ -42,6 +42,9 @@ pub struct Lease {
     pub owner: String,
     /// When it was taken (ISO-8601).
     pub since: String,
+    /// The service the holder announced (empty in tables written before names).
+    #[serde(default)]
+    pub service: String,
 }
 
 impl Lease {
@@ -1135,6 +1138,7 @@ mod tests {
             start_time: holder.start_time,
             owner: owner.into(),
             since: "now".into(),
+            service: String::new(),
         }
     }
 

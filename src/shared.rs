@@ -113,6 +113,7 @@ impl SharedFile {
                 config.refresh_interval,
                 registry.dir(),
                 &config.json_path,
+                &config.service,
             )
         );
         let mut views = views().lock().unwrap_or_else(|p| p.into_inner());
@@ -435,6 +436,7 @@ pub(crate) fn initial_state(config: &Config, registry: &Registry) -> State {
         port_range: [config.start, config.end],
         json_path: config.json_path.to_string_lossy().into_owned(),
         history_max: config.history_max,
+        service: config.service.clone(),
     };
     let options = Options {
         refresh_interval: config.refresh_interval.as_secs_f64(),
@@ -547,6 +549,7 @@ mod tests {
             port_range: [0, 0],
             json_path: String::new(),
             history_max: 1,
+            service: String::new(),
         };
         let leased: PortSet = [63, 64, 200, 65535].into_iter().collect();
         let bound: PortSet = [64, 130, 65534].into_iter().collect();

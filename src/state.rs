@@ -83,6 +83,10 @@ pub struct Settings {
     pub port_range: [u16; 2],
     pub json_path: String,
     pub history_max: usize,
+    /// The service's name (`DynamicPortManager(service=...)`, else from the
+    /// state file's name); not in the original layout.
+    #[serde(default)]
+    pub service: String,
 }
 
 /// The range's ports inside `net.ipv4.ip_local_port_range` and not reserved.
@@ -353,6 +357,7 @@ mod tests {
             port_range: [3000, 9000],
             json_path: "s.json".into(),
             history_max,
+            service: "s".into(),
         }
     }
 
@@ -382,7 +387,10 @@ mod tests {
         }
         let mut settings_keys: Vec<_> = value["settings"].as_object().unwrap().keys().collect();
         settings_keys.sort();
-        assert_eq!(settings_keys, ["history_max", "json_path", "port_range"]);
+        assert_eq!(
+            settings_keys,
+            ["history_max", "json_path", "port_range", "service"]
+        );
     }
 
     #[test]

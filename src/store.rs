@@ -726,6 +726,7 @@ mod tests {
                 port_range: [3000, 3010],
                 json_path: "svc.json".into(),
                 history_max: 50,
+                service: "s".into(),
             },
             Options::default(),
         );

@@ -155,6 +155,7 @@ def test_defaults_are_the_original_modules(
             "port_range": [3000, 9000],
             "json_path": "utils/port_state/dynamic_ports.json",
             "history_max": 50,
+            "service": "dynamic_ports",
         }
         assert state["options"]["refresh_interval"] == 10.0
         assert state["options"]["backup_max"] == 20
@@ -177,6 +178,7 @@ def test_positional_arguments_in_the_original_order(make: Factory, tmp_path: Pat
         "port_range": [21000, 21009],
         "json_path": str(path),
         "history_max": 7,
+        "service": "positional",
     }
     assert state["options"]["refresh_interval"] == 2.5
     assert json.loads(path.read_text())["settings"]["port_range"] == [21000, 21009]
@@ -461,7 +463,7 @@ def test_get_state_has_exactly_the_spec_keys_and_types(make: Factory) -> None:
     assert type(state["change_count"]) is int
     assert state["last_error"] is None and state["last_error_time"] is None
     settings = state["settings"]
-    assert set(settings) == {"port_range", "json_path", "history_max"}
+    assert set(settings) == {"port_range", "json_path", "history_max", "service"}
     assert settings["port_range"] == [21160, 21169]
     assert isinstance(settings["json_path"], str)
     assert settings["history_max"] == 10
@@ -643,13 +645,14 @@ def test_log_json_prints_one_ecs_line_and_returns_it(
     assert stamp.tzinfo is not None
     assert abs((dt.datetime.now(dt.timezone.utc) - stamp).total_seconds()) < 300
     assert record["log.level"] == "info"
+    assert record["ecs.version"] == "8.11.0"
     assert record["event.action"]
-    assert record["jalali_time"] in minutes
-    assert record["active_port"] == port
-    assert record["free_count"] == 9
-    assert record["used_count"] == 1
-    assert Path(record["state_file"]) == m.state_path
-    assert record["change_count"] == 1
+    assert record["dpm.jalali_time"] in minutes
+    assert record["dpm.active_port"] == port
+    assert record["dpm.free_count"] == 9
+    assert record["dpm.used_count"] == 1
+    assert Path(record["dpm.state_file"]) == m.state_path
+    assert record["dpm.change_count"] == 1
 
 
 # ---------------------------------------------------------------- lifecycle
@@ -841,7 +844,7 @@ print(json.dumps({
     "before": before.isoformat(), "after": after.isoformat(),
     "offset": dt.datetime.now().astimezone().strftime("%z"),
     "time": state["history"][-1]["time"], "last_checked": state["last_checked"],
-    "jalali": record["jalali_time"], "timestamp": record["@timestamp"],
+    "jalali": record["dpm.jalali_time"], "timestamp": record["@timestamp"],
 }))
 """
 

@@ -261,6 +261,7 @@ def test_environment_variables_configure_the_cli_and_flags_win(
         "port_range": [start, end],
         "json_path": str(tmp_path / "env.json"),
         "history_max": 3,
+        "service": "env",
     }
     other = port_block()
     flagged = cli("state", "--range", f"{other[0]}-{other[1]}", "--state", str(tmp_path / "f.json"))
@@ -302,3 +303,75 @@ def test_no_free_port_exits_1(block: str) -> None:
             result = cli("--range", f"{taken}-{taken}", *command)
             assert result.returncode == 1
             assert "no free port" in result.stderr and "Traceback" not in result.stderr
+
+
+def _read_terminal(argv: list[str]) -> str:
+    """What ``argv`` prints with a terminal as its stdout."""
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdout=secondary, stderr=subprocess.PIPE)
+        os.close(secondary)
+        assert proc.wait(timeout=60) == 0
+        chunks = []
+        while True:  # until the pty reports EOF (EIO) once the child has exited
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(primary)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def test_who_prints_the_same_rows_in_a_pipe_as_on_a_terminal(block: str) -> None:
+    start, end = map(int, block.split("-"))
+    common = ["--range", block]
+    held = int(cli("pick", "--pid", str(os.getpid()), *common).stdout)
+    free = end if held != end else start
+    try:
+        piped = cli("who", str(held), str(free), *common)
+        assert piped.returncode == 0, piped.stderr
+        lines = piped.stdout.splitlines()
+        assert lines[0].split() == ["PORT", "PID", "NAME", "LEASED", "BY", "COMMAND"]
+        assert lines[1].split()[:1] == [str(held)] and f"pid {os.getpid()}" in lines[1]
+        assert lines[2].split() == [str(free), "-", "(free)", "-"]
+        shown = _read_terminal([cli_path(), "who", str(held), str(free), *common])
+        assert shown == piped.stdout
+        rows = json.loads(cli("who", "--json", str(held), *common).stdout)
+        assert [row["port"] for row in rows] == [held]
+        assert rows[0]["lease"]["pid"] == os.getpid()
+    finally:
+        cli("release", str(held))
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path: Path) -> None:
+    # ~380 KB of JSON: more than a pipe holds, so the write is still under
+    # way when the reader closes its end after 10 bytes.
+    proc = subprocess.Popen(
+        [cli_path(), "free", "--range", "1024-65535", "--state", str(tmp_path / "s.json")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE  # as `cat` shows it to a shell
+    assert proc.stderr.read() == b""  # no "Broken pipe", no traceback
+    proc.stderr.close()
+
+
+def test_backups_into_head_prints_no_error(tmp_path: Path, block: str) -> None:
+    state = str(tmp_path / "svc.json")
+    for _ in range(3):
+        assert cli("pick", "--pid", str(os.getpid()), "--range", block, "--state", state).stdout
+    done = subprocess.run(
+        ["bash", "-c", f'"{cli_path()}" backups --state "{state}" | head -c 10'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout == '{"backups"'

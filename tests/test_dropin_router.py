@@ -48,6 +48,7 @@ def test_create_router_with_arguments_serves_its_own_file_from_start_up(
             "port_range": [start, end],
             "json_path": str(path),
             "history_max": 7,
+            "service": "ports",
         }
         port = client.post("/api/v1/port/pick").json()["port"]
         assert start <= port <= end

@@ -194,7 +194,7 @@ def test_10_error_active_is_set_by_a_failure_and_cleared_by_the_next_clean_save(
         m.pick_port()
         broken = m.get_state()
         assert broken["error_active"] is True and "FIFO" in broken["last_error"]
-        assert m.log_json()["error_active"] is True
+        assert m.log_json()["dpm.error_active"] is True
         state_path.unlink()
         m.pick_port()
         fixed = m.get_state()

@@ -104,4 +104,4 @@ def test_log_json_is_one_line_for_splitlines_and_parses_to_the_exact_path(
     assert r"\u2028" in text and r"\u0085" in text and r"\u001b" in text
     parsed = json.loads(text)
     assert parsed == record
-    assert parsed["state_file"] == str(hostile_path)
+    assert parsed["dpm.state_file"] == str(hostile_path)

@@ -34,6 +34,6 @@ def test_log_json_follows_a_redirected_sys_stdout(tmp_path: Path, registry: Path
         with contextlib.redirect_stdout(out):
             record = m.log_json()
         assert json.loads(out.getvalue()) == record
-        assert record["state_file"] == str(tmp_path / "s.json")
+        assert record["dpm.state_file"] == str(tmp_path / "s.json")
     finally:
         m.stop()

@@ -143,13 +143,13 @@ def test_the_owners_endpoint(manager: DynamicPortManager, holder: Holder) -> Non
     }
 
 
-def test_who_prints_json_in_a_pipe_and_a_table_on_a_terminal(
+def test_who_prints_json_with_json_and_a_table_on_a_terminal(
     manager: DynamicPortManager, holder: Holder
 ) -> None:
     port = manager.pick_port(pid=holder.pid)
     holder.hold(port)
     block = f"{manager.start}-{manager.end}"
-    piped = cli("who", "--range", block)
+    piped = cli("who", "--json", "--range", block)
     assert piped.returncode == 0, piped.stderr
     [row] = json.loads(piped.stdout)
     check_held_by(row, holder)

@@ -70,10 +70,10 @@ def test_fixtures_lease_ports_of_the_range_and_release_them_at_teardown(
 
 def test_the_readme_example_passes(pytester: pytest.Pytester) -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("**pytest plugin.**") :]
+    section = readme[readme.index("## The pytest plugin") :]
     [block] = re.findall(r"```python\n(.*?)```", section, re.S)[:1]
     start, end = port_block(4)
-    pytester.makepyfile(test_readme="import socket\n\n" + block)
+    pytester.makepyfile(test_readme=block)  # as pasted: its imports included
     result = pytester.runpytest_subprocess(*LEAN, "--dpm-port-range", f"{start}-{end}")
     result.assert_outcomes(passed=1)
 

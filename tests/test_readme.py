@@ -52,7 +52,7 @@ BLOCKS = readme_blocks()
 
 
 def test_the_readme_has_python_blocks_and_runs_most() -> None:
-    assert len(BLOCKS) >= 6
+    assert len(BLOCKS) >= 5
     # Sparingly: most blocks run; a skipped one says why.
     assert sum(b.not_run is not None for b in BLOCKS) <= 2
 
@@ -76,8 +76,8 @@ def test_every_python_block_runs(block: Block, tmp_path: Path, registry: Path) -
     assert result.returncode == 0, f"README.md:{block.line} failed:\n{result.stderr}"
 
 
-def python_blocks(section: str) -> list[str]:
-    text = (ROOT / "README.md").read_text()
+def python_blocks(section: str, page: str = "README.md") -> list[str]:
+    text = (ROOT / page).read_text()
     start = text.index(f"## {section}")
     end = text.find("\n## ", start + 1)
     body = text[start : end if end != -1 else len(text)]
@@ -118,7 +118,9 @@ def test_router_examples_serve_the_state(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DPM_START", "24300")
     monkeypatch.setenv("DPM_END", "24309")
-    blocks = python_blocks("The FastAPI router")
+    blocks = python_blocks("The FastAPI router") + python_blocks(
+        "A manager of your own", "docs/router.md"
+    )
     assert len(blocks) == 2
     for block in blocks:
         namespace: dict[str, object] = {}
@@ -150,3 +152,69 @@ def test_the_migration_router_serves_its_own_file_from_start_up(
         settings = client.get("/api/v1/port/state").json()["settings"]
         assert settings["json_path"] == "utils/port_state/dynamic_ports_service1.json"
         assert settings["port_range"] == [3000, 9000]
+
+
+def test_the_readme_is_a_front_door() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert len(text.encode()) < 15_000
+    for section in (
+        "Set up",
+        "Install",
+        "Quick start",
+        "Moving from the original",
+        "The FastAPI router",
+        "The command line",
+        "The pytest plugin",
+        "Deployment",
+        "What it guarantees",
+        "Upgrading",
+        "Links",
+    ):
+        assert f"\n## {section}\n" in text, section
+    # Images by relative path break on a package index page.
+    assert not re.search(r"!\[[^]]*\]\((?!https://)", text)
+
+
+def test_the_set_up_commands_are_the_ci_run_and_its_pytest() -> None:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Set up")
+    section = text[start : text.index("\n## ", start + 1)]
+    commands = re.findall(r"```sh\n(.*?)```", section, re.S)
+    assert [c.strip() for c in commands] == [
+        "bash .ci/run",
+        ".venv-ci/bin/python -m pytest -q -p no:cacheprovider tests",
+    ]
+    ci = (ROOT / ".ci/run").read_text()
+    assert "venv=${DPM_CI_VENV:-$root/.venv-ci}" in ci
+    assert "python -m pytest -q -p no:cacheprovider tests " in ci
+
+
+def test_the_endpoint_table_lists_every_route() -> None:
+    from api_ports import create_router
+    from fastapi.routing import APIRoute
+
+    text = (ROOT / "README.md").read_text()
+    routes = [
+        (method, "/api/v1" + r.path)
+        for r in create_router(start=3000, end=3001).routes
+        if isinstance(r, APIRoute) and "{" not in r.path  # the dashboard's asset files
+        for method in sorted(r.methods)
+    ]
+    assert len(routes) >= 12
+    for method, path in routes:
+        assert re.search(rf"^\| `{method} {re.escape(path)}[`?\[]", text, re.M), (method, path)
+
+
+HISTORY = re.compile(
+    r"this round|previous build|until this round|earlier builds?|before this|"
+    r"the last build|no longer (?!needed)",
+    re.I,
+)
+
+
+def test_user_docs_tell_what_it_does_now_not_its_history() -> None:
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    found = [
+        f"{page.name}: {m.group(0)!r}" for page in pages for m in HISTORY.finditer(page.read_text())
+    ]
+    assert not found, found

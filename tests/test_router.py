@@ -52,6 +52,7 @@ def test_state_is_the_original_layout_then_the_extras(
         "port_range": [manager.start, manager.end],
         "json_path": str(state_path),
         "history_max": 50,
+        "service": "service1",
     }
     assert sorted(state["free_ports"] + state["used_ports"]) == list(
         range(manager.start, manager.end + 1)
@@ -216,6 +217,8 @@ ENDPOINTS = {
     ("get", "log/json"),
     ("get", "metrics"),
     ("get", "owners"),
+    ("get", "services"),
+    ("get", "services/{name}"),
 }
 DOWNLOAD_PARAMS = {"filename": "dynamic_ports_service1_20240721_155445.json"}
 
@@ -377,6 +380,7 @@ def test_bad_settings_answer_503_naming_the_setting(
         monkeypatch.setenv(key, value)
     client = TestClient(app_with(api_ports.router))
     for method, path in ENDPOINTS:
-        response = client.request(method, f"/api/v1/port/{path}", params=DOWNLOAD_PARAMS)
+        url = f"/api/v1/port/{path.format(name='service1')}"
+        response = client.request(method, url, params=DOWNLOAD_PARAMS)
         assert response.status_code == 503, path
         assert named in response.json()["detail"]

@@ -33,6 +33,15 @@ from .settings import ManagerSettings
 log = logging.getLogger("api_ports")
 
 
+def _enabled(logger: logging.Logger) -> logging.Logger:
+    """``logger``, enabled again if it was disabled, as ``logging.config.dictConfig``
+    leaves every existing logger it is not told about (its default,
+    ``disable_existing_loggers=True``): the router's ERROR never vanishes."""
+    if logger.disabled:
+        logger.disabled = False
+    return logger
+
+
 class SharedManager:
     """A manager made by ``factory`` on first ``get()``, replaced once stopped."""
 
@@ -66,7 +75,7 @@ def _lifespan(shared: SharedManager) -> Any:
             await run_in_threadpool(shared.get)
         except (ValueError, OSError) as e:
             # The app still starts (its other routes may be fine), but loudly.
-            log.error(
+            _enabled(log).error(
                 "dynamic-port-manager: the port manager could not start: %s; "
                 "every /port endpoint answers 503 until this is fixed",
                 e,

@@ -85,6 +85,17 @@ def _families(state: dict[str, Any] | None) -> Iterator[Metric]:
         "POSIX time of the last refresh (last_checked).",
         s.get("last_checked_unix"),
     )
+    # etcd discovery (the manager's discovery=): no sample without it, or
+    # before the announcer's first contact with etcd.
+    up = GaugeMetricFamily(
+        PREFIX + "discovery_up",
+        "1 while etcd takes the service's announcements, 0 while it does not.",
+        labels=["service"],
+    )
+    discovery: dict[str, Any] = s.get("discovery") or {}
+    if discovery.get("up") is not None:
+        up.add_metric([str(s.get("settings", {}).get("service", ""))], float(discovery["up"]))
+    yield up
 
 
 def new_registry(get_state: Callable[[], dict[str, Any]]) -> CollectorRegistry:

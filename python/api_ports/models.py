@@ -26,6 +26,7 @@ class Settings(BaseModel):
     port_range: list[int] = Field(..., min_length=2, max_length=2, description="[start, end].")
     json_path: str
     history_max: int
+    service: str = Field(default="", description="The name `lookup` finds it by.")
 
 
 class EphemeralOverlap(BaseModel):

@@ -26,6 +26,7 @@ from . import models
 from .backup_file import NAME_MAX, NAME_PATTERN, attachment_header, read_backup
 from .dashboard import add_dashboard
 from .metrics import new_registry, render
+from .services import add_services
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -194,6 +195,7 @@ def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRo
         return metrics_response(metrics_registry, request)
 
     add_dashboard(router)
+    add_services(router, manager)
     return router
 
 

@@ -1,8 +1,9 @@
 """Hands out free TCP ports to the services of one host, never the same port twice.
 
 ``DynamicPortManager`` is implemented in Rust (``dynamic_port_manager._core``);
-this package re-exports it and stops the shared refresh thread at interpreter
-exit, before Python's logging is torn down.
+this package re-exports it (as a subclass that can also announce its port in
+etcd, see ``discovery``), offers ``lookup(name)``, and stops the shared
+refresh thread at interpreter exit, before Python's logging is torn down.
 
 Each event is a ``logging`` record of the ``dynamic_port_manager`` logger and,
 while the application has not configured logging, a coloured line on stderr
@@ -15,7 +16,6 @@ import atexit
 import logging
 
 from ._core import (
-    DynamicPortManager,
     ManagerStoppedError,
     NoFreePortError,
     RegistryError,
@@ -26,9 +26,14 @@ from ._core import (
     port_owners,
     read_state,
     release_lease,
+    service_instances,
 )
+from ._manager import DynamicPortManager
+from .discovery import DiscoveryError
+from .lookup import lookup
 
 __all__ = [
+    "DiscoveryError",
     "DynamicPortManager",
     "ManagerStoppedError",
     "NoFreePortError",
@@ -36,9 +41,11 @@ __all__ = [
     "__version__",
     "list_backups",
     "list_leases",
+    "lookup",
     "port_owners",
     "read_state",
     "release_lease",
+    "service_instances",
 ]
 
 # As libraries do: with logging unconfigured, records stop here instead of

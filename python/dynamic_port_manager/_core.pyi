@@ -19,6 +19,7 @@ __all__ = [
     "_refresh_thread_running",
     "release_lease",
     "list_leases",
+    "service_instances",
     "read_state",
     "list_backups",
     "port_owners",
@@ -61,6 +62,7 @@ class DynamicPortManager:
         registry_dir: _Path | None = None,
         console_log: bool | None = None,
         skip_unsafe: bool = True,
+        service: str | None = None,
     ) -> Self:
         """Open (or create) the state file and join the host's lease registry.
 
@@ -80,6 +82,11 @@ class DynamicPortManager:
         ``skip_unsafe``: never hand out the ports web browsers refuse to open
         (ERR_UNSAFE_PORT); they are listed in the state's ``skipped_ports``
         instead of ``free_ports``.
+        ``service``: the name clients look this service up by (``lookup``), in
+        its leases and the state's ``settings.service``: 1 to 63 of ``A-Z a-z
+        0-9 . _ -``, starting with a letter or digit. Default: from the state
+        file's name, as the original named files (``dynamic_ports_orders.json``
+        is ``orders``, any other file its stem, other characters as ``_``).
 
         Raises ``ValueError`` naming the bad argument (out of range, also a
         number too large for any type, or a path with a NUL byte),
@@ -138,7 +145,10 @@ class DynamicPortManager:
         ``options`` and ``schema_version``."""
 
     def log_json(self) -> dict[str, Any]:
-        """Write one JSON line (ELK/ECS fields) to stdout and return it."""
+        """Write one ECS JSON line to stdout and return it: ECS fields
+        (``@timestamp``, ``log.level``, ``message``, ``ecs.version``,
+        ``log.origin.*``, ``process.pid``...) at the top level, the manager's
+        own under ``dpm.`` (``dpm.port``, ``dpm.state_file``...)."""
 
     def refresh(self) -> None:
         """Re-scan the range now, as the background thread does every
@@ -184,6 +194,10 @@ class DynamicPortManager:
         """The full state, as ``get_state()`` returns it."""
 
     @property
+    def service(self) -> str:
+        """The service's name (given, or from the state file's name)."""
+
+    @property
     def start(self) -> int:
         """First port of the range."""
 
@@ -222,7 +236,14 @@ def release_lease(port: int, *, registry_dir: _Path | None = None) -> bool:
     True if there was one."""
 
 def list_leases(*, registry_dir: _Path | None = None) -> list[dict[str, Any]]:
-    """Every lease in the registry: port, pid, start_time, owner, since, alive."""
+    """Every lease in the registry: port, pid, start_time, owner, since, service, alive."""
+
+def service_instances(
+    name: str | None = None, *, registry_dir: _Path | None = None
+) -> list[dict[str, Any]]:
+    """The live holders of service ``name`` (None: of every named service) on this
+    host, from the registry alone: service, port, pid, command, state_file, since;
+    by service and port. A bad name is a ``ValueError``."""
 
 def read_state(
     start: int = 3000,

@@ -27,6 +27,7 @@ from . import (
     DynamicPortManager,
     __version__,
     list_backups,
+    lookup,
     port_owners,
     read_state,
     release_lease,
@@ -54,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        status = handler(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
     except (UsageError, ValueError) as e:
         # ValueError: the core's checks of range, pid and the DPM_* variables.
         return _fail(f"error: {e}", 2)
@@ -63,6 +68,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"error: {e}", 1)
     except KeyboardInterrupt:
         return 130
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as ``cat`` does.
+
+    Python ignores SIGPIPE, so a write to a closed pipe raises instead of ending
+    the process; the status is the one a shell shows for a command that SIGPIPE
+    ended (128 + 13). stdout is pointed at /dev/null first, so the interpreter's
+    last flush at exit finds nothing to write and prints no second error.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _fail(message: str, status: int) -> int:
@@ -154,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         description="Hands out free TCP ports of one host, never the same port twice.",
         epilog="Environment: DPM_START, DPM_END, DPM_JSON_PATH, DPM_REFRESH_INTERVAL, "
-        "DPM_HISTORY_MAX, DPM_REGISTRY_DIR.",
+        "DPM_HISTORY_MAX, DPM_REGISTRY_DIR, DPM_DISCOVERY.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -204,9 +225,28 @@ def build_parser() -> argparse.ArgumentParser:
         "who",
         cmd_who,
         "Show who holds each used port of the range, or PORTs: processes (pid, name, "
-        "command line) and leases. A table on a terminal, JSON in a pipe.",
+        "command line) and leases, as a table (the same rows on a terminal and in a pipe).",
     )
     p.add_argument("ports", type=_port, nargs="*", metavar="PORT")
+    p.add_argument(
+        "--json", action="store_true", help="print the rows as JSON (as GET /port/owners)"
+    )
+
+    p = command(
+        "lookup",
+        cmd_lookup,
+        "Show where the service NAME listens: its live instances on this host (from "
+        "the lease registry), or on every host with --discovery (etcd). Exit 1 when "
+        "there is none. A table on a terminal, JSON with --json or in a pipe.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--discovery",
+        metavar="URL",
+        help="ask etcd at URL (etcd://HOST:PORT/PREFIX) instead of this host's registry "
+        "(default: $DPM_DISCOVERY)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON even on a terminal")
 
     p = command("release", cmd_release, "Release the lease on PORT (whoever holds it).")
     p.add_argument("port", type=_port, metavar="PORT")
@@ -296,8 +336,8 @@ def cmd_who(args: argparse.Namespace) -> int:
     s = settings_for(args)
     asked: list[int] = args.ports
     owners = port_owners(asked or range(s.start, s.end + 1))
-    if not sys.stdout.isatty():
-        print(json.dumps(owners))
+    if args.json:
+        print_json(owners)
         return 0
     rows = [line for row in owners for line in _who_lines(row)]
     rows += [
@@ -309,6 +349,7 @@ def cmd_who(args: argparse.Namespace) -> int:
         return 0
     rows.insert(0, ("PORT", "PID", "NAME", "LEASED BY", "COMMAND"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    # The same text on a terminal and in a pipe: a script sees what a person sees.
     for r in rows:
         cells = [r[0].rjust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2])]
         print("  ".join([*cells, r[3].ljust(widths[3]), r[4]]).rstrip())
@@ -321,7 +362,8 @@ def _who_lines(row: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     leased = "-"
     if lease is not None:
         dead = "" if lease["alive"] else ", dead"
-        leased = f"pid {lease['pid']} ({Path(lease['state_file']).name}{dead})"
+        named = f"{lease['service']}, " if lease.get("service") else ""
+        leased = f"pid {lease['pid']} ({named}{Path(lease['state_file']).name}{dead})"
     holders = [
         (str(p["pid"]), _printable(p["name"] or "?"), _printable(" ".join(p["cmdline"] or [])))
         for p in row["processes"]
@@ -338,6 +380,19 @@ def _who_lines(row: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 def _printable(text: str) -> str:
     """One table cell: a newline or escape code in a command line is shown, not obeyed."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or "?"
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    found = lookup(args.name, args.discovery)
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps(found))
+    else:
+        for i in found:
+            command = _printable(" ".join(i["command"] or [])) if i["command"] else ""
+            print(f"{i['host']}:{i['port']}  pid {i['pid']}  {i['state_file']}  {command}".rstrip())
+    if not found:
+        return _fail(f"no live instance of service {args.name!r}", 1)
+    return 0
 
 
 def cmd_release(args: argparse.Namespace) -> int:

@@ -37,12 +37,13 @@ impl PyManager {
         durable = false,
         registry_dir = None,
         console_log = None,
-        skip_unsafe = true
+        skip_unsafe = true,
+        service = None
     ))]
     #[pyo3(
         text_signature = "(start=3000, end=9000, json_path=None, refresh_interval=10, \
         history_max=50, *, backup_max=20, durable=False, registry_dir=None, console_log=None, \
-        skip_unsafe=True)"
+        skip_unsafe=True, service=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -57,6 +58,7 @@ impl PyManager {
         registry_dir: Option<PathArg>,
         console_log: Option<bool>,
         skip_unsafe: bool,
+        service: Option<String>,
     ) -> PyResult<Self> {
         let (json_path, given_path) = match json_path {
             Some(GivenPath { arg, given }) => (Some(arg), Some(given)),
@@ -79,6 +81,7 @@ impl PyManager {
                 Some(false) => ConsoleLog::Off,
             },
             skip_unsafe,
+            service,
         };
         let refresh_interval = (args.refresh_interval, interval_int);
         let config = args.check().map_err(to_py_err)?;
@@ -130,10 +133,10 @@ impl PyManager {
             None => (config.start..=config.end).collect(),
         };
         let manager = &self.manager;
-        let report = detach(py, || {
+        let report = detach_checked(py, || {
             let registry = manager.registry()?;
             crate::owners_with(&registry, &ports).map(|r| serde_json::to_string(&r))
-        });
+        })?;
         json_loads(
             py,
             report
@@ -152,59 +155,68 @@ impl PyManager {
     fn get_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let manager = &self.manager;
         // Serialized from the struct (not a Value) so keys keep the file's order.
-        let text = detach(py, || serde_json::to_string(&manager.state()));
+        let text = detach_checked(py, || serde_json::to_string(&manager.state()))?;
         let text = text.map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
         json_loads(py, text)
     }
 
-    /// Writes one JSON line for ELK to stdout and returns the record.
+    /// Writes one ECS JSON line to stdout and returns the record.
     fn log_json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let manager = &self.manager;
-        let record = detach(py, || manager.json_record());
+        let origin = logging::Caller::find(py).origin();
+        let record = detach_checked(py, || manager.json_record(&origin))?;
+        let line = crate::events::json_line(&record);
         // Through sys.stdout, so Python-level redirection and capture see it.
         let stdout = py.import("sys")?.getattr("stdout")?;
         if !stdout.is_none() {
-            // A broken stdout must not break the caller: the record is returned.
-            let _ = stdout
-                .call_method1("write", (crate::events::json_line(&record) + "\n",))
+            // A broken stdout must not break the caller: the record is
+            // returned. Ctrl-C while writing is the caller's, as anywhere.
+            let written = stdout
+                .call_method1("write", (line.clone() + "\n",))
                 .and_then(|_| stdout.call_method0("flush"));
+            if let Err(error) = written {
+                if !error.is_instance_of::<pyo3::exceptions::PyException>(py) {
+                    return Err(error);
+                }
+            }
         }
-        json_loads(py, record.to_string())
+        // The dict has the line's key order.
+        json_loads(py, line)
     }
 
     /// Re-scans the range now (what the refresh thread does every interval).
-    fn refresh(&self, py: Python<'_>) {
+    fn refresh(&self, py: Python<'_>) -> PyResult<()> {
         let manager = &self.manager;
-        detach(py, || crate::refresh_manager(manager));
+        detach_checked(py, || crate::refresh_manager(manager))
     }
 
     /// Stops refreshing and releases the active port. Idempotent.
-    fn stop(&self, py: Python<'_>) {
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
         let manager = &self.manager;
-        detach(py, || crate::stop_manager(manager));
+        detach_checked(py, || crate::stop_manager(manager))
     }
 
     /// Names of this state file's backups, oldest first.
-    fn backups(&self, py: Python<'_>) -> Vec<String> {
+    fn backups(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         let manager = &self.manager;
-        detach(py, || {
+        detach_checked(py, || {
             manager.backups().into_iter().map(|b| b.name).collect()
         })
     }
 
     /// The path of backup `name`, or None unless it is one of this state file's backups.
-    fn backup_path(&self, py: Python<'_>, name: &str) -> Option<PathBuf> {
+    fn backup_path(&self, py: Python<'_>, name: &str) -> PyResult<Option<PathBuf>> {
         let manager = &self.manager;
-        detach(py, || manager.backup_path(name))
+        detach_checked(py, || manager.backup_path(name))
     }
 
     /// The port this manager holds, or None.
     #[getter]
-    fn active_port(&self, py: Python<'_>) -> Option<u16> {
+    fn active_port(&self, py: Python<'_>) -> PyResult<Option<u16>> {
         // The manager's mutex may be held by the refresh thread during a save:
         // wait for it without the GIL.
         let manager = &self.manager;
-        detach(py, || manager.active_port())
+        detach_checked(py, || manager.active_port())
     }
 
     /// The state file as the constructor was given it (the original's attribute).
@@ -241,7 +253,7 @@ impl PyManager {
 
     /// The active port (the state's `current_port`), or None.
     #[getter]
-    fn current_port(&self, py: Python<'_>) -> Option<u16> {
+    fn current_port(&self, py: Python<'_>) -> PyResult<Option<u16>> {
         self.active_port(py)
     }
 
@@ -249,6 +261,12 @@ impl PyManager {
     #[getter(state)]
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.get_state(py)
+    }
+
+    /// The service's name (given, or from the state file's name).
+    #[getter]
+    fn service(&self) -> String {
+        self.manager.config().service.clone()
     }
 
     #[getter]
@@ -262,9 +280,9 @@ impl PyManager {
     }
 
     #[getter]
-    fn stopped(&self, py: Python<'_>) -> bool {
+    fn stopped(&self, py: Python<'_>) -> PyResult<bool> {
         let manager = &self.manager;
-        detach(py, || manager.is_stopped())
+        detach_checked(py, || manager.is_stopped())
     }
 
     #[getter]
@@ -273,9 +291,9 @@ impl PyManager {
     }
 
     #[getter]
-    fn backup_dir(&self, py: Python<'_>) -> PathBuf {
+    fn backup_dir(&self, py: Python<'_>) -> PyResult<PathBuf> {
         let manager = &self.manager;
-        detach(py, || manager.backup_dir())
+        detach_checked(py, || manager.backup_dir())
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -283,22 +301,22 @@ impl PyManager {
     }
 
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) {
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
         // Returns None: an exception in the block is never swallowed.
-        self.stop(py);
+        self.stop(py)
     }
 
-    fn __repr__(&self, py: Python<'_>) -> String {
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let m = &self.manager;
-        let (active, stopped) = detach(py, || (m.active_port(), m.is_stopped()));
-        format!(
+        let (active, stopped) = detach_checked(py, || (m.active_port(), m.is_stopped()))?;
+        Ok(format!(
             "DynamicPortManager(start={}, end={}, json_path={:?}, active_port={}, stopped={})",
             m.config().start,
             m.config().end,
             m.path().display().to_string(),
             active.map_or_else(|| "None".to_string(), |p| p.to_string()),
             if stopped { "True" } else { "False" }
-        )
+        ))
     }
 }
 

@@ -12,11 +12,11 @@ use super::*;
 /// down can crash it) and gives back every lease of this process, waiting on
 /// busy threads a moment at most. Registered with `atexit` by the package.
 #[pyfunction]
-pub(super) fn _shutdown(py: Python<'_>) {
+pub(super) fn _shutdown(py: Python<'_>) -> PyResult<()> {
     EXIT_THREAD.store(this_thread(), Ordering::SeqCst);
-    detach(py, || {
+    detach_checked(py, || {
         crate::release_at_exit(std::time::Duration::from_secs(1))
-    });
+    })
 }
 
 /// Is this process's refresh thread running?
@@ -110,6 +110,29 @@ pub(super) fn list_leases(
         })
         .collect();
     json_loads(py, serde_json::Value::from(records).to_string())
+}
+
+/// The live holders of the service `name` (None: of every named service) on
+/// this host, from the registry alone: service, port, pid, command,
+/// state_file, since; by service and port.
+#[pyfunction]
+#[pyo3(signature = (name = None, *, registry_dir = None))]
+pub(super) fn service_instances<'py>(
+    py: Python<'py>,
+    name: Option<String>,
+    registry_dir: Option<PathArg>,
+) -> PyResult<Bound<'py, PyAny>> {
+    if let Some(name) = &name {
+        crate::config::service_name("name", name).map_err(to_py_err)?;
+    }
+    let registry_dir = PathArg::get_opt(registry_dir, "registry_dir")?;
+    let found = detach(py, || {
+        crate::lookup::find(registry_dir.as_deref(), name.as_deref())
+            .map(|found| serde_json::to_string(&found))
+    })
+    .map_err(to_py_err)?
+    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    json_loads(py, found)
 }
 
 /// `ports` as a set: each 1..=65535, else ValueError naming `ports`.

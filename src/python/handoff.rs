@@ -5,7 +5,7 @@ use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::PyModule;
 
-use super::{detach, to_py_err};
+use super::{detach, interruptible, with_pending};
 use crate::manager::Manager;
 
 /// A pick can lose its port to a program that binds it without asking the
@@ -30,10 +30,10 @@ pub(super) fn pick_socket<'py>(
     let mut lost = Vec::new();
     let mut outcome = None;
     for _ in 0..BIND_ATTEMPTS {
-        let port = match detach(py, || manager.pick_port(pid)) {
+        let port = match interruptible(py, || manager.pick_port(pid)) {
             Ok(port) => port,
             Err(e) => {
-                outcome = Some(Err(to_py_err(e)));
+                outcome = Some(Err(e));
                 break;
             }
         };
@@ -52,11 +52,13 @@ pub(super) fn pick_socket<'py>(
         }
     }
     detach(py, || give_back(manager, pid, &lost));
-    outcome.unwrap_or_else(|| {
+    // A signal's exception kept while the ports given back were logged
+    // wins; the socket, if any, is closed when it is dropped.
+    with_pending(outcome.unwrap_or_else(|| {
         let message =
             format!("ports {lost:?} were each taken by another program before they could be bound");
         Err(PyOSError::new_err((libc::EADDRINUSE, message)))
-    })
+    }))
 }
 
 /// Returns ports that were picked but never bound. Without `pid` each later

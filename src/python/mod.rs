@@ -6,7 +6,8 @@
 //! - `class`: the `DynamicPortManager` class;
 //! - `functions`: the module's functions;
 //! - `handoff`: `pick_socket`, a bound socket on a leased port;
-//! - `logging`: events into `logging` and the console line.
+//! - `logging`: events into `logging` (records made here, with the event's
+//!   fields) and the console line.
 
 mod args;
 mod class;
@@ -16,7 +17,7 @@ mod logging;
 
 use class::PyManager;
 use functions::*;
-use logging::{ContainedLogger, PythonStderr};
+use logging::PythonOutput;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -100,22 +101,57 @@ fn detach<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
 }
 
 thread_local! {
-    /// The exception a signal handler raised while a lock wait polled for it
-    /// (`python_interrupted`), to be raised once the call has unwound.
+    /// The exception a signal handler raised while this thread was inside a
+    /// call of the library (a lock wait polling for it, or Python's logging
+    /// handling an event), to be raised once the call has unwound.
     static PENDING: std::cell::RefCell<Option<PyErr>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Keeps a signal's exception for the caller (the first one, if several).
+fn keep_pending(error: PyErr) {
+    PENDING.with(|p| {
+        p.borrow_mut().get_or_insert(error);
+    });
+}
+
+/// Is a signal's exception waiting to be raised on this thread?
+fn is_pending() -> bool {
+    PENDING.with(|p| p.borrow().is_some())
+}
+
+fn take_pending() -> Option<PyErr> {
+    PENDING.with(|p| p.borrow_mut().take())
+}
+
+/// `result`, unless a signal's exception was kept during the call: then that
+/// exception (Ctrl-C wins over the call's own result, as in Python).
+fn with_pending<T>(result: PyResult<T>) -> PyResult<T> {
+    match take_pending() {
+        Some(raised) => Err(raised),
+        None => result,
+    }
+}
+
+/// `detach`, then any signal's exception kept during the call raised.
+fn detach_checked<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
+    with_pending(Ok(detach(py, f)))
 }
 
 /// Runs Python's signal handlers (Ctrl-C) from inside a lock wait. Takes the
 /// GIL for a moment: no thread holding the GIL ever waits for a lock of the
-/// library (every call releases the GIL first), so this cannot deadlock.
+/// library (every call releases the GIL first), so this cannot deadlock. An
+/// exception kept earlier in the call (in a log handler) ends the wait too.
 fn python_interrupted() -> bool {
+    if is_pending() {
+        return true;
+    }
     if !may_enter_python() {
         return false;
     }
     Python::attach(|py| match py.check_signals() {
         Ok(()) => false,
         Err(e) => {
-            PENDING.with(|p| *p.borrow_mut() = Some(e));
+            keep_pending(e);
             true
         }
     })
@@ -131,16 +167,16 @@ fn interruptible<T: Send>(
     let result = detach(py, || {
         crate::fsutil::with_interrupt_check(python_interrupted, call)
     });
-    result.map_err(|error| {
-        let pending = PENDING.with(|p| p.borrow_mut().take());
-        match (error.io_error().map(std::io::Error::kind), pending) {
-            (Some(std::io::ErrorKind::Interrupted), Some(raised)) => raised,
-            (Some(std::io::ErrorKind::Interrupted), None) => {
+    // A signal's exception kept during the call is raised whatever the
+    // call's result (the wait it interrupted, if any, ended before any change).
+    with_pending(
+        result.map_err(|error| match error.io_error().map(std::io::Error::kind) {
+            Some(std::io::ErrorKind::Interrupted) => {
                 pyo3::exceptions::PyKeyboardInterrupt::new_err(error.to_string())
             }
             _ => to_py_err(error),
-        }
-    })
+        }),
+    )
 }
 
 /// CPython's C json decoder builds a large dict faster than item-by-item calls.
@@ -150,16 +186,8 @@ fn json_loads(py: Python<'_>, text: String) -> PyResult<Bound<'_, PyAny>> {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // The logger object is kept (Python never replaces a named logger), its
-    // level is not: a level set after import must take effect (the cost is
-    // one `isEnabledFor` call per event, a few per pick). Looking the logger
-    // up again for every record was a few percent of a new manager.
     let py = m.py();
-    let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::Loggers)?;
-    if log::set_boxed_logger(Box::new(ContainedLogger(logger))).is_ok() {
-        log::set_max_level(log::LevelFilter::Trace);
-    }
-    crate::events::set_console(Box::new(PythonStderr));
+    crate::events::set_output(Box::new(PythonOutput));
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyManager>()?;
     m.add("NoFreePortError", py.get_type::<NoFreePortError>())?;
@@ -169,6 +197,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_refresh_thread_running, m)?)?;
     m.add_function(wrap_pyfunction!(release_lease, m)?)?;
     m.add_function(wrap_pyfunction!(list_leases, m)?)?;
+    m.add_function(wrap_pyfunction!(service_instances, m)?)?;
     m.add_function(wrap_pyfunction!(read_state, m)?)?;
     m.add_function(wrap_pyfunction!(list_backups, m)?)?;
     m.add_function(wrap_pyfunction!(port_owners, m)?)?;

@@ -660,6 +660,25 @@
     showIf($("backups-empty"), names.length === 0);
   }
 
+  // Every named service's live instances ({"instances": [{service, host, port,
+  // pid, state_file, since}]}): this host's registry, or etcd with discovery.
+  function drawServices(data) {
+    if (!data) return; // keep the last list when this poll's request failed
+    const list = Array.isArray(data.instances) ? data.instances : [];
+    const rows = list.map((i) =>
+      h(
+        "tr",
+        { title: String(i.state_file ?? "") },
+        h("td", {}, String(i.service)),
+        h("td", {}, String(i.host) + ":" + String(i.port)),
+        h("td", {}, String(i.pid)),
+      ),
+    );
+    $("services").tBodies[0].replaceChildren(...rows);
+    $("services-count").textContent = "(" + list.length + ")";
+    showIf($("services-empty"), list.length === 0);
+  }
+
   function drawError(state) {
     // `error_active` says whether the error still holds; without it, the
     // recorded error is shown for as long as the state keeps it.
@@ -699,7 +718,7 @@
   async function poll() {
     body.classList.add("polling");
     try {
-      const [state, backups, owners] = await Promise.all([
+      const [state, backups, owners, services] = await Promise.all([
         getJSON("state"),
         getJSON("backup/list").catch(() => null),
         ownersAvailable
@@ -708,6 +727,7 @@
               return null;
             })
           : null,
+        getJSON("services").catch(() => null),
       ]);
       const now = Date.now();
       const c = classify(state, ownersByPort(owners));
@@ -723,6 +743,7 @@
       drawUsage(state);
       drawHistory(state);
       drawBackups(backups);
+      drawServices(services);
       updates++;
       lastSuccess = new Date(now);
       body.dataset.updates = String(updates);
