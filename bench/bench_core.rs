@@ -33,9 +33,13 @@ fn main() {
     let _ = std::fs::remove_dir_all(&work);
     println!("work folder: {}", work.display());
 
-    time("kernel scan: sock_diag netlink (LISTEN)", 200, || {
-        scan::kernel_tables().unwrap();
-    });
+    time(
+        "kernel scan: sock_diag netlink (LISTEN, 30000-36000)",
+        200,
+        || {
+            scan::kernel_tables(30000..=36000).unwrap();
+        },
+    );
     time("kernel scan: /proc/net/tcp + tcp6", 50, || {
         scan::proc_tables().unwrap();
     });
@@ -70,7 +74,7 @@ fn main() {
         manager.pick_port(None).unwrap();
     });
     time("refresh (scan + save)", 500, || {
-        manager.refresh(scan::kernel_tables().ok().as_ref(), &[], false);
+        manager.refresh(scan::kernel_tables(30000..=36000).ok().as_ref(), &[], false);
     });
     manager.stop();
     let _ = std::fs::remove_dir_all(&work);

@@ -48,7 +48,8 @@ pub fn stop_manager(manager: &Manager) {
 /// Refreshes one manager now, as the refresh thread would: kernel scan, dead
 /// leases reclaimed, state saved if what it shows changed.
 pub fn refresh_manager(manager: &Manager) {
-    let host = scan::kernel_tables().ok();
+    let config = manager.config();
+    let host = scan::kernel_tables(config.start..=config.end).ok();
     let reclaimed = manager
         .registry()
         .map(|r| manager::sweep_dead(&r))

@@ -38,6 +38,12 @@ impl PortList {
         self.set.iter()
     }
 
+    /// The non-empty 64-port words, lowest first: each word's first port and
+    /// its bits (bit i is port `start + i`).
+    pub fn iter_words(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        self.set.iter_words()
+    }
+
     pub fn first(&self) -> Option<u16> {
         self.iter().next()
     }

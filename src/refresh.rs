@@ -166,9 +166,10 @@ fn run(r: &Refresher) {
 
 fn refresh_until_stopped(r: &Refresher) {
     while let Some(due) = next_due(r) {
-        // One scan of the kernel tables for every due manager; where there are
-        // no tables each manager probes its own range.
-        let host = scan::kernel_tables().ok();
+        // One scan of the kernel tables for every due manager (of the ports
+        // from the lowest start to the highest end of their ranges); where
+        // there are no tables each manager probes its own range.
+        let host = scan::kernel_tables(hull(&due)).ok();
         let mut swept: Vec<(Arc<Registry>, Vec<Lease>)> = Vec::new();
         // Each reclaimed lease is reported once per state file, not once per
         // manager of it.
@@ -193,6 +194,13 @@ fn refresh_until_stopped(r: &Refresher) {
             manager.refresh(host.as_ref(), reclaimed, false);
         }
     }
+}
+
+/// The ports from the lowest start to the highest end of the managers' ranges.
+fn hull(managers: &[Arc<Manager>]) -> std::ops::RangeInclusive<u16> {
+    let start = managers.iter().map(|m| m.config().start).min();
+    let end = managers.iter().map(|m| m.config().end).max();
+    start.unwrap_or(0)..=end.unwrap_or(u16::MAX)
 }
 
 /// Waits until some manager is due (or the thread is told to stop: `None`),

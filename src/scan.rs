@@ -172,18 +172,23 @@ impl FromIterator<u16> for PortSet {
 /// The ports in use on this host. Reads the kernel tables where they exist and
 /// falls back to probing every port of `range` one by one elsewhere.
 pub fn ports_in_use(range: RangeInclusive<u16>) -> PortSet {
-    match kernel_tables() {
+    match kernel_tables(range.clone()) {
         Ok(set) => set,
         Err(_) => probe_range(range),
     }
 }
 
-/// The kernel's view: netlink where it answers, else the /proc tables.
-pub fn kernel_tables() -> io::Result<PortSet> {
+/// The kernel's view of the ports in `range` (at least; the /proc tables give
+/// every port): netlink where it answers, else the /proc tables. Netlink asks
+/// the kernel for that range only, so the sockets of the host outside it cost
+/// next to nothing.
+pub fn kernel_tables(range: RangeInclusive<u16>) -> io::Result<PortSet> {
     #[cfg(target_os = "linux")]
-    if let Ok(set) = crate::sockdiag::listening_ports() {
+    if let Ok(set) = crate::sockdiag::listening_ports(range) {
         return Ok(set);
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = range;
     proc_tables()
 }
 
