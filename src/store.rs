@@ -85,6 +85,9 @@ pub struct Store {
     /// (`a.json` and `a.state` both back up as `a_<time>.json`): never
     /// restored from, never rotated away by this file.
     foreign: std::collections::HashSet<String>,
+    /// Backups known to be this file's (made by this store, or read once):
+    /// rotation reads a backup's content only the first time it decides.
+    ours: std::collections::HashSet<String>,
 }
 
 /// What a save did to the backups folder, for what the process knows of its
@@ -125,6 +128,7 @@ impl Store {
             backup_cache: None,
             touched: Touched::Nothing,
             foreign: Default::default(),
+            ours: Default::default(),
         }
     }
 
@@ -591,6 +595,7 @@ impl Store {
                 Err(e) => return Err(e),
             }
         };
+        self.ours.insert(name.clone());
         existing.push(Backup {
             path: self.backup_dir.join(&name),
             name,
@@ -602,7 +607,7 @@ impl Store {
         let mut dropped: Vec<Backup> = Vec::new();
         while existing.len() > self.backup_max {
             let oldest = existing.remove(0);
-            if self.belongs_here(backups, &oldest.name) {
+            if self.ours.remove(&oldest.name) || self.belongs_here(backups, &oldest.name) {
                 dropped.push(oldest);
             } else {
                 self.foreign.insert(oldest.name);
