@@ -114,6 +114,8 @@ pub struct Event {
     pub used: PortSummary,
     pub note: String,
     pub state_file: String,
+    /// The service the manager serves (`service=`, or the state file's name).
+    pub service: String,
     /// The port the event is about: picked, released, reclaimed, given back
     /// at stop (None for the others).
     pub port: Option<u16>,
@@ -333,6 +335,7 @@ impl Event {
             "dpm.free_count": self.free.count,
             "dpm.used_count": self.used.count,
             "dpm.state_file": self.state_file,
+            "dpm.service": self.service,
         })
     }
 }
@@ -438,6 +441,7 @@ mod tests {
             used: PortSummary::of(&used.iter().copied().collect()),
             note: "DynamicPortManager started.".into(),
             state_file: "s.json".into(),
+            service: "s".into(),
             port: None,
             prev: None,
             pid: 7,

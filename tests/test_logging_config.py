@@ -34,6 +34,7 @@ FIELDS = (
     "active_port",
     "pid",
     "state_file",
+    "service",
     "free_count",
     "used_count",
     "jalali_time",
@@ -110,6 +111,7 @@ def test_records_carry_the_events_fields_and_the_callers_line(
         for field in FIELDS:
             assert hasattr(record, field), (record.getMessage(), field)
         assert record.state_file == str(path)
+        assert record.service == path.stem.removeprefix("dynamic_ports_")
         assert record.name == LOGGER
         # The caller's line, never the Rust source.
         assert record.pathname == __file__, record.pathname
@@ -251,6 +253,7 @@ def test_log_json_is_ecs_with_the_packages_keys_under_dpm(
     assert record["event.action"] == record["dpm.event"] == "log_json"
     assert record["dpm.active_port"] == record["dpm.current_port"] == port
     assert record["dpm.state_file"] == str(m.state_path)
+    assert record["dpm.service"] == m.service
     assert (record["dpm.free_count"], record["dpm.used_count"]) == (0, 1)
     assert record["dpm.error_active"] is False and record["dpm.last_error"] is None
     assert record["dpm.change_count"] == 1

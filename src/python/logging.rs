@@ -262,6 +262,7 @@ fn record<'py>(py: Python<'py>, event: &Event, caller: &mut Option<Caller<'py>>)
     extra.set_item("active_port", event.active)?;
     extra.set_item("pid", event.pid)?;
     extra.set_item("state_file", &event.state_file)?;
+    extra.set_item("service", &event.service)?;
     extra.set_item("free_count", event.free.count)?;
     extra.set_item("used_count", event.used.count)?;
     extra.set_item("jalali_time", &event.time.jalali)?;
