@@ -42,7 +42,9 @@ pub struct Manager {
     path: PathBuf,
     registry_dir: PathBuf,
     stopped: AtomicBool,
-    local: PerProcess<std::result::Result<Local, String>>,
+    /// Made on first successful use in each process (a failed registry open
+    /// is tried again at the next call, not kept).
+    local: PerProcess<Local>,
 }
 
 /// The manager as one process sees it.
@@ -116,8 +118,8 @@ impl Manager {
     /// This process's part, made on first use in each process (a forked
     /// child's manager starts with no port, under the child's own name).
     fn local(&self) -> Result<&Local> {
-        let made = self.local.get_or_init(|| {
-            let registry = Registry::open(&self.registry_dir).map_err(|e| e.to_string())?;
+        self.local.get_or_try_init(|| {
+            let registry = Registry::open(&self.registry_dir)?;
             let holder = Holder::current();
             let file = SharedFile::open(&self.path, &self.config, &registry);
             // Refreshed in every process that uses it (a forked child's
@@ -132,9 +134,6 @@ impl Manager {
                 file,
                 mine: Mutex::new(Mine { active: None }),
             })
-        });
-        made.as_ref().map_err(|message| {
-            Error::registry(&self.registry_dir, std::io::Error::other(message.clone()))
         })
     }
 
@@ -160,10 +159,7 @@ impl Manager {
     }
 
     pub fn active_port(&self) -> Option<u16> {
-        self.local
-            .current()
-            .and_then(|l| l.as_ref().ok())
-            .and_then(|l| lock(&l.mine).active)
+        self.local.current().and_then(|l| lock(&l.mine).active)
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -571,7 +567,7 @@ impl Manager {
         }
         crate::refresh::unregister(self.id);
         // In a process that never used this manager there is nothing of it here.
-        let Some(Ok(local)) = self.local.current() else {
+        let Some(local) = self.local.current() else {
             return;
         };
         let mut events = Vec::new();
@@ -892,7 +888,7 @@ impl Manager {
             return;
         }
         crate::refresh::unregister(self.id);
-        let Some(Ok(local)) = self.local.current() else {
+        let Some(local) = self.local.current() else {
             return;
         };
         if let Some(port) = lock(&local.mine).active.take() {

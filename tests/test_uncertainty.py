@@ -547,3 +547,38 @@ def test_10_a_squatted_default_registry_moves_to_the_users_own_folder(
     finally:
         squatted.rmdir()
         shutil.rmtree(home, ignore_errors=True)
+
+
+# ---- a failed first use in a forked child is tried again ----------------
+
+
+def test_a_forked_childs_failed_first_use_is_tried_again(
+    state_path: Path, free_port_factory: Callable[[], int]
+) -> None:
+    base = free_port_factory()
+    done = python(
+        f"""
+        import os, resource
+        from dynamic_port_manager import DynamicPortManager
+        m = DynamicPortManager({base}, {base + 3}, {str(state_path)!r}, console_log=False)
+        m.pick_port()
+        child = os.fork()
+        if child == 0:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            used = len(os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (used - 1, hard))
+            try:
+                m.pick_port()
+                print("first: picked", flush=True)
+            except OSError as e:
+                print("first: failed", type(e).__name__, flush=True)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            print("then:", m.pick_port(), flush=True)
+            os._exit(0)
+        os.waitpid(child, 0)
+        m.stop()
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "first: failed" in done.stdout, done.stdout  # the fault took
+    assert "then: " in done.stdout, done.stdout + done.stderr

@@ -87,17 +87,27 @@ impl<T> PerProcess<T> {
     /// This process's value, made by `init` on first use in this process.
     /// `init` may run more than once if threads race; one result is kept.
     pub fn get_or_init(&self, init: impl FnOnce() -> T) -> &T {
+        match self.get_or_try_init(|| Ok::<T, std::convert::Infallible>(init())) {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+
+    /// `get_or_init` for a value whose making can fail: a failure is
+    /// returned and nothing is kept, so the next call tries again (a
+    /// transient error must not break a forked child for its whole life).
+    pub fn get_or_try_init<E>(&self, init: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
         let owner = Owner::this_process();
         let seen = self.slot.load(Ordering::Acquire);
         // SAFETY: as in `current`.
         if let Some(slot) = unsafe { seen.as_ref() } {
             if slot.owner == owner {
-                return &slot.value;
+                return Ok(&slot.value);
             }
         }
         let fresh = Box::into_raw(Box::new(Slot {
             owner,
-            value: init(),
+            value: init()?,
         }));
         match self
             .slot
@@ -105,13 +115,13 @@ impl<T> PerProcess<T> {
         {
             // The slot replaced (an inherited one) is leaked on purpose.
             // SAFETY: `fresh` was just published and is never freed before `self`.
-            Ok(_) => unsafe { &(*fresh).value },
+            Ok(_) => Ok(unsafe { &(*fresh).value }),
             Err(winner) => {
                 // Another thread of this process published first: use theirs.
                 // SAFETY: `fresh` was never published; `winner` is live.
                 unsafe {
                     drop(Box::from_raw(fresh));
-                    &(*winner).value
+                    Ok(&(*winner).value)
                 }
             }
         }
