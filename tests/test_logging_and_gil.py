@@ -277,8 +277,10 @@ def run_on_a_terminal(args: list[str], env: dict[str, str], timeout: float = 60)
             left = deadline - time.monotonic()
             if left <= 0:
                 pytest.fail("the child on a terminal hung")
-            ready, _, _ = select.select([master], [], [], min(left, 1.0))
-            if not ready:
+            # poll, not select: the test process may hold descriptors past 1024.
+            waiter = select.poll()
+            waiter.register(master, select.POLLIN)
+            if not waiter.poll(min(left, 1.0) * 1000):
                 if proc.poll() is not None:
                     break
                 continue
@@ -336,8 +338,9 @@ with open(sys.argv[1], "a+") as f:
 
 
 def read_line(stream: Any, timeout: float) -> str:
-    ready, _, _ = select.select([stream], [], [], timeout)
-    if not ready:
+    waiter = select.poll()  # not select: descriptors past 1024 here
+    waiter.register(stream, select.POLLIN)
+    if not waiter.poll(timeout * 1000):
         pytest.fail("the lock holder said nothing")
     return stream.readline().strip()
 

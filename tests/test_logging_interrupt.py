@@ -99,8 +99,10 @@ METHODS = {
 def read_line(child: subprocess.Popen[str], timeout: float) -> str:
     """The child's next stdout line, or fail after ``timeout`` seconds."""
     assert child.stdout is not None
-    ready, _, _ = select.select([child.stdout], [], [], timeout)
-    if not ready:
+    # poll, not select: the test process may hold descriptors past 1024.
+    waiter = select.poll()
+    waiter.register(child.stdout, select.POLLIN)
+    if not waiter.poll(timeout * 1000):
         child.kill()
         pytest.fail(f"no output from the child within {timeout}s: {child.communicate()[1]!r}")
     line = child.stdout.readline().strip()
