@@ -12,45 +12,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use serde::{Deserialize, Serialize};
-
-use crate::registry::Lease;
-
-/// One change of the lease table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Change {
-    #[serde(rename = "add")]
-    Add(Lease),
-    /// A lease removed, named by everything that identifies it.
-    #[serde(rename = "del")]
-    Del(LeaseKey),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LeaseKey {
-    pub port: u16,
-    pub pid: u32,
-    pub start_time: u64,
-    pub owner: String,
-}
-
-impl LeaseKey {
-    pub fn of(lease: &Lease) -> LeaseKey {
-        LeaseKey {
-            port: lease.port,
-            pid: lease.pid,
-            start_time: lease.start_time,
-            owner: lease.owner.clone(),
-        }
-    }
-
-    fn names(&self, lease: &Lease) -> bool {
-        lease.port == self.port
-            && lease.pid == self.pid
-            && lease.start_time == self.start_time
-            && lease.owner == self.owner
-    }
-}
+use crate::lease::Lease;
+pub use crate::lease::{Change, LeaseKey};
 
 /// The registry's position, kept in the lock file (which is never replaced):
 /// bytes 0-8 the change counter (what `fsutil::read_generation` reads),

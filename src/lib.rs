@@ -11,7 +11,9 @@ pub mod fsutil;
 pub mod holder;
 pub mod inspect;
 pub mod kept;
+pub mod lease;
 pub mod lease_log;
+pub mod liveness;
 pub mod lookup;
 pub mod manager;
 pub mod owners;
@@ -21,6 +23,7 @@ pub mod port_policy;
 pub mod probe;
 pub mod refresh;
 pub mod registry;
+pub mod registry_dir;
 pub mod scan;
 pub mod shared;
 #[cfg(target_os = "linux")]

@@ -81,7 +81,7 @@ fn command_of(pid: u32) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::Lease;
+    use crate::lease::Lease;
 
     #[test]
     fn only_live_holders_of_the_name_are_found() {

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::registry::Lease;
+use crate::lease::Lease;
 use crate::scan::PortSet;
 
 /// A process holding a socket on the port.

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,255 +24,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::fsutil::{Dir, FileId, LockFile, Open, Stat, LOCK_WAIT, MAX_READ};
-use crate::holder::{Holder, Liveness};
-use crate::lease_log::{self, Change, Header, Layout, LeaseKey, FORMAT};
+use crate::holder::Holder;
+use crate::lease_log::{self, Header, Layout, FORMAT};
 use crate::sys::PerProcess;
 
-/// The environment variable that moves the registry (e.g. per test session).
-pub const REGISTRY_ENV: &str = "DPM_REGISTRY_DIR";
-
-/// One port held by one manager (or one `pick --pid` of the command line).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lease {
-    pub port: u16,
-    pub pid: u32,
-    pub start_time: u64,
-    /// Which manager in that process holds it (state file + instance number).
-    pub owner: String,
-    /// When it was taken (ISO-8601).
-    pub since: String,
-    /// The service the holder announced (empty in tables written before names).
-    #[serde(default)]
-    pub service: String,
-}
-
-impl Lease {
-    pub fn holder(&self) -> Holder {
-        Holder {
-            pid: self.pid,
-            start_time: self.start_time,
-        }
-    }
-}
+pub use crate::lease::{note_holder, Lease, LeaseTable};
+pub use crate::liveness::AliveCache;
+use crate::registry_dir::open_private;
+pub use crate::registry_dir::{default_dir, fallback_notice, resolve_dir, REGISTRY_ENV};
 
 #[derive(Serialize, Deserialize)]
 struct LeaseFile {
     version: u32,
     leases: Vec<Lease>,
-}
-
-/// The leases as one transaction sees them. Changes are written back when the
-/// transaction ends, and only if there were any.
-#[derive(Debug, Default, Clone)]
-pub struct LeaseTable {
-    leases: Vec<Lease>,
-    /// What this transaction changed, in order: appended to the change log.
-    changes: Vec<Change>,
-    /// The whole table must be written (a damaged one was repaired).
-    rewrite: bool,
-    /// Names the content as loaded (see `Cached::version`); 0: unknown.
-    version: u64,
-    /// The name the content will have once this transaction's changes are written.
-    next_version: u64,
-}
-
-impl LeaseTable {
-    pub fn iter(&self) -> impl Iterator<Item = &Lease> {
-        self.leases.iter()
-    }
-
-    /// Names the table's content as this transaction found it: equal
-    /// versions, equal leases (within this process). 0 when unknown.
-    pub fn version(&self) -> u64 {
-        self.version
-    }
-
-    /// The version the table has after this transaction, if its changes are
-    /// written (a failed write makes the next load read afresh, under a new
-    /// version).
-    pub fn version_after(&self) -> u64 {
-        if self.dirty() {
-            self.next_version
-        } else {
-            self.version
-        }
-    }
-
-    pub fn holder_of(&self, port: u16) -> Option<&Lease> {
-        self.leases.iter().find(|l| l.port == port)
-    }
-
-    pub fn insert(&mut self, lease: Lease) {
-        self.changes.push(Change::Add(lease.clone()));
-        self.leases.push(lease);
-    }
-
-    fn dirty(&self) -> bool {
-        self.rewrite || !self.changes.is_empty()
-    }
-
-    /// Removes the leases for which `drop` is true, and returns them.
-    /// The table's order means nothing, so a removal moves the last lease
-    /// into the gap instead of shifting thousands of them (every process
-    /// replays the same removals from the log, so all keep the same order).
-    pub fn remove_where(&mut self, mut drop: impl FnMut(&Lease) -> bool) -> Vec<Lease> {
-        let mut removed = Vec::new();
-        let mut i = 0;
-        while i < self.leases.len() {
-            if drop(&self.leases[i]) {
-                removed.push(self.leases.swap_remove(i));
-            } else {
-                i += 1;
-            }
-        }
-        self.changes
-            .extend(removed.iter().map(|l| Change::Del(LeaseKey::of(l))));
-        removed
-    }
-
-    /// Removes the leases whose holder process is gone, and returns them.
-    /// Only positive evidence counts (see `Holder::liveness`): a holder that
-    /// could not be checked keeps its leases, and `unknown` says why.
-    pub fn remove_dead(&mut self, seen: &mut AliveCache) -> Vec<Lease> {
-        let unknown = &mut seen.unknown;
-        let mut dead: HashMap<Holder, bool> = HashMap::new();
-        self.remove_where(|l| {
-            *dead
-                .entry(l.holder())
-                .or_insert_with(|| match l.holder().liveness() {
-                    Liveness::Dead => true,
-                    Liveness::Alive => false,
-                    Liveness::Unknown(why) => {
-                        unknown.push(why);
-                        false
-                    }
-                })
-        })
-    }
-
-    /// Removes the leases on ports of `range` below `below` (all of the range
-    /// when `None`) whose holder is gone, and returns them. For a pick: the
-    /// lowest free port must not stay held by a process that exited.
-    /// `holders` are those of the range's leases with their lowest port there
-    /// (as `shared::leased_in` found them in the same transaction): each is
-    /// checked once, one seen alive within the last second is not checked
-    /// again (`seen`), and the table is only walked again if one is gone.
-    /// A holder that could not be checked is kept (`seen` notes why).
-    pub fn remove_dead_among(
-        &mut self,
-        range: &std::ops::RangeInclusive<u16>,
-        below: Option<u16>,
-        holders: &[(Holder, u16)],
-        seen: &mut AliveCache,
-    ) -> Vec<Lease> {
-        let dead: Vec<Holder> = holders
-            .iter()
-            .filter(|(_, lowest)| below.is_none_or(|b| *lowest < b))
-            .map(|(holder, _)| *holder)
-            .filter(|holder| seen.is_dead(*holder))
-            .collect();
-        if dead.is_empty() {
-            return Vec::new();
-        }
-        let in_scope = |l: &Lease| range.contains(&l.port) && below.is_none_or(|b| l.port < b);
-        self.remove_where(|l| in_scope(l) && dead.contains(&l.holder()))
-    }
-}
-
-/// Adds `holder` to `holders` (each with its lowest port seen), or lowers
-/// its port. Holders are few (one per process) and leases of one holder tend
-/// to follow each other: the newest entry is looked at first.
-pub fn note_holder(holders: &mut Vec<(Holder, u16)>, holder: Holder, port: u16) {
-    match holders.iter_mut().rev().find(|(h, _)| *h == holder) {
-        Some((_, lowest)) => *lowest = (*lowest).min(port),
-        None => holders.push((holder, port)),
-    }
-}
-
-/// Handles on holders seen alive, so a pick does not read `/proc` for each
-/// of them every time: a pidfd (Linux 5.3+) becomes readable the moment its
-/// process exits, so a death is seen at once, for one `poll` per holder.
-#[derive(Default)]
-pub struct AliveCache {
-    watched: HashMap<Holder, OwnedFd>,
-    /// Why holders could not be checked since the last `take_unknown`.
-    unknown: Vec<String>,
-}
-
-/// At most this many pidfds are kept open (others are checked through /proc).
-const WATCHED_MAX: usize = 64;
-
-impl AliveCache {
-    /// Whether there is positive evidence that `holder` is gone. A check
-    /// that could not be made (no descriptor for a pidfd or /proc, a failed
-    /// poll) is not evidence: the holder counts as alive, and why is noted.
-    pub fn is_dead(&mut self, holder: Holder) -> bool {
-        if let Some(fd) = self.watched.get(&holder) {
-            match has_exited(fd) {
-                Ok(false) => return false,
-                Ok(true) => {
-                    self.watched.remove(&holder);
-                    return true;
-                }
-                // Unknown: the handle is dropped and /proc asked below.
-                Err(_) => {
-                    self.watched.remove(&holder);
-                }
-            }
-        }
-        match holder.liveness() {
-            Liveness::Dead => return true,
-            Liveness::Unknown(why) => {
-                self.unknown.push(why);
-                return false;
-            }
-            Liveness::Alive => {}
-        }
-        if self.watched.len() < WATCHED_MAX {
-            // Checked again once the handle is open: the pid could have been
-            // reused in between, and then the handle would watch a stranger.
-            if let Some(fd) = pidfd_open(holder.pid) {
-                if holder.liveness() == Liveness::Alive {
-                    self.watched.insert(holder, fd);
-                }
-            }
-        }
-        false
-    }
-
-    /// Why holders could not be checked since the last call (none: empty).
-    pub fn take_unknown(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.unknown)
-    }
-}
-
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
-    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
-}
-
-/// Whether the process behind a pidfd has exited: readable means exited;
-/// an error is no answer.
-fn has_exited(fd: &OwnedFd) -> io::Result<bool> {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let mut fds = [PollFd::new(fd, PollFlags::IN)];
-    let now = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    loop {
-        match poll(&mut fds, Some(&now)) {
-            Ok(ready) => {
-                let revents = fds[0].revents();
-                if revents.intersects(PollFlags::NVAL | PollFlags::ERR) {
-                    return Err(io::Error::other("poll on a pidfd failed"));
-                }
-                return Ok(ready > 0 && revents.contains(PollFlags::IN));
-            }
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 struct Inner {
@@ -330,108 +93,6 @@ pub struct Registry {
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry").field("dir", &self.dir).finish()
-    }
-}
-
-/// The folder used when neither the caller nor `DPM_REGISTRY_DIR` names one.
-///
-/// A fixed path under /tmp rather than `$XDG_RUNTIME_DIR`: that variable is
-/// missing under cron, sudo and many service managers, and logind deletes the
-/// folder on the user's last logout; either would split one user's managers
-/// across two registries and break uniqueness.
-///
-/// Any local user can create that path first (a folder of theirs, or a
-/// link). Then, and only then, every process of this user moves to the same
-/// fallback (see `fallback_dir`), and each manager says so at start
-/// (`fallback_notice`): a squatter cannot stop this user's managers.
-pub fn default_dir() -> PathBuf {
-    default_choice().0.clone()
-}
-
-/// The /tmp path the default registry lives at unless it is taken.
-fn tmp_dir() -> PathBuf {
-    PathBuf::from(format!(
-        "/tmp/dynamic-port-manager-{}",
-        crate::fsutil::effective_uid()
-    ))
-}
-
-/// The default folder and, when it is a fallback, why. Decided once per
-/// process: every manager of a process uses one registry.
-fn default_choice() -> &'static (PathBuf, Option<String>) {
-    static CHOICE: std::sync::OnceLock<(PathBuf, Option<String>)> = std::sync::OnceLock::new();
-    CHOICE.get_or_init(|| {
-        let tmp = tmp_dir();
-        let refusal = match open_private(&tmp) {
-            Ok(_) => return (tmp, None),
-            // Only a path someone else controls is a reason to move; any
-            // other failure (a full disk, EMFILE) is reported where it happens.
-            Err(e) if squatted(&tmp) => e.to_string(),
-            Err(_) => return (tmp, None),
-        };
-        match fallback_dir() {
-            Some(dir) if open_private(&dir).is_ok() => {
-                let why = format!(
-                    "the default lease registry {} cannot be used ({refusal}); using {} \
-                     instead (every process of this user does the same while it is taken)",
-                    tmp.display(),
-                    dir.display()
-                );
-                (dir, Some(why))
-            }
-            _ => (tmp, None),
-        }
-    })
-}
-
-/// Is `path` something this user does not control: a link, not a folder, a
-/// folder of another user or one that others can write? (Positive evidence
-/// only: a path that cannot be looked at is not called taken.)
-fn squatted(path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(st) => {
-            !st.is_dir() || st.uid() != crate::fsutil::effective_uid() || st.mode() & 0o022 != 0
-        }
-        Err(_) => false,
-    }
-}
-
-/// Where the default registry moves when its /tmp path is taken by another
-/// user: the user's runtime folder (`$XDG_RUNTIME_DIR`, or `/run/user/<uid>`
-/// where logind made it, so that cron and services without the variable find
-/// the same one), else `~/.cache`. Only a folder this user owns and no one
-/// else can write is used.
-fn fallback_dir() -> Option<PathBuf> {
-    let uid = crate::fsutil::effective_uid();
-    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| Some(PathBuf::from(format!("/run/user/{uid}"))));
-    if let Some(runtime) = runtime.filter(|d| Dir::open(d).is_ok_and(|f| f.check_trusted().is_ok()))
-    {
-        return Some(runtime.join("dynamic-port-manager"));
-    }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
-    let cache = PathBuf::from(home).join(".cache");
-    Dir::create(&cache, 0o700).ok()?;
-    Some(cache.join("dynamic-port-manager-registry"))
-}
-
-/// Why `dir` is not the /tmp default, when it is the fallback taken instead.
-pub fn fallback_notice(dir: &Path) -> Option<String> {
-    let (chosen, why) = default_choice();
-    (chosen == dir).then(|| why.clone()).flatten()
-}
-
-/// The registry folder for an explicit choice, else the environment, else the default.
-pub fn resolve_dir(explicit: Option<&Path>) -> PathBuf {
-    if let Some(dir) = explicit {
-        return dir.to_path_buf();
-    }
-    match std::env::var_os(REGISTRY_ENV) {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => default_dir(),
     }
 }
 
@@ -982,20 +643,6 @@ fn slot<'a>(
 enum Make {
     Yes,
     No,
-}
-
-fn open_private(dir: &Path) -> Result<Dir> {
-    let folder = Dir::create(dir, 0o700).map_err(|e| Error::registry(dir, e))?;
-    folder.check_trusted().map_err(|e| {
-        // The error names the folder already; the registry error names it once.
-        let text = e.to_string();
-        let named = format!("folder {} ", dir.display());
-        let text = text
-            .strip_prefix(&named)
-            .map_or(text.clone(), |rest| format!("the folder {rest}"));
-        Error::registry(dir, io::Error::new(e.kind(), text))
-    })?;
-    Ok(folder)
 }
 
 /// Moves the slot file `name` aside under a name never reused; says what happened.

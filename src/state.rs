@@ -108,7 +108,7 @@ pub struct LeaseView {
 }
 
 impl LeaseView {
-    pub fn of(lease: &crate::registry::Lease) -> LeaseView {
+    pub fn of(lease: &crate::lease::Lease) -> LeaseView {
         LeaseView {
             port: lease.port,
             pid: lease.pid,

@@ -1,0 +1,197 @@
+//! The lease model: one port held by one process, and the table of them one
+//! registry transaction sees and changes.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::holder::{Holder, Liveness};
+use crate::liveness::AliveCache;
+
+/// One port held by one manager (or one `pick --pid` of the command line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub port: u16,
+    pub pid: u32,
+    pub start_time: u64,
+    /// Which manager in that process holds it (state file + instance number).
+    pub owner: String,
+    /// When it was taken (ISO-8601).
+    pub since: String,
+    /// The service the holder announced (empty in tables written before names).
+    #[serde(default)]
+    pub service: String,
+}
+
+impl Lease {
+    pub fn holder(&self) -> Holder {
+        Holder {
+            pid: self.pid,
+            start_time: self.start_time,
+        }
+    }
+}
+
+/// The leases as one transaction sees them. Changes are written back when the
+/// transaction ends, and only if there were any.
+#[derive(Debug, Default, Clone)]
+pub struct LeaseTable {
+    pub(crate) leases: Vec<Lease>,
+    /// What this transaction changed, in order: appended to the change log.
+    pub(crate) changes: Vec<Change>,
+    /// The whole table must be written (a damaged one was repaired).
+    pub(crate) rewrite: bool,
+    /// Names the content as loaded (see `Cached::version`); 0: unknown.
+    pub(crate) version: u64,
+    /// The name the content will have once this transaction's changes are written.
+    pub(crate) next_version: u64,
+}
+
+impl LeaseTable {
+    pub fn iter(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.iter()
+    }
+
+    /// Names the table's content as this transaction found it: equal
+    /// versions, equal leases (within this process). 0 when unknown.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The version the table has after this transaction, if its changes are
+    /// written (a failed write makes the next load read afresh, under a new
+    /// version).
+    pub fn version_after(&self) -> u64 {
+        if self.dirty() {
+            self.next_version
+        } else {
+            self.version
+        }
+    }
+
+    pub fn holder_of(&self, port: u16) -> Option<&Lease> {
+        self.leases.iter().find(|l| l.port == port)
+    }
+
+    pub fn insert(&mut self, lease: Lease) {
+        self.changes.push(Change::Add(lease.clone()));
+        self.leases.push(lease);
+    }
+
+    pub(crate) fn dirty(&self) -> bool {
+        self.rewrite || !self.changes.is_empty()
+    }
+
+    /// Removes the leases for which `drop` is true, and returns them.
+    /// The table's order means nothing, so a removal moves the last lease
+    /// into the gap instead of shifting thousands of them (every process
+    /// replays the same removals from the log, so all keep the same order).
+    pub fn remove_where(&mut self, mut drop: impl FnMut(&Lease) -> bool) -> Vec<Lease> {
+        let mut removed = Vec::new();
+        let mut i = 0;
+        while i < self.leases.len() {
+            if drop(&self.leases[i]) {
+                removed.push(self.leases.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        self.changes
+            .extend(removed.iter().map(|l| Change::Del(LeaseKey::of(l))));
+        removed
+    }
+
+    /// Removes the leases whose holder process is gone, and returns them.
+    /// Only positive evidence counts (see `Holder::liveness`): a holder that
+    /// could not be checked keeps its leases, and `unknown` says why.
+    pub fn remove_dead(&mut self, seen: &mut AliveCache) -> Vec<Lease> {
+        let unknown = &mut seen.unknown;
+        let mut dead: HashMap<Holder, bool> = HashMap::new();
+        self.remove_where(|l| {
+            *dead
+                .entry(l.holder())
+                .or_insert_with(|| match l.holder().liveness() {
+                    Liveness::Dead => true,
+                    Liveness::Alive => false,
+                    Liveness::Unknown(why) => {
+                        unknown.push(why);
+                        false
+                    }
+                })
+        })
+    }
+
+    /// Removes the leases on ports of `range` below `below` (all of the range
+    /// when `None`) whose holder is gone, and returns them. For a pick: the
+    /// lowest free port must not stay held by a process that exited.
+    /// `holders` are those of the range's leases with their lowest port there
+    /// (as `shared::leased_in` found them in the same transaction): each is
+    /// checked once, one seen alive within the last second is not checked
+    /// again (`seen`), and the table is only walked again if one is gone.
+    /// A holder that could not be checked is kept (`seen` notes why).
+    pub fn remove_dead_among(
+        &mut self,
+        range: &std::ops::RangeInclusive<u16>,
+        below: Option<u16>,
+        holders: &[(Holder, u16)],
+        seen: &mut AliveCache,
+    ) -> Vec<Lease> {
+        let dead: Vec<Holder> = holders
+            .iter()
+            .filter(|(_, lowest)| below.is_none_or(|b| *lowest < b))
+            .map(|(holder, _)| *holder)
+            .filter(|holder| seen.is_dead(*holder))
+            .collect();
+        if dead.is_empty() {
+            return Vec::new();
+        }
+        let in_scope = |l: &Lease| range.contains(&l.port) && below.is_none_or(|b| l.port < b);
+        self.remove_where(|l| in_scope(l) && dead.contains(&l.holder()))
+    }
+}
+
+/// Adds `holder` to `holders` (each with its lowest port seen), or lowers
+/// its port. Holders are few (one per process) and leases of one holder tend
+/// to follow each other: the newest entry is looked at first.
+pub fn note_holder(holders: &mut Vec<(Holder, u16)>, holder: Holder, port: u16) {
+    match holders.iter_mut().rev().find(|(h, _)| *h == holder) {
+        Some((_, lowest)) => *lowest = (*lowest).min(port),
+        None => holders.push((holder, port)),
+    }
+}
+
+/// One change of the lease table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    #[serde(rename = "add")]
+    Add(Lease),
+    /// A lease removed, named by everything that identifies it.
+    #[serde(rename = "del")]
+    Del(LeaseKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseKey {
+    pub port: u16,
+    pub pid: u32,
+    pub start_time: u64,
+    pub owner: String,
+}
+
+impl LeaseKey {
+    pub fn of(lease: &Lease) -> LeaseKey {
+        LeaseKey {
+            port: lease.port,
+            pid: lease.pid,
+            start_time: lease.start_time,
+            owner: lease.owner.clone(),
+        }
+    }
+
+    pub(crate) fn names(&self, lease: &Lease) -> bool {
+        lease.port == self.port
+            && lease.pid == self.pid
+            && lease.start_time == self.start_time
+            && lease.owner == self.owner
+    }
+}

@@ -1,0 +1,95 @@
+//! Whether lease holders are still running, as cheaply as it can be told:
+//! pidfds kept open for holders seen alive, `/proc` for the rest. Only
+//! positive evidence makes a holder dead (see `holder::Liveness`).
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+
+use crate::holder::{Holder, Liveness};
+
+/// Handles on holders seen alive, so a pick does not read `/proc` for each
+/// of them every time: a pidfd (Linux 5.3+) becomes readable the moment its
+/// process exits, so a death is seen at once, for one `poll` per holder.
+#[derive(Default)]
+pub struct AliveCache {
+    watched: HashMap<Holder, OwnedFd>,
+    /// Why holders could not be checked since the last `take_unknown`.
+    pub(crate) unknown: Vec<String>,
+}
+
+/// At most this many pidfds are kept open (others are checked through /proc).
+const WATCHED_MAX: usize = 64;
+
+impl AliveCache {
+    /// Whether there is positive evidence that `holder` is gone. A check
+    /// that could not be made (no descriptor for a pidfd or /proc, a failed
+    /// poll) is not evidence: the holder counts as alive, and why is noted.
+    pub fn is_dead(&mut self, holder: Holder) -> bool {
+        if let Some(fd) = self.watched.get(&holder) {
+            match has_exited(fd) {
+                Ok(false) => return false,
+                Ok(true) => {
+                    self.watched.remove(&holder);
+                    return true;
+                }
+                // Unknown: the handle is dropped and /proc asked below.
+                Err(_) => {
+                    self.watched.remove(&holder);
+                }
+            }
+        }
+        match holder.liveness() {
+            Liveness::Dead => return true,
+            Liveness::Unknown(why) => {
+                self.unknown.push(why);
+                return false;
+            }
+            Liveness::Alive => {}
+        }
+        if self.watched.len() < WATCHED_MAX {
+            // Checked again once the handle is open: the pid could have been
+            // reused in between, and then the handle would watch a stranger.
+            if let Some(fd) = pidfd_open(holder.pid) {
+                if holder.liveness() == Liveness::Alive {
+                    self.watched.insert(holder, fd);
+                }
+            }
+        }
+        false
+    }
+
+    /// Why holders could not be checked since the last call (none: empty).
+    pub fn take_unknown(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.unknown)
+    }
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// Whether the process behind a pidfd has exited: readable means exited;
+/// an error is no answer.
+fn has_exited(fd: &OwnedFd) -> io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    loop {
+        match poll(&mut fds, Some(&now)) {
+            Ok(ready) => {
+                let revents = fds[0].revents();
+                if revents.intersects(PollFlags::NVAL | PollFlags::ERR) {
+                    return Err(io::Error::other("poll on a pidfd failed"));
+                }
+                return Ok(ready > 0 && revents.contains(PollFlags::IN));
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
