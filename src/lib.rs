@@ -20,6 +20,7 @@ pub mod owners;
 
 pub mod port_list;
 pub mod port_policy;
+pub mod port_set;
 pub mod probe;
 pub mod refresh;
 pub mod registry;

@@ -19,7 +19,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::lease::Lease;
-use crate::scan::PortSet;
+use crate::port_set::PortSet;
 
 /// A process holding a socket on the port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

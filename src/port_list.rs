@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Deserializer};
 
-use crate::scan::PortSet;
+use crate::port_set::PortSet;
 
 /// A set of ports that reads like a sorted list: iterated, counted, written
 /// and compared in ascending order. A list read from a file may come in any

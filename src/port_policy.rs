@@ -5,7 +5,7 @@ use std::ops::RangeInclusive;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::scan::PortSet;
+use crate::port_set::PortSet;
 use crate::sys::PerProcess;
 
 /// The Fetch standard's "bad ports", which Chromium (`net/base/port_util.cc`)

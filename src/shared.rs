@@ -19,7 +19,7 @@ use crate::events::Kind;
 use crate::fsutil::{printable, FolderLock, Kind as FileKind, SlotGuard, LOCK_WAIT};
 use crate::holder::Holder;
 use crate::registry::{note_holder, LeaseTable, Registry};
-use crate::scan::{words_of, PortSet};
+use crate::port_set::{words_of, PortSet};
 use crate::state::{LeaseView, Options, Settings, State};
 use crate::store::{Loaded, Store};
 use crate::sys::PerProcess;

@@ -22,8 +22,8 @@ use std::io;
 use std::mem;
 use std::ops::RangeInclusive;
 
+use crate::port_set::PortSet;
 use crate::probe::Fd;
-use crate::scan::PortSet;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const TCPDIAG_GETSOCK: u16 = 18;
