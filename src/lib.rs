@@ -56,7 +56,7 @@ pub fn refresh_manager(manager: &Manager) {
     let host = scan::kernel_tables(config.start..=config.end).ok();
     let reclaimed = manager
         .registry()
-        .map(|r| manager::sweep_dead(&r))
+        .map(|r| r.sweep_dead())
         .unwrap_or_default();
     manager.refresh(host.as_ref(), &reclaimed, true);
 }

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::events::{Event, Kind, Origin, PortSummary, Sink};
 use crate::holder::Holder;
 use crate::probe::{probe_port, Probe};
-use crate::registry::{self, Lease, LeaseTable, Registry};
+use crate::registry::{self, Lease, Registry};
 use crate::scan::{self, words_of, PortSet};
 use crate::shared::{
     leased_in, lock_problem, owned_through, FileView, Leased, Save, SharedFile, Sweep,
@@ -125,7 +125,8 @@ impl Manager {
             // Refreshed in every process that uses it (a forked child's
             // schedule starts empty).
             if !self.is_stopped() {
-                crate::refresh::register(self.id, self.me.clone(), self.config.refresh_interval);
+                let me: Weak<dyn crate::refresh::Refreshed> = self.me.clone();
+                crate::refresh::register(self.id, me, self.config.refresh_interval);
             }
             Ok(Local {
                 owner: format!("{}{}.{}", file.owner_prefix(), holder.pid, self.id),
@@ -181,7 +182,7 @@ impl Manager {
                     !self.is_stopped() && local.registry.any_dead(&file.holders)
                 };
                 if any_dead {
-                    let reclaimed = sweep_dead(&local.registry);
+                    let reclaimed = local.registry.sweep_dead();
                     self.refresh(None, &reclaimed, true);
                 }
                 let mine = lock(&local.mine);
@@ -972,9 +973,20 @@ fn lowest_free(
     Ok(None)
 }
 
-/// Removes dead holders' leases from the whole registry (the refresher's sweep).
-pub fn sweep_dead(registry: &Registry) -> Vec<Lease> {
-    registry
-        .transact_seeing(LeaseTable::remove_dead)
-        .unwrap_or_default()
+impl crate::refresh::Refreshed for Manager {
+    fn range(&self) -> RangeInclusive<u16> {
+        Manager::range(self)
+    }
+
+    fn registry(&self) -> Result<Arc<Registry>> {
+        Manager::registry(self)
+    }
+
+    fn path(&self) -> &Path {
+        Manager::path(self)
+    }
+
+    fn refresh(&self, host: Option<&PortSet>, reclaimed: &[Lease]) {
+        Manager::refresh(self, host, reclaimed, false);
+    }
 }

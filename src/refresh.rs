@@ -13,10 +13,24 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::manager::{sweep_dead, Manager};
+use crate::error::Result;
+use crate::port_set::PortSet;
 use crate::registry::{Lease, Registry};
 use crate::scan;
 use crate::sys::PerProcess;
+
+/// What the refresh thread needs of a manager (`manager.rs` implements it;
+/// this module knows nothing else of managers).
+pub trait Refreshed: Send + Sync {
+    fn range(&self) -> std::ops::RangeInclusive<u16>;
+    fn registry(&self) -> Result<Arc<Registry>>;
+    fn path(&self) -> &std::path::Path;
+    /// One background refresh: `host` the kernel's view (if read),
+    /// `reclaimed` the dead leases just taken back from its registry.
+    fn refresh(&self, host: Option<&PortSet>, reclaimed: &[Lease]);
+}
+
+type Manager = dyn Refreshed;
 
 struct Entry {
     id: u64,
@@ -181,7 +195,7 @@ fn refresh_until_stopped(r: &Refresher) {
             let index = match swept.iter().position(|(r, _)| Arc::ptr_eq(r, &registry)) {
                 Some(index) => index,
                 None => {
-                    let reclaimed = sweep_dead(&registry);
+                    let reclaimed = registry.sweep_dead();
                     swept.push((registry, reclaimed));
                     swept.len() - 1
                 }
@@ -191,15 +205,15 @@ fn refresh_until_stopped(r: &Refresher) {
                 told.push((index, manager.path()));
             }
             let reclaimed: &[Lease] = if first { &swept[index].1 } else { &[] };
-            manager.refresh(host.as_ref(), reclaimed, false);
+            manager.refresh(host.as_ref(), reclaimed);
         }
     }
 }
 
 /// The ports from the lowest start to the highest end of the managers' ranges.
 fn hull(managers: &[Arc<Manager>]) -> std::ops::RangeInclusive<u16> {
-    let start = managers.iter().map(|m| m.config().start).min();
-    let end = managers.iter().map(|m| m.config().end).max();
+    let start = managers.iter().map(|m| *m.range().start()).min();
+    let end = managers.iter().map(|m| *m.range().end()).max();
     start.unwrap_or(0)..=end.unwrap_or(u16::MAX)
 }
 

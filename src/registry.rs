@@ -134,6 +134,13 @@ impl Registry {
         holders.iter().any(|(h, _)| inner.alive.is_dead(*h))
     }
 
+    /// Removes dead holders' leases from the whole registry (the refresher's
+    /// sweep), returning them.
+    pub fn sweep_dead(&self) -> Vec<Lease> {
+        self.transact_seeing(LeaseTable::remove_dead)
+            .unwrap_or_default()
+    }
+
     /// Every registry this process has opened.
     pub fn all_open() -> Vec<Arc<Registry>> {
         lock(open_registries()).values().cloned().collect()
