@@ -56,10 +56,14 @@ class BytesPath:
 # ---------------------------------------------------------------- pid
 
 
-@pytest.mark.parametrize("pid", [0, -1, -(2**31), 2**32, 2**32 + os.getpid(), *HUGE])
+# "own+2**32": this process's pid plus 2**32, made inside the test so that the
+# test's id is the same in every process (pytest-xdist collects in each worker).
+@pytest.mark.parametrize("pid", [0, -1, -(2**31), 2**32, "own+2**32", *HUGE])
 def test_a_pid_that_names_no_single_process_is_a_value_error(
-    manager: DynamicPortManager, pid: int
+    manager: DynamicPortManager, pid: int | str
 ) -> None:
+    if pid == "own+2**32":
+        pid = 2**32 + os.getpid()
     # pid 0 and -1 mean "my process group" / "every process" to kill(2): they
     # passed as running, and the port was then handed out again.
     with pytest.raises(ValueError, match=r"^pid: "):
