@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from api_ports.settings import ManagerSettings
-
 from . import (
     DynamicPortManager,
     __version__,
@@ -32,6 +30,7 @@ from . import (
     read_state,
     release_lease,
 )
+from .settings import ManagerSettings
 
 PROG = "dynamic-port-manager"
 
