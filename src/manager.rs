@@ -877,6 +877,14 @@ impl Manager {
             .map(|b| b.path)
     }
 
+    /// The content of backup `name`, if it is one of this state file's
+    /// backups and still the file that was read (see `Store::read_backup`).
+    pub fn read_backup(&self, name: &str) -> Option<Vec<u8>> {
+        let local = self.local().ok()?;
+        let mut file = local.file.lock();
+        file.store.read_backup(name)
+    }
+
     pub fn backup_dir(&self) -> PathBuf {
         self.path.parent().unwrap_or(Path::new("/")).join("backups")
     }

@@ -26,6 +26,7 @@ use crate::fsutil::{
     added, counter_slot, names_where, printable, sweep, temp_of, write_atomic, Dir, FileId, Kind,
     Open, OwnChange, Recycled, FOLDER_LOCK,
 };
+use crate::fsutil::{read_bounded, Stat};
 use crate::state::State;
 
 /// How many damaged files set aside are kept beside a state file.
@@ -464,6 +465,26 @@ impl Store {
             .collect();
         backups.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(backups)
+    }
+
+    /// The content of backup `name` if it is one of `backups()`: opened
+    /// relative to the backups folder, never through a link, read only if a
+    /// regular file, and only if the name still names what was read (the
+    /// store recycles the backup it prunes as its next temporary file: a
+    /// backup pruned while it was read may be torn).
+    pub fn read_backup(&mut self, name: &str) -> Option<Vec<u8>> {
+        if !self.backups().ok()?.iter().any(|b| b.name == name) {
+            return None;
+        }
+        let dir = self.backups.as_ref()?;
+        let mut file = dir.open_file(OsStr::new(name), Open::Read).ok()?;
+        let read = Stat::of_file(&file).ok()?;
+        if read.kind != Kind::File {
+            return None;
+        }
+        let bytes = read_bounded(&mut file, &self.backup_dir.join(name)).ok()?;
+        let still = dir.stat(OsStr::new(name)).ok()??;
+        ((still.dev, still.ino) == (read.dev, read.ino)).then_some(bytes)
     }
 
     /// Opens the backup `name` (one of `backups()`) for reading.

@@ -164,6 +164,10 @@ class DynamicPortManager:
     def backup_path(self, name: str) -> Path | None:
         """The path of backup ``name`` if it is one of this state file's backups, else None."""
 
+    def read_backup(self, name: str) -> bytes | None:
+        """The bytes of backup ``name``, or None unless it is one of this state file's
+        backups, a regular file (never read through a link) and still the file read."""
+
     @property
     def active_port(self) -> int | None:
         """The port this manager holds, or None."""

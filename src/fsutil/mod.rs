@@ -8,7 +8,7 @@ mod folder_lock;
 mod lock;
 mod watch;
 
-pub(crate) use dir::{errno, Dir, Kind, Open, Stat, MAX_READ};
+pub(crate) use dir::{errno, read_bounded, Dir, Kind, Open, Stat, MAX_READ};
 pub(crate) use folder_lock::{counter_slot, FolderLock, SlotGuard, FOLDER_LOCK};
 #[cfg(test)]
 pub(crate) use lock::read_generation;

@@ -210,6 +210,19 @@ impl PyManager {
         detach_checked(py, || manager.backup_path(name))
     }
 
+    /// The bytes of backup `name`, or None unless it is one of this state
+    /// file's backups, a regular file (never read through a link), and
+    /// still the file that was read.
+    fn read_backup<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+    ) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+        let manager = &self.manager;
+        let bytes = detach_checked(py, || manager.read_backup(name))?;
+        Ok(bytes.map(|b| pyo3::types::PyBytes::new(py, &b)))
+    }
+
     /// The port this manager holds, or None.
     #[getter]
     fn active_port(&self, py: Python<'_>) -> PyResult<Option<u16>> {
