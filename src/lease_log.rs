@@ -12,8 +12,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+pub use crate::lease::Change;
 use crate::lease::Lease;
-pub use crate::lease::{Change, LeaseKey};
 
 /// The registry's position, kept in the lock file (which is never replaced):
 /// bytes 0-8 the change counter (what `fsutil::read_generation` reads),
@@ -195,6 +195,7 @@ pub fn apply(leases: &mut Vec<Lease>, changes: Vec<Change>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lease::LeaseKey;
 
     fn lease(port: u16) -> Lease {
         Lease {

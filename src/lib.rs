@@ -2,35 +2,35 @@
 //! inspectable JSON record. Everything but `python.rs` is plain Rust and knows
 //! nothing of Python.
 
-pub mod clock;
+pub(crate) mod clock;
 pub mod config;
 pub mod error;
 pub mod events;
 mod exit;
-pub mod fsutil;
-pub mod holder;
-pub mod inspect;
-pub mod kept;
-pub mod lease;
-pub mod lease_log;
-pub mod liveness;
-pub mod lookup;
+pub(crate) mod fsutil;
+pub(crate) mod holder;
+pub(crate) mod inspect;
+pub(crate) mod kept;
+pub(crate) mod lease;
+pub(crate) mod lease_log;
+pub(crate) mod liveness;
+pub(crate) mod lookup;
 pub mod manager;
-pub mod owners;
+pub(crate) mod owners;
 
-pub mod port_list;
-pub mod port_policy;
-pub mod port_set;
+pub(crate) mod port_list;
+pub(crate) mod port_policy;
+pub(crate) mod port_set;
 pub mod probe;
-pub mod refresh;
-pub mod registry;
-pub mod registry_dir;
+pub(crate) mod refresh;
+pub(crate) mod registry;
+pub(crate) mod registry_dir;
 pub mod scan;
-pub mod shared;
+pub(crate) mod shared;
 #[cfg(target_os = "linux")]
-pub mod sockdiag;
-pub mod state;
-pub mod store;
+pub(crate) mod sockdiag;
+pub(crate) mod state;
+pub(crate) mod store;
 
 mod python;
 mod sys;

@@ -31,7 +31,7 @@ use crate::sys::PerProcess;
 pub use crate::lease::{note_holder, Lease, LeaseTable};
 pub use crate::liveness::AliveCache;
 use crate::registry_dir::open_private;
-pub use crate::registry_dir::{default_dir, fallback_notice, resolve_dir, REGISTRY_ENV};
+pub use crate::registry_dir::{fallback_notice, resolve_dir};
 
 #[derive(Serialize, Deserialize)]
 struct LeaseFile {

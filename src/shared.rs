@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
@@ -25,8 +25,6 @@ use crate::store::{Loaded, Store};
 use crate::sys::PerProcess;
 
 pub struct SharedFile {
-    path: PathBuf,
-    range: RangeInclusive<u16>,
     /// What every lease taken through this state file's managers starts with.
     owner_prefix: String,
     view: Mutex<FileView>,
@@ -129,8 +127,6 @@ impl SharedFile {
         }
         let store = Store::new(path.to_path_buf(), config.backup_max, config.durable);
         let view = Arc::new(SharedFile {
-            path: path.to_path_buf(),
-            range: config.start..=config.end,
             owner_prefix: owner_prefix(path),
             view: Mutex::new(FileView {
                 state: initial_state(config, registry),
@@ -153,14 +149,6 @@ impl SharedFile {
         });
         views.by_key.insert(key, Arc::downgrade(&view));
         view
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn range(&self) -> RangeInclusive<u16> {
-        self.range.clone()
     }
 
     pub fn owner_prefix(&self) -> &str {

@@ -149,10 +149,6 @@ impl Store {
         &self.path
     }
 
-    pub fn backup_dir(&self) -> &Path {
-        &self.backup_dir
-    }
-
     /// The lock file of the state file's folder (shared by its state files).
     pub fn lock_path(&self) -> PathBuf {
         self.path
@@ -485,12 +481,6 @@ impl Store {
         let bytes = read_bounded(&mut file, &self.backup_dir.join(name)).ok()?;
         let still = dir.stat(OsStr::new(name)).ok()??;
         ((still.dev, still.ino) == (read.dev, read.ino)).then_some(bytes)
-    }
-
-    /// Opens the backup `name` (one of `backups()`) for reading.
-    pub fn open_backup(&mut self, name: &str) -> io::Result<std::fs::File> {
-        self.backups_folder(false)?
-            .open_file(OsStr::new(name), Open::Read)
     }
 
     /// The valid backup with the highest `change_count` (the most recent
