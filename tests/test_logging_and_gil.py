@@ -182,11 +182,19 @@ print(json.dumps({"seen": seen, "marks": marks}))
 # ---------------------------------------------------------------- console lines
 
 CONSOLE_CHILD = """
-import logging, socket, sys, time
+import logging, socket, sys, threading, time
 from dynamic_port_manager import DynamicPortManager, NoFreePortError
 
-# Records go nowhere; only the core's own console line reaches stderr.
-logging.getLogger("dynamic_port_manager").addHandler(logging.NullHandler())
+# Records go nowhere but to this handler, which notes when the background
+# refresh has reported (its console line is written in the same call); only
+# the core's own console line reaches stderr.
+refreshed = threading.Event()
+class Note(logging.Handler):
+    def emit(self, record):
+        if getattr(record, "event", None) == "refresh":
+            refreshed.set()
+logging.getLogger("dynamic_port_manager").addHandler(Note())
+logging.getLogger("dynamic_port_manager").setLevel(logging.INFO)
 path, lo, hi, console = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 m = DynamicPortManager(lo, hi, path, refresh_interval=0.05, console_log=console)
 first = m.pick_port()
@@ -198,6 +206,7 @@ with socket.socket() as s:
     while hi not in m.get_state()["used_ports"]:
         assert time.monotonic() < deadline, "no refresh saw the listener"
         time.sleep(0.01)
+    assert refreshed.wait(15), "the refresh that saw the listener said nothing"
     lonely = DynamicPortManager(hi, hi, path + ".lonely", console_log=console)
     try:
         lonely.pick_port()
