@@ -53,11 +53,10 @@ pub fn read_state(config: &Config) -> Result<State> {
     let leased = registry.transact(|t| leased_in(t, &range, &prefix))?;
     let bound = scan::ports_in_use(range.clone());
     state.leases = leased.mine;
-    let skipped = if config.skip_unsafe {
-        crate::port_policy::browser_unsafe()
-    } else {
-        crate::scan::PortSet::default()
-    };
+    let skipped = config
+        .skip_unsafe
+        .then(crate::port_policy::browser_unsafe)
+        .unwrap_or_default();
     recompute_lists(&mut state, range, &leased.ports, &bound, &skipped);
     state.last_checked = Some(stamp.jalali.clone());
     state.last_checked_unix = Some(stamp.unix);

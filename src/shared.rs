@@ -134,11 +134,10 @@ impl SharedFile {
                 lock: FolderLock::default(),
                 bound: PortSet::default(),
                 leased: PortSet::default(),
-                skipped: if config.skip_unsafe {
-                    crate::port_policy::browser_unsafe()
-                } else {
-                    PortSet::default()
-                },
+                skipped: config
+                    .skip_unsafe
+                    .then(crate::port_policy::browser_unsafe)
+                    .unwrap_or_default(),
                 ephemeral: None,
                 started: false,
                 refreshed: None,

@@ -53,7 +53,7 @@ struct NlMsgHdr {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct InetDiagSockId {
     sport: [u8; 2],
     dport: [u8; 2],
@@ -252,34 +252,8 @@ enum Family {
 }
 
 fn diag_socket() -> io::Result<Fd> {
-    // SAFETY: plain socket(2); the result is checked.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = Fd(raw);
     // Never wait long for the kernel: a refresh must not hang on a scan.
-    let timeout = libc::timeval {
-        tv_sec: 1,
-        tv_usec: 0,
-    };
-    // SAFETY: the option value is a timeval that outlives the call.
-    unsafe {
-        libc::setsockopt(
-            fd.0,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &timeout as *const libc::timeval as *const libc::c_void,
-            mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    Ok(fd)
+    crate::sys::netlink_diag_socket(std::time::Duration::from_secs(1))
 }
 
 fn dump(
@@ -296,8 +270,8 @@ fn dump(
         seq: 1,
         pid: 0,
     };
-    // SAFETY: an all-zero socket id matches every socket.
-    let id: InetDiagSockId = unsafe { mem::zeroed() };
+    // An all-zero socket id matches every socket.
+    let id = InetDiagSockId::default();
     let port_filter = PortFilter::new(filter.unwrap_or(&(0..=u16::MAX)));
     match family {
         Family::Both => {
@@ -349,14 +323,7 @@ fn dump(
 /// Sends the first `len` bytes of `request` (a repr(C) struct of u8, u16 and
 /// u32 fields in their natural order: no padding) as one message.
 fn send_prefix<T>(fd: &Fd, request: &T, len: usize) -> io::Result<()> {
-    assert!(len <= mem::size_of::<T>());
-    // SAFETY: reading `len` bytes, at most its size, of a struct without
-    // padding that outlives the call.
-    let sent = unsafe { libc::send(fd.0, request as *const T as *const libc::c_void, len, 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::sys::send_prefix(fd, request, len)
 }
 
 const RECEIVE_SIZE: usize = 32 * 1024;
@@ -368,15 +335,11 @@ thread_local! {
 
 fn receive(fd: &Fd, buf: &mut [u8], each: &mut dyn FnMut(SockInfo)) -> io::Result<()> {
     loop {
-        // SAFETY: receiving into a buffer we own, at most its length.
-        let n = unsafe { libc::recv(fd.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let n = crate::sys::recv(fd, buf)?;
         if n == 0 {
             return Ok(());
         }
-        if parse_messages(&buf[..n as usize], each)? {
+        if parse_messages(&buf[..n], each)? {
             return Ok(());
         }
     }
@@ -479,8 +442,7 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].listening());
         assert_eq!(found[0].inode, inode);
-        // SAFETY: geteuid cannot fail.
-        assert_eq!(found[0].uid, unsafe { libc::geteuid() });
+        assert_eq!(found[0].uid, crate::fsutil::effective_uid());
     }
 
     #[test]

@@ -895,8 +895,14 @@ mod tests {
     fn a_fifo_at_the_path_is_neither_read_nor_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("svc.json");
-        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
         let mut store = Store::new(path.clone(), 5, false);
         assert!(matches!(store.load(0), Loaded::Unreadable(_)));
         let err = store.save(&state(1), 0).unwrap_err();

@@ -4,8 +4,8 @@
 //!
 //! - `set_range_lock`: an open-file-description byte-range lock
 //!   (`F_OFD_SETLK`), the slot locks of a state folder's lock file;
-//! - `Fd`: a raw socket descriptor closed on drop, for the netlink socket of
-//!   `sockdiag.rs` (until it uses `OwnedFd`);
+//! - `Fd`, `netlink_diag_socket`, `send_prefix`, `recv`: the netlink socket
+//!   of `sockdiag.rs` and its raw messages;
 //! - `PerProcess` (`per_process.rs`): values that a forked child never
 //!   inherits, published through an atomic pointer;
 //! - `on_fork_in_child`: `pthread_atfork`, which counts fork generations;
@@ -72,6 +72,61 @@ impl Drop for Fd {
         // alone and is closed once, here.
         unsafe { libc::close(self.0) };
     }
+}
+
+/// A netlink `NETLINK_SOCK_DIAG` datagram socket whose receives give up
+/// after `timeout`.
+pub(crate) fn netlink_diag_socket(timeout: std::time::Duration) -> io::Result<Fd> {
+    // SAFETY: plain socket(2); the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = Fd(raw);
+    let timeval = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: the option value is a timeval that outlives the call.
+    unsafe {
+        libc::setsockopt(
+            fd.0,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &timeval as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    Ok(fd)
+}
+
+/// Sends the first `len` bytes of `request` (a repr(C) struct of u8, u16 and
+/// u32 fields in their natural order: no padding) as one message.
+pub(crate) fn send_prefix<T>(fd: &Fd, request: &T, len: usize) -> io::Result<()> {
+    assert!(len <= std::mem::size_of::<T>());
+    // SAFETY: reading `len` bytes, at most its size, of a struct without
+    // padding that outlives the call.
+    let sent = unsafe { libc::send(fd.0, request as *const T as *const libc::c_void, len, 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one message into `buf` (at most its length); 0 at the end.
+pub(crate) fn recv(fd: &Fd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: receiving into a buffer we own, at most its length.
+    let n = unsafe { libc::recv(fd.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// A string of bytes the caller wrote as ASCII only (digits and JSON
