@@ -4,7 +4,19 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::events::ConsoleLog;
+
+/// When the console line is printed. Each event also becomes a log record;
+/// the line is for a host that shows no records, so an event reaches a
+/// terminal once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleLog {
+    /// Decided per event: only while the host shows no log records.
+    Auto,
+    /// Always (even beside the host's own log handlers).
+    On,
+    /// Never.
+    Off,
+}
 
 /// The state file the original module used when none was given.
 pub const DEFAULT_JSON_PATH: &str = "utils/port_state/dynamic_ports.json";

@@ -7,6 +7,8 @@
 //! after they are released: emitting may call into Python, which needs the
 //! GIL, and a thread holding the GIL may be waiting for those very locks.
 
+/// The setting lives with the other settings (`config.rs`); events obey it.
+pub use crate::config::ConsoleLog;
 use crate::port_list::PortList;
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -381,19 +383,6 @@ pub fn set_output(output: Box<dyn Output>) {
 
 fn output() -> &'static dyn Output {
     OUTPUT.get().map_or(&ProcessStderr, |c| c.as_ref())
-}
-
-/// When the console line is printed. Each event also becomes a log record;
-/// the line is for a host that shows no records, so an event reaches a
-/// terminal once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConsoleLog {
-    /// Decided per event: only while the host shows no log records.
-    Auto,
-    /// Always (even beside the host's own log handlers).
-    On,
-    /// Never.
-    Off,
 }
 
 /// Where events go.
