@@ -505,8 +505,11 @@ def test_10_a_squatted_default_registry_moves_to_the_users_own_folder(
     base = free_port_factory()
     uid = 65534  # nobody
     squatted = Path(f"/tmp/dynamic-port-manager-{uid}")
+    # That user's own registry, if an earlier run left one: out of the way
+    # for the test, back afterwards.
+    kept = squatted.with_name(squatted.name + f".kept-by-test-{os.getpid()}")
     if squatted.exists() or squatted.is_symlink():
-        pytest.skip(f"{squatted} exists already on this machine")
+        squatted.rename(kept)
     # A home the other user can reach (pytest's tmp_path is root's, 0700).
     home = Path(tempfile.mkdtemp(prefix="dpm-other-user-"))
     os.chown(home, uid, uid)
@@ -547,6 +550,8 @@ def test_10_a_squatted_default_registry_moves_to_the_users_own_folder(
     finally:
         squatted.rmdir()
         shutil.rmtree(home, ignore_errors=True)
+        if kept.exists() or kept.is_symlink():
+            kept.rename(squatted)
 
 
 # ---- a failed first use in a forked child is tried again ----------------
