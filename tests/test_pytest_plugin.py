@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from dynamic_port_manager import list_leases
@@ -76,6 +77,63 @@ def test_the_readme_example_passes(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_readme=block)  # as pasted: its imports included
     result = pytester.runpytest_subprocess(*LEAN, "--dpm-port-range", f"{start}-{end}")
     result.assert_outcomes(passed=1)
+
+
+RANGES = """
+import os, socket
+import pytest
+from dynamic_port_manager import list_leases
+
+def leases():
+    return {l["port"]: l["pid"] for l in list_leases()}
+
+def test_blocks(free_port_range, free_port):
+    a = free_port_range(3)
+    b = free_port_range(1)
+    assert isinstance(a, range) and (a.step, len(a), len(b)) == (1, 3, 1)
+    assert not set(a) & set(b) and free_port not in set(a) | set(b)
+    held = leases()
+    assert all(held[p] == os.getpid() for p in [*a, *b])
+    print("PORTS", *a, *b)
+
+def test_a_port_someone_listens_on_is_never_in_a_block(free_port_range):
+    with socket.create_server(("127.0.0.1", int(os.environ["BUSY"]))):
+        block = free_port_range(4)
+    assert int(os.environ["BUSY"]) not in block
+    print("PORTS", *block)
+
+@pytest.mark.parametrize("n", [0, -1, True, 2.0])
+def test_bad_sizes(free_port_range, n):
+    with pytest.raises(ValueError, match="free_port_range: n must be an int >= 1"):
+        free_port_range(n)
+
+def test_too_long(free_port_range):
+    from dynamic_port_manager import NoFreePortError
+    with pytest.raises(NoFreePortError, match="no 99 consecutive free ports"):
+        free_port_range(99)
+"""
+
+
+def test_free_port_range_leases_consecutive_blocks_and_releases_them(
+    pytester: pytest.Pytester,
+    free_port_range: Callable[[int], range],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    outer = free_port_range(16)
+    busy = outer.start + 1  # inside the first block the inner run would try
+    monkeypatch.setenv("BUSY", str(busy))
+    pytester.makepyfile(test_ranges=RANGES)
+    result = pytester.runpytest_subprocess(
+        "-s", *LEAN, "--dpm-port-range", f"{outer.start}-{outer[-1]}"
+    )
+    result.assert_outcomes(passed=7)
+    printed = re.findall(r"PORTS ([\d ]+)", result.stdout.str())
+    blocks = [[int(p) for p in found.split()] for found in printed]
+    for block in blocks:  # consecutive, of the configured range
+        assert len(block) == 4 and block == list(range(block[0], block[0] + 4))
+        assert set(block) <= set(outer)
+    assert busy not in blocks[1]  # the listener's port is stepped over
+    assert not {lease["port"] for lease in list_leases()} & set(outer), "released at teardown"
 
 
 def test_the_command_line_option_wins_over_the_ini_file(pytester: pytest.Pytester) -> None:

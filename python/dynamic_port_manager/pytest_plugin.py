@@ -8,6 +8,7 @@ A port is leased to the test's process and released at the test's teardown
 (or, if the process dies, reclaimed by the next pick).
 
 Fixtures: ``free_port`` (an int), ``free_port_factory`` (call it for more),
+``free_port_range`` (call it with ``n`` for ``n`` consecutive ports, a ``range``),
 ``listening_socket`` (a socket already listening on a leased port).
 Options: ``dpm_port_range`` (ini) / ``--dpm-port-range`` (default 20000-29999,
 below Linux's ephemeral range) and ``dpm_host`` (ini, the address of
@@ -25,7 +26,7 @@ from typing import Callable
 
 import pytest
 
-from . import DynamicPortManager, release_lease
+from . import DynamicPortManager, NoFreePortError, release_lease
 
 DEFAULT_RANGE = "20000-29999"
 
@@ -85,6 +86,70 @@ def free_port_factory(_dpm_manager: DynamicPortManager) -> Iterator[Callable[[],
         return port
 
     yield pick
+    for port in leased:
+        release_lease(port, registry_dir=_dpm_manager.registry_dir)
+
+
+# How many first ports free_port_range tries before it gives up: each failed
+# try keeps its ports leased until the search ends, so the next starts higher.
+RANGE_TRIES = 64
+
+
+@pytest.fixture
+def free_port_range(_dpm_manager: DynamicPortManager) -> Iterator[Callable[[int], range]]:
+    """Call it with ``n`` for ``n`` consecutive free ports (a ``range``), all
+    leased to this test until its teardown: for code that takes a port range."""
+    leased: list[int] = []
+    pid = os.getpid()
+
+    def lease_window(first: int, last: int) -> list[int]:
+        """Leases every port of ``first..=last``, or none (NoFreePortError)."""
+        got: list[int] = []
+        path = state_path().with_name(f"range-{pid}.json")
+        with DynamicPortManager(
+            first,
+            last,
+            path,
+            refresh_interval=60,
+            backup_max=0,
+            console_log=False,
+            registry_dir=_dpm_manager.registry_dir,
+        ) as window:
+            try:
+                for _ in range(last - first + 1):
+                    got.append(window.pick_port(pid=pid))
+            except NoFreePortError:
+                for port in got:
+                    release_lease(port, registry_dir=_dpm_manager.registry_dir)
+                raise
+        return got
+
+    def block(n: int) -> range:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"free_port_range: n must be an int >= 1, got {n!r}")
+        tried: list[int] = []  # first ports of failed tries, held so the next pick moves on
+        try:
+            for _ in range(RANGE_TRIES):
+                first = _dpm_manager.pick_port(pid=pid)  # the lowest port no one holds
+                if first + n - 1 > _dpm_manager.end:
+                    tried.append(first)
+                    break  # every later first port is higher still
+                try:
+                    rest = lease_window(first + 1, first + n - 1) if n > 1 else []
+                except NoFreePortError:
+                    tried.append(first)
+                    continue
+                leased.extend([first, *rest])
+                return range(first, first + n)
+        finally:
+            for port in tried:
+                release_lease(port, registry_dir=_dpm_manager.registry_dir)
+        raise NoFreePortError(
+            f"free_port_range: no {n} consecutive free ports in "
+            f"{_dpm_manager.start}-{_dpm_manager.end} (dpm_port_range)"
+        )
+
+    yield block
     for port in leased:
         release_lease(port, registry_dir=_dpm_manager.registry_dir)
 
