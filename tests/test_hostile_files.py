@@ -106,7 +106,14 @@ def test_1_2_6_something_not_a_regular_file_at_json_path_is_refused_and_left_alo
             os.mkfifo(state_path)
         elif kind == "socket":
             sock = socket.socket(socket.AF_UNIX)
-            sock.bind(str(state_path))
+            # By its name from inside its folder: a pytest-xdist worker's tmp_path
+            # is longer than AF_UNIX's 108 bytes.
+            here = os.getcwd()
+            os.chdir(state_path.parent)
+            try:
+                sock.bind(state_path.name)
+            finally:
+                os.chdir(here)
         else:
             state_path.mkdir()
     mode = os.lstat(target).st_mode
