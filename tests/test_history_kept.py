@@ -7,6 +7,7 @@ Ports 34500-34999.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -111,19 +112,24 @@ def test_8_an_idle_refresh_writes_nothing_but_last_checked_moves(state_path: Pat
         m.pick_port()
         before = os.stat(state_path)
         backups = m.backups()
-        checked = m.get_state()["last_checked_unix"]
-        time.sleep(1.0)  # about 20 refreshes
+        # Five background refreshes, each seen by the moment it stamped.
+        seen = {m.get_state()["last_checked_unix"]}
+        deadline = time.monotonic() + 30
+        while len(seen) < 6:
+            assert time.monotonic() < deadline, f"{len(seen) - 1} refreshes ran in 30 s"
+            time.sleep(0.01)
+            seen.add(m.get_state()["last_checked_unix"])
         after = os.stat(state_path)
         assert m.backups() == backups
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-        assert m.get_state()["last_checked_unix"] > checked
     finally:
         m.stop()
 
 
 def test_8_a_lock_file_that_cannot_be_used_stops_every_save_and_says_so(
-    state_path: Path,
+    state_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="dynamic_port_manager")
     # A link planted at the folder lock's name: the lock is never taken through
     # it, and without the lock the state file is never written (two managers
     # saving unlocked lose each other's history).
@@ -139,7 +145,17 @@ def test_8_a_lock_file_that_cannot_be_used_stops_every_save_and_says_so(
         # The pick itself holds: memory has it, the registry leases it.
         assert state["current_port"] == port
         assert [h["new"] for h in state["history"]] == [port]
+        seen = len(caplog.records)
         m.refresh()
+        # The refresh ran (the background thread's records name no caller)...
+        [refreshed] = [
+            r
+            for r in caplog.records[seen:]
+            if r.funcName == "test_8_a_lock_file_that_cannot_be_used_stops_every_save_and_says_so"
+        ]
+        assert "cannot lock state file" in refreshed.getMessage()
+        assert "not written" in refreshed.getMessage()
+        # ...and wrote nothing.
         assert not state_path.exists()
         assert m.backups() == []
     finally:

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 from dynamic_port_manager import DynamicPortManager, NoFreePortError, list_leases
@@ -93,20 +93,29 @@ def listen(port: int) -> socket.socket:
 
 
 def test_every_event_is_a_logging_record(
-    tmp_path: Path, registry: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    registry: Path,
+    caplog: pytest.LogCaptureFixture,
+    free_port_range: Callable[[int], range],
 ) -> None:
+    block = free_port_range(10)  # before the capture: the plugin's own records are not ours
     caplog.set_level(logging.INFO, logger=LOGGER)
-    lo, hi = 22000, 22009
+    lo, hi = block.start, block[-1]
     m = DynamicPortManager(lo, hi, tmp_path / "s.json", refresh_interval=0.05, console_log=False)
     try:
         first = m.pick_port()
         second = m.pick_port()
         assert m.release_port() is True
         # A listener appears in the range: the next refresh changes the lists.
+        seen = len(caplog.records)
         with listen(hi):
+            # The REFRESH that saw it: the one used port, nothing active.
             wait_until(
-                lambda: any("REFRESH" in r.getMessage() for r in caplog.records),
-                "a REFRESH record",
+                lambda: any(
+                    r.getMessage().startswith("REFRESH | Active:None |") and r.used_count == 1
+                    for r in caplog.records[seen:]
+                ),
+                "a REFRESH record of the listener",
             )
             assert hi in m.get_state()["used_ports"]
             lonely = DynamicPortManager(hi, hi, tmp_path / "lonely.json", console_log=False)
