@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable
 
 import pytest
+import router_helpers
+
+
+@pytest.fixture(autouse=True)
+def _port_blocks(free_port_range: Callable[[int], range]) -> Iterator[None]:
+    """``router_helpers.port_block`` leases through this test's ``free_port_range``."""
+    router_helpers.lease_range = free_port_range
+    yield
+    router_helpers.lease_range = None
 
 
 @pytest.fixture

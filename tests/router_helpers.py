@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import queue
-import random
 import re
 import shutil
 import socket
@@ -25,11 +24,18 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV_VARS = ("DPM_START", "DPM_END", "DPM_JSON_PATH", "DPM_REFRESH_INTERVAL", "DPM_HISTORY_MAX")
 
 
+#: The running test's ``free_port_range`` (the plugin's fixture), handed over
+#: by the autouse fixture in conftest.py for ``port_block``.
+lease_range: Callable[[int], range] | None = None
+
+
 def port_block(size: int = 8) -> tuple[int, int]:
-    """A block of ports below the ephemeral range, random so that test runs
-    sharing this host (each with its own registry) rarely meet."""
-    start = random.randrange(20000, 30000 - size)
-    return start, start + size - 1
+    """First and last of ``size`` consecutive ports leased to the running test
+    through the project's pytest plugin (``free_port_range``): no other test,
+    xdist worker or run sharing the registry is handed any of them."""
+    assert lease_range is not None, "port_block() is for use inside a test"
+    block = lease_range(size)
+    return block.start, block[-1]
 
 
 def new_manager(state_path: Path, start: int, end: int, **options: Any) -> DynamicPortManager:

@@ -121,11 +121,6 @@ def test_the_page_loads_nothing_from_another_host(manager: DynamicPortManager) -
 # ---- in a real browser ------------------------------------------------------
 
 
-def _range_of(size: int) -> tuple[int, int]:
-    start = random.randrange(20000, 30001 - size)
-    return start, start + size - 1
-
-
 def _listen_in(start: int, end: int) -> socket.socket:
     """A socket of this test listening on some port of the range (another program)."""
     for _ in range(50):
@@ -189,7 +184,7 @@ def _minutes_around(before: float, after: float) -> set[str]:
 def test_dashboard_shows_each_lease_with_its_pid_and_follows_a_new_pick_without_reload(
     tmp_path: Path,
 ) -> None:
-    start, end = _range_of(6001)  # the size of the original's 3000-9000
+    start, end = port_block(6001)  # the size of the original's 3000-9000
     state_file = tmp_path / "port_state" / "dynamic_ports.json"
     worker_state = tmp_path / "port_state" / "worker.json"
     # A program holding a port of the range without asking the manager, and a

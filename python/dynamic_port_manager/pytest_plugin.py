@@ -17,7 +17,9 @@ below Linux's ephemeral range) and ``dpm_host`` (ini, the address of
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -59,29 +61,90 @@ def port_range(config: pytest.Config) -> tuple[int, int]:
 
 
 def state_path() -> Path:
-    """One state file per user under the temp folder: never in the project's folder."""
+    """A name in the plugin's per-user folder under the temp folder (never
+    the project's): its state files are named beside it."""
     return Path(tempfile.gettempdir()) / f"dynamic-port-manager-{os.getuid()}-pytest" / "ports.json"
 
 
+class _NotOurs(logging.Filter):
+    """Drops the records of the plugin's own managers (their state files live
+    in the plugin's folder): a test that captures the package's log sees the
+    events of the code under test only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        folder = str(state_path().parent) + os.sep
+        return not str(getattr(record, "state_file", "")).startswith(folder)
+
+
+class _Ports:
+    """Picks from a random point of the range onwards, then from its start:
+    separate runs that keep their leases in separate registries (each test run
+    with its own ``DPM_REGISTRY_DIR``) rarely meet; within one registry no two
+    picks ever do."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        pivot = random.randint(start, end)
+        folder = state_path().parent
+        self.paths = [folder / f"ports-{os.getpid()}.json"]
+        self.parts = [self._manager(pivot, end, self.paths[0])]
+        if pivot > start:
+            self.paths.append(folder / f"ports-{os.getpid()}-wrap.json")
+            self.parts.append(self._manager(start, pivot - 1, self.paths[1]))
+        self.registry_dir = self.parts[0].registry_dir
+
+    @staticmethod
+    def _manager(start: int, end: int, path: Path) -> DynamicPortManager:
+        return DynamicPortManager(
+            start, end, path, refresh_interval=60, backup_max=0, console_log=False
+        )
+
+    def pick_port(self, pid: int) -> int:
+        """The lowest free port from the pivot on, else from the range's start."""
+        for part in self.parts[:-1]:
+            try:
+                return part.pick_port(pid=pid)
+            except NoFreePortError:
+                pass
+        return self.parts[-1].pick_port(pid=pid)
+
+    def pick_socket(self, pid: int, host: str | None) -> socket.socket:
+        for part in self.parts[:-1]:
+            try:
+                return part.pick_socket(pid=pid, host=host)
+            except NoFreePortError:
+                pass
+        return self.parts[-1].pick_socket(pid=pid, host=host)
+
+    def stop(self) -> None:
+        for part, path in zip(self.parts, self.paths):
+            part.stop()
+            path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
-def _dpm_manager(pytestconfig: pytest.Config) -> Iterator[DynamicPortManager]:
+def _dpm_manager(pytestconfig: pytest.Config) -> Iterator[_Ports]:
     start, end = port_range(pytestconfig)
-    manager = DynamicPortManager(start, end, state_path(), refresh_interval=60, console_log=False)
+    logger = logging.getLogger("dynamic_port_manager")
+    quiet = _NotOurs()
+    logger.addFilter(quiet)
+    ports = _Ports(start, end)
     try:
-        yield manager
+        yield ports
     finally:
-        manager.stop()
+        ports.stop()
+        logger.removeFilter(quiet)
 
 
 @pytest.fixture
-def free_port_factory(_dpm_manager: DynamicPortManager) -> Iterator[Callable[[], int]]:
+def free_port_factory(_dpm_manager: _Ports) -> Iterator[Callable[[], int]]:
     """Call it for a free port, leased to this test until its teardown."""
     leased: list[int] = []
 
     def pick() -> int:
         # Leased to this process, not as the manager's one active port: a test
         # may hold many, and a worker that dies gives them back.
-        port = _dpm_manager.pick_port(pid=os.getpid())
+        port = _dpm_manager.pick_port(os.getpid())
         leased.append(port)
         return port
 
@@ -93,10 +156,11 @@ def free_port_factory(_dpm_manager: DynamicPortManager) -> Iterator[Callable[[],
 # How many first ports free_port_range tries before it gives up: each failed
 # try keeps its ports leased until the search ends, so the next starts higher.
 RANGE_TRIES = 64
+RANGE_PIECE = 128
 
 
 @pytest.fixture
-def free_port_range(_dpm_manager: DynamicPortManager) -> Iterator[Callable[[int], range]]:
+def free_port_range(_dpm_manager: _Ports) -> Iterator[Callable[[int], range]]:
     """Call it with ``n`` for ``n`` consecutive free ports (a ``range``), all
     leased to this test until its teardown: for code that takes a port range."""
     leased: list[int] = []
@@ -105,23 +169,28 @@ def free_port_range(_dpm_manager: DynamicPortManager) -> Iterator[Callable[[int]
     def lease_window(first: int, last: int) -> list[int]:
         """Leases every port of ``first..=last``, or none (NoFreePortError)."""
         got: list[int] = []
-        path = state_path().with_name(f"range-{pid}.json")
-        with DynamicPortManager(
-            first,
-            last,
-            path,
-            refresh_interval=60,
-            backup_max=0,
-            console_log=False,
-            registry_dir=_dpm_manager.registry_dir,
-        ) as window:
-            try:
-                for _ in range(last - first + 1):
-                    got.append(window.pick_port(pid=pid))
-            except NoFreePortError:
-                for port in got:
-                    release_lease(port, registry_dir=_dpm_manager.registry_dir)
-                raise
+        try:
+            # In pieces: each pick saves the piece's state file, whose size
+            # grows with the piece.
+            for low in range(first, last + 1, RANGE_PIECE):
+                high = min(low + RANGE_PIECE - 1, last)
+                path = state_path().with_name(f"range-{pid}-{low}.json")
+                with DynamicPortManager(
+                    low,
+                    high,
+                    path,
+                    refresh_interval=60,
+                    backup_max=0,
+                    console_log=False,
+                    registry_dir=_dpm_manager.registry_dir,
+                ) as window:
+                    for _ in range(high - low + 1):
+                        got.append(window.pick_port(pid=pid))
+                path.unlink(missing_ok=True)
+        except NoFreePortError:
+            for port in got:
+                release_lease(port, registry_dir=_dpm_manager.registry_dir)
+            raise
         return got
 
     def block(n: int) -> range:
@@ -129,11 +198,19 @@ def free_port_range(_dpm_manager: DynamicPortManager) -> Iterator[Callable[[int]
             raise ValueError(f"free_port_range: n must be an int >= 1, got {n!r}")
         tried: list[int] = []  # first ports of failed tries, held so the next pick moves on
         try:
+            wrapped = False
             for _ in range(RANGE_TRIES):
-                first = _dpm_manager.pick_port(pid=pid)  # the lowest port no one holds
+                # The next port no one holds: past the end, from the range's start.
+                if wrapped:
+                    first = _dpm_manager.parts[-1].pick_port(pid=pid)
+                else:
+                    first = _dpm_manager.pick_port(pid)
                 if first + n - 1 > _dpm_manager.end:
                     tried.append(first)
-                    break  # every later first port is higher still
+                    if wrapped or len(_dpm_manager.parts) == 1:
+                        break  # every later first port is higher still
+                    wrapped = True
+                    continue
                 try:
                     rest = lease_window(first + 1, first + n - 1) if n > 1 else []
                 except NoFreePortError:
@@ -161,12 +238,10 @@ def free_port(free_port_factory: Callable[[], int]) -> int:
 
 
 @pytest.fixture
-def listening_socket(
-    _dpm_manager: DynamicPortManager, pytestconfig: pytest.Config
-) -> Iterator[socket.socket]:
+def listening_socket(_dpm_manager: _Ports, pytestconfig: pytest.Config) -> Iterator[socket.socket]:
     """A socket already listening on a leased port (``pick_socket``): no race to bind."""
     host = str(pytestconfig.getini("dpm_host")) or None
-    sock = _dpm_manager.pick_socket(pid=os.getpid(), host=host)
+    sock = _dpm_manager.pick_socket(os.getpid(), host)
     port = sock.getsockname()[1]
     try:
         with sock:
