@@ -1,7 +1,7 @@
 """The Python API of ``DynamicPortManager``: what a program using the class relies on.
 
 Real sockets on 127.0.0.1 and ::1, a private lease registry per test (the
-``registry`` fixture) and ports in 21000-21499, a different sub-range per test.
+``registry`` fixture) and ports leased through the pytest plugin (``port_block``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dynamic_port_manager import (
     NoFreePortError,
     list_leases,
 )
+from router_helpers import port_block
 from spec_layout import EXTRA_KEYS, SPEC_KEYS
 
 WEEKDAYS = ["doshanbe", "seshanbe", "chaharshanbe", "panjshanbe", "jome", "shanbe", "yekshanbe"]
@@ -169,26 +170,28 @@ def test_defaults_are_the_original_modules(
 
 
 def test_positional_arguments_in_the_original_order(make: Factory, tmp_path: Path) -> None:
+    base = port_block(10)[0]
     path = tmp_path / "svc" / "positional.json"
-    m = make(21000, 21009, str(path), 2.5, 7)
-    assert (m.start, m.end) == (21000, 21009)
+    m = make(base, base + 9, str(path), 2.5, 7)
+    assert (m.start, m.end) == (base, base + 9)
     assert m.state_path == path
     state = m.get_state()
     assert state["settings"] == {
-        "port_range": [21000, 21009],
+        "port_range": [base, base + 9],
         "json_path": str(path),
         "history_max": 7,
         "service": "positional",
     }
     assert state["options"]["refresh_interval"] == 2.5
-    assert json.loads(path.read_text())["settings"]["port_range"] == [21000, 21009]
+    assert json.loads(path.read_text())["settings"]["port_range"] == [base, base + 9]
 
 
 def test_keyword_arguments_and_path_objects(make: Factory, tmp_path: Path) -> None:
+    base = port_block(10)[0]
     path = tmp_path / "kw.json"
     m = make(
-        start=21010,
-        end=21019,
+        start=base,
+        end=base + 9,
         json_path=path,
         refresh_interval=3,
         history_max=4,
@@ -196,7 +199,7 @@ def test_keyword_arguments_and_path_objects(make: Factory, tmp_path: Path) -> No
         durable=True,
     )
     state = m.get_state()
-    assert state["settings"]["port_range"] == [21010, 21019]
+    assert state["settings"]["port_range"] == [base, base + 9]
     assert state["settings"]["history_max"] == 4
     assert state["options"]["backup_max"] == 2
     assert state["options"]["durable"] is True
@@ -205,13 +208,15 @@ def test_keyword_arguments_and_path_objects(make: Factory, tmp_path: Path) -> No
 
 
 def test_extra_options_are_keyword_only(registry: Path, tmp_path: Path) -> None:
+    base = port_block(10)[0]
     with pytest.raises(TypeError):
-        DynamicPortManager(21020, 21029, str(tmp_path / "s.json"), 10, 50, 20)  # type: ignore[misc]
+        DynamicPortManager(base, base + 9, str(tmp_path / "s.json"), 10, 50, 20)  # type: ignore[misc]
 
 
 def test_a_single_port_range_is_allowed(make: Factory) -> None:
-    m = make(21030, 21030)
-    assert m.pick_port() == 21030
+    base = port_block(1)[0]
+    m = make(base, base)
+    assert m.pick_port() == base
 
 
 @pytest.mark.parametrize(
@@ -243,8 +248,9 @@ def test_bad_arguments_raise_value_error_naming_the_argument(
 
 
 def test_start_greater_than_end_mentions_both(registry: Path, tmp_path: Path) -> None:
+    base = port_block(2)[0]
     with pytest.raises(ValueError, match="start") as info:
-        DynamicPortManager(21051, 21050, tmp_path / "s.json", console_log=False)
+        DynamicPortManager(base + 1, base, tmp_path / "s.json", console_log=False)
     assert "end" in str(info.value)
 
 
@@ -259,7 +265,8 @@ def test_huge_integers_raise_value_error_naming_the_argument(
 
 
 def test_history_max_zero_is_allowed(make: Factory) -> None:
-    m = make(21060, 21069, history_max=0)
+    base = port_block(10)[0]
+    m = make(base, base + 9, history_max=0)
     m.pick_port()
     m.pick_port()
     state = m.get_state()
@@ -271,27 +278,29 @@ def test_history_max_zero_is_allowed(make: Factory) -> None:
 
 
 def test_pick_returns_the_lowest_free_port_and_records_it(make: Factory) -> None:
-    m = make(21070, 21079)
+    base = port_block(10)[0]
+    m = make(base, base + 9)
     port = m.pick_port()
-    assert port == 21070
-    assert m.active_port == 21070
+    assert port == base
+    assert m.active_port == base
     state = m.get_state()
-    assert state["current_port"] == 21070
-    assert 21070 in state["used_ports"] and 21070 not in state["free_ports"]
-    assert state["port_usage"] == {"21070": 1}
+    assert state["current_port"] == base
+    assert base in state["used_ports"] and base not in state["free_ports"]
+    assert state["port_usage"] == {str(base): 1}
     assert state["change_count"] == 1
-    assert [(h["prev"], h["new"]) for h in state["history"]] == [(None, 21070)]
-    assert leased_ports() == {21070}
+    assert [(h["prev"], h["new"]) for h in state["history"]] == [(None, base)]
+    assert leased_ports() == {base}
     # The state file says the same as get_state().
     assert json.loads(m.state_path.read_text()) == state
 
 
 def test_a_second_pick_moves_and_frees_the_old_port(make: Factory, tmp_path: Path) -> None:
-    m = make(21080, 21089)
+    base = port_block(10)[0]
+    m = make(base, base + 9)
     first = m.pick_port()
     second = m.pick_port()
     assert second != first
-    assert 21080 <= second <= 21089
+    assert base <= second <= base + 9
     assert m.active_port == second
     assert leased_ports() == {second}
     state = m.get_state()
@@ -303,22 +312,24 @@ def test_a_second_pick_moves_and_frees_the_old_port(make: Factory, tmp_path: Pat
     assert state["change_count"] == 2
     assert first in state["free_ports"] and second in state["used_ports"]
     # The old port really is free again: another manager gets it.
-    other = make(21080, 21089, json_path=tmp_path / "other.json")
+    other = make(base, base + 9, json_path=tmp_path / "other.json")
     assert other.pick_port() == first
 
 
 def test_two_managers_never_share_a_port(make: Factory, tmp_path: Path) -> None:
-    a = make(21090, 21099, json_path=tmp_path / "a.json")
-    b = make(21090, 21099, json_path=tmp_path / "b.json")
+    base = port_block(10)[0]
+    a = make(base, base + 9, json_path=tmp_path / "a.json")
+    b = make(base, base + 9, json_path=tmp_path / "b.json")
     pa, pb = a.pick_port(), b.pick_port()
     assert pa != pb
-    assert {pa, pb} == {21090, 21091}
+    assert {pa, pb} == {base, base + 1}
     # b's state sees a's lease as used even though it is not b's port.
     assert pa in b.get_state()["used_ports"]
 
 
 def test_release_returns_true_then_false(make: Factory, tmp_path: Path) -> None:
-    m = make(21100, 21109)
+    base = port_block(10)[0]
+    m = make(base, base + 9)
     assert m.release_port() is False
     port = m.pick_port()
     assert m.release_port() is True
@@ -330,13 +341,14 @@ def test_release_returns_true_then_false(make: Factory, tmp_path: Path) -> None:
     assert state["history"][-1]["new"] is None
     assert port in state["free_ports"]
     assert leased_ports() == set()
-    assert make(21100, 21109, json_path=tmp_path / "other.json").pick_port() == port
+    assert make(base, base + 9, json_path=tmp_path / "other.json").pick_port() == port
 
 
 @pytest.mark.parametrize("host", HOSTS)
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_port_with_a_real_listener_is_never_picked(make: Factory, host: str, when: str) -> None:
-    base = 21110 if host == "127.0.0.1" else 21120
+    base = port_block(11)[0]
+    base = base if host == "127.0.0.1" else base + 10
     base += 5 if when == "after" else 0
     if when == "before":
         listener = listen(host, base)
@@ -353,7 +365,8 @@ def test_a_port_with_a_real_listener_is_never_picked(make: Factory, host: str, w
 
 @pytest.mark.parametrize("host", HOSTS)
 def test_a_listener_alone_in_the_range_means_no_free_port(make: Factory, host: str) -> None:
-    port = 21130 if host == "127.0.0.1" else 21131
+    base = port_block(2)[0]
+    port = base if host == "127.0.0.1" else base + 1
     with listen(host, port):
         m = make(port, port)
         with pytest.raises(NoFreePortError):
@@ -366,7 +379,8 @@ def test_a_listener_alone_in_the_range_means_no_free_port(make: Factory, host: s
 def test_no_free_port_when_listeners_and_other_managers_hold_the_range(
     make: Factory, tmp_path: Path
 ) -> None:
-    lo, hi = 21140, 21143
+    base = port_block(4)[0]
+    lo, hi = base, base + 3
     other = make(lo, hi, json_path=tmp_path / "other.json")
     held = other.pick_port()
     assert held == lo
@@ -397,7 +411,8 @@ def test_no_free_port_when_listeners_and_other_managers_hold_the_range(
 
 
 def test_a_time_wait_socket_does_not_make_a_port_used(make: Factory) -> None:
-    port = 21150
+    base = port_block(1)[0]
+    port = base
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind(("127.0.0.1", port))
@@ -440,7 +455,8 @@ def tcp_states(port: int) -> set[str]:
 
 
 def test_get_state_has_exactly_the_spec_keys_and_types(make: Factory) -> None:
-    m = make(21160, 21169, history_max=10)
+    base = port_block(11)[0]
+    m = make(base, base + 9, history_max=10)
     m.pick_port()
     m.pick_port()
     state = m.get_state()
@@ -450,7 +466,7 @@ def test_get_state_has_exactly_the_spec_keys_and_types(make: Factory) -> None:
         assert isinstance(state[key], list)
         assert all(type(p) is int for p in state[key])
         assert state[key] == sorted(state[key])
-    assert sorted(state["free_ports"] + state["used_ports"]) == list(range(21160, 21170))
+    assert sorted(state["free_ports"] + state["used_ports"]) == list(range(base, base + 10))
     assert all(isinstance(k, str) and k.isdigit() for k in state["port_usage"])
     assert all(type(v) is int for v in state["port_usage"].values())
     assert isinstance(state["history"], list)
@@ -464,7 +480,7 @@ def test_get_state_has_exactly_the_spec_keys_and_types(make: Factory) -> None:
     assert state["last_error"] is None and state["last_error_time"] is None
     settings = state["settings"]
     assert set(settings) == {"port_range", "json_path", "history_max", "service"}
-    assert settings["port_range"] == [21160, 21169]
+    assert settings["port_range"] == [base, base + 9]
     assert isinstance(settings["json_path"], str)
     assert settings["history_max"] == 10
     # Extras live under keys of their own.
@@ -481,7 +497,8 @@ def test_get_state_has_exactly_the_spec_keys_and_types(make: Factory) -> None:
 
 
 def test_times_are_local_jalali(make: Factory) -> None:
-    m = make(21170, 21179)
+    base = port_block(10)[0]
+    m = make(base, base + 9)
     port, minutes = jalali_around(m.pick_port)
     state = m.get_state()
     assert state["history"][-1]["new"] == port
@@ -492,19 +509,20 @@ def test_times_are_local_jalali(make: Factory) -> None:
 def test_a_second_manager_on_the_same_file_continues_history_and_counts(
     make: Factory, state_path: Path
 ) -> None:
-    first = make(21180, 21189)
+    base = port_block(10)[0]
+    first = make(base, base + 9)
     a = first.pick_port()
     b = first.pick_port()
     first.stop()
     before = first.get_state()
     assert before["change_count"] == 3  # two picks and the release at stop
-    second = make(21180, 21189)
+    second = make(base, base + 9)
     state = second.get_state()
     assert state["change_count"] == 3
     assert state["history"] == before["history"]
     assert state["port_usage"] == {str(a): 1, str(b): 1}
     c = second.pick_port()
-    assert c == 21180
+    assert c == base
     state = second.get_state()
     assert state["change_count"] == 4
     assert state["history"][:3] == before["history"]
@@ -514,8 +532,9 @@ def test_a_second_manager_on_the_same_file_continues_history_and_counts(
 
 
 def test_two_live_managers_on_one_file_share_its_record(make: Factory, state_path: Path) -> None:
-    a = make(21190, 21199)
-    b = make(21190, 21199)
+    base = port_block(10)[0]
+    a = make(base, base + 9)
+    b = make(base, base + 9)
     pa = a.pick_port()
     pb = b.pick_port()
     assert pa != pb
@@ -530,7 +549,8 @@ def test_two_live_managers_on_one_file_share_its_record(make: Factory, state_pat
 
 
 def test_history_is_bounded_at_history_max(make: Factory) -> None:
-    m = make(21200, 21209, history_max=3)
+    base = port_block(10)[0]
+    m = make(base, base + 9, history_max=3)
     picked = [m.pick_port() for _ in range(7)]
     state = m.get_state()
     assert state["change_count"] == 7
@@ -544,11 +564,12 @@ def test_history_is_bounded_at_history_max(make: Factory) -> None:
 def test_a_smaller_history_max_trims_a_longer_saved_history(
     make: Factory, state_path: Path
 ) -> None:
-    first = make(21210, 21219, history_max=10)
+    base = port_block(10)[0]
+    first = make(base, base + 9, history_max=10)
     for _ in range(5):
         first.pick_port()
     first.stop()
-    second = make(21210, 21219, history_max=2)
+    second = make(base, base + 9, history_max=2)
     state = second.get_state()
     assert len(state["history"]) == 2
     assert state["history"] == first.get_state()["history"][-2:]
@@ -559,8 +580,9 @@ def test_a_smaller_history_max_trims_a_longer_saved_history(
 
 
 def test_every_save_backs_up_the_previous_file_under_the_stem(make: Factory) -> None:
+    base = port_block(10)[0]
     before = dt.datetime.now()
-    m = make(21220, 21229, backup_max=50)
+    m = make(base, base + 9, backup_max=50)
     snapshots = [json.loads(m.state_path.read_text())]
     for _ in range(4):
         m.pick_port()
@@ -587,7 +609,8 @@ def test_every_save_backs_up_the_previous_file_under_the_stem(make: Factory) -> 
 
 
 def test_backups_are_bounded_at_backup_max(make: Factory) -> None:
-    m = make(21230, 21239, backup_max=3)
+    base = port_block(10)[0]
+    m = make(base, base + 9, backup_max=3)
     for _ in range(10):
         m.pick_port()
     names = m.backups()
@@ -599,14 +622,16 @@ def test_backups_are_bounded_at_backup_max(make: Factory) -> None:
 
 
 def test_default_backup_max_is_twenty(make: Factory) -> None:
-    m = make(21240, 21249)
+    base = port_block(10)[0]
+    m = make(base, base + 9)
     for _ in range(25):
         m.pick_port()
     assert len(m.backups()) == 20
 
 
 def test_backup_max_zero_keeps_no_backups(make: Factory) -> None:
-    m = make(21250, 21259, backup_max=0)
+    base = port_block(10)[0]
+    m = make(base, base + 9, backup_max=0)
     for _ in range(3):
         m.pick_port()
     assert m.backups() == []
@@ -614,13 +639,14 @@ def test_backup_max_zero_keeps_no_backups(make: Factory) -> None:
 
 
 def test_backup_path_names_only_this_files_backups(make: Factory, tmp_path: Path) -> None:
-    m = make(21260, 21269)
+    base = port_block(10)[0]
+    m = make(base, base + 9)
     m.pick_port()
     (name,) = m.backups()
     assert m.backup_path(name) == m.backup_dir / name
     assert m.backup_path("../" + name) is None
     assert m.backup_path(m.state_path.name) is None
-    other = make(21260, 21269, json_path=m.state_path.parent / "other.json")
+    other = make(base, base + 9, json_path=m.state_path.parent / "other.json")
     other.pick_port()
     (other_name,) = other.backups()
     assert m.backup_path(other_name) is None
@@ -633,7 +659,8 @@ def test_backup_path_names_only_this_files_backups(make: Factory, tmp_path: Path
 def test_log_json_prints_one_ecs_line_and_returns_it(
     make: Factory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    m = make(21270, 21279)
+    base = port_block(10)[0]
+    m = make(base, base + 9)
     port = m.pick_port()
     capsys.readouterr()
     record, minutes = jalali_around(m.log_json)
@@ -659,7 +686,8 @@ def test_log_json_prints_one_ecs_line_and_returns_it(
 
 
 def test_stop_releases_the_port_and_is_idempotent(make: Factory, tmp_path: Path) -> None:
-    m = make(21280, 21289)
+    base = port_block(10)[0]
+    m = make(base, base + 9)
     port = m.pick_port()
     m.stop()
     assert m.stopped is True
@@ -671,11 +699,12 @@ def test_stop_releases_the_port_and_is_idempotent(make: Factory, tmp_path: Path)
     m.stop()
     m.stop()
     assert m.get_state()["change_count"] == state["change_count"]
-    assert make(21280, 21289, json_path=tmp_path / "o.json").pick_port() == port
+    assert make(base, base + 9, json_path=tmp_path / "o.json").pick_port() == port
 
 
 def test_pick_after_stop_raises_manager_stopped_error(make: Factory) -> None:
-    m = make(21290, 21299)
+    base = port_block(10)[0]
+    m = make(base, base + 9)
     m.stop()
     with pytest.raises(ManagerStoppedError) as info:
         m.pick_port()
@@ -685,7 +714,8 @@ def test_pick_after_stop_raises_manager_stopped_error(make: Factory) -> None:
 
 
 def test_context_manager_stops_on_exit(registry: Path, tmp_path: Path) -> None:
-    with DynamicPortManager(21300, 21309, tmp_path / "s.json", console_log=False) as m:
+    base = port_block(10)[0]
+    with DynamicPortManager(base, base + 9, tmp_path / "s.json", console_log=False) as m:
         assert isinstance(m, DynamicPortManager)
         port = m.pick_port()
         assert leased_ports() == {port}
@@ -696,8 +726,9 @@ def test_context_manager_stops_on_exit(registry: Path, tmp_path: Path) -> None:
 
 
 def test_context_manager_stops_when_the_body_raises(registry: Path, tmp_path: Path) -> None:
+    base = port_block(10)[0]
     with pytest.raises(KeyError):
-        with DynamicPortManager(21310, 21319, tmp_path / "s.json", console_log=False) as m:
+        with DynamicPortManager(base, base + 9, tmp_path / "s.json", console_log=False) as m:
             m.pick_port()
             raise KeyError("boom")
     assert m.stopped
@@ -705,11 +736,12 @@ def test_context_manager_stops_when_the_body_raises(registry: Path, tmp_path: Pa
 
 
 def test_repr_shows_range_file_port_and_status(make: Factory) -> None:
-    m = make(21320, 21329)
+    base = port_block(10)[0]
+    m = make(base, base + 9)
     port = m.pick_port()
     text = repr(m)
     assert text.startswith("DynamicPortManager(")
-    for part in ("21320", "21329", str(m.state_path), str(port), "stopped=False"):
+    for part in (str(base), str(base + 9), str(m.state_path), str(port), "stopped=False"):
         assert part in text, (part, text)
     m.stop()
     assert "stopped=True" in repr(m)
@@ -732,7 +764,8 @@ def test_the_package_exports_the_api() -> None:
 
 
 def test_list_and_release_lease(make: Factory) -> None:
-    m = make(21330, 21339)
+    base = port_block(10)[0]
+    m = make(base, base + 9)
     port = m.pick_port()
     (lease,) = list_leases()
     assert lease["port"] == port
@@ -744,7 +777,8 @@ def test_list_and_release_lease(make: Factory) -> None:
 
 
 def test_a_lease_names_its_holder_by_pid_and_start_time(make: Factory) -> None:
-    m = make(21340, 21349)
+    base = port_block(10)[0]
+    m = make(base, base + 9)
     m.pick_port()
     (lease,) = list_leases()
     stat = Path(f"/proc/{os.getpid()}/stat").read_text()
@@ -756,8 +790,9 @@ def test_a_lease_names_its_holder_by_pid_and_start_time(make: Factory) -> None:
 def test_an_explicit_registry_dir_is_used_instead_of_the_environment(
     make: Factory, tmp_path: Path, registry: Path
 ) -> None:
+    base = port_block(10)[0]
     own = tmp_path / "own-registry"
-    m = make(21350, 21359, registry_dir=own)
+    m = make(base, base + 9, registry_dir=own)
     assert m.registry_dir == own
     port = m.pick_port()
     assert [lease["port"] for lease in list_leases(registry_dir=own)] == [port]
@@ -768,31 +803,33 @@ def test_an_explicit_registry_dir_is_used_instead_of_the_environment(
 def test_pick_for_another_pid_leases_the_port_to_that_process(
     make: Factory, tmp_path: Path
 ) -> None:
+    base = port_block(10)[0]
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        m = make(21360, 21369)
+        m = make(base, base + 9)
         port = m.pick_port(pid=child.pid)
-        assert port == 21360
+        assert port == base
         assert m.active_port is None
         (lease,) = list_leases()
         assert (lease["port"], lease["pid"], lease["alive"]) == (port, child.pid, True)
         # The manager's own pick gets another port; the pid's lease stays.
-        assert m.pick_port() == 21361
-        assert sorted(lease["port"] for lease in list_leases()) == [21360, 21361]
+        assert m.pick_port() == base + 1
+        assert sorted(lease["port"] for lease in list_leases()) == [base, base + 1]
         assert m.release_port() is True
         assert [lease["port"] for lease in list_leases()] == [port]
     finally:
         child.kill()
         child.wait(timeout=10)
     # The process is gone: its lease is dead and the port goes out again.
-    other = make(21360, 21360, json_path=tmp_path / "other.json")
+    other = make(base, base, json_path=tmp_path / "other.json")
     assert other.pick_port() == port
 
 
 def test_pick_for_a_pid_that_does_not_exist_names_the_argument(make: Factory) -> None:
+    base = port_block(10)[0]
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait(timeout=30)
-    m = make(21370, 21379)
+    m = make(base, base + 9)
     with pytest.raises(ValueError, match="pid"):
         m.pick_port(pid=gone.pid)
     assert list_leases() == []
@@ -801,9 +838,10 @@ def test_pick_for_a_pid_that_does_not_exist_names_the_argument(make: Factory) ->
 def test_two_state_files_in_one_folder_keep_their_own_backups(
     make: Factory, tmp_path: Path
 ) -> None:
+    base = port_block(10)[0]
     folder = tmp_path / "shared"
-    a = make(21380, 21389, json_path=folder / "dynamic_ports.json", backup_max=2)
-    b = make(21380, 21389, json_path=folder / "dynamic_ports_service1.json", backup_max=3)
+    a = make(base, base + 9, json_path=folder / "dynamic_ports.json", backup_max=2)
+    b = make(base, base + 9, json_path=folder / "dynamic_ports_service1.json", backup_max=3)
     for _ in range(5):
         a.pick_port()
         b.pick_port()
@@ -818,7 +856,8 @@ def test_two_state_files_in_one_folder_keep_their_own_backups(
 def test_a_manager_dropped_without_stop_gives_its_lease_back(
     registry: Path, tmp_path: Path
 ) -> None:
-    m = DynamicPortManager(21390, 21399, tmp_path / "s.json", console_log=False)
+    base = port_block(10)[0]
+    m = DynamicPortManager(base, base + 9, tmp_path / "s.json", console_log=False)
     port = m.pick_port()
     assert leased_ports() == {port}
     del m
@@ -849,14 +888,11 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize(
-    ("tz", "base"), [("Asia/Tehran", 21400), ("Pacific/Kiritimati", 21410), ("UTC", 21420)]
-)
-def test_times_follow_the_local_time_zone(
-    registry: Path, tmp_path: Path, tz: str, base: int
-) -> None:
+@pytest.mark.parametrize("tz", ["Asia/Tehran", "Pacific/Kiritimati", "UTC"])
+def test_times_follow_the_local_time_zone(registry: Path, tmp_path: Path, tz: str) -> None:
     if not Path("/usr/share/zoneinfo", tz).exists():
         pytest.skip(f"no zoneinfo for {tz} here")
+    base = port_block(10)[0]
     env = {**os.environ, "TZ": tz}
     result = subprocess.run(
         [sys.executable, "-c", TZ_CHILD, str(tmp_path / "s.json"), str(base)],
@@ -905,18 +941,19 @@ NEEDS_V6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 here")
 
 
 @pytest.mark.parametrize(
-    ("opener", "base"),
+    "opener",
     [
-        (bound_only, 21430),
-        (v4_wildcard, 21435),
-        pytest.param(dual_stack, 21440, marks=NEEDS_V6),
-        pytest.param(v6_only_wildcard, 21445, marks=NEEDS_V6),
+        bound_only,
+        v4_wildcard,
+        pytest.param(dual_stack, marks=NEEDS_V6),
+        pytest.param(v6_only_wildcard, marks=NEEDS_V6),
     ],
     ids=["bound-not-listening", "0.0.0.0", "dual-stack-[::]", "v6only-[::]"],
 )
 def test_a_port_taken_by_any_socket_is_never_picked(
-    make: Factory, opener: Callable[[int], socket.socket], base: int
+    make: Factory, opener: Callable[[int], socket.socket]
 ) -> None:
+    base = port_block(2)[0]
     m = make(base, base + 1)
     with opener(base):
         assert m.pick_port() == base + 1
@@ -928,12 +965,13 @@ def test_a_port_taken_by_any_socket_is_never_picked(
 def test_a_relative_json_path_stays_where_it_was_when_the_cwd_changes(
     registry: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    base = port_block(10)[0]
     home = tmp_path / "service"
     elsewhere = tmp_path / "elsewhere"
     home.mkdir()
     elsewhere.mkdir()
     monkeypatch.chdir(home)
-    m = DynamicPortManager(21450, 21459, "state/ports.json", console_log=False)
+    m = DynamicPortManager(base, base + 9, "state/ports.json", console_log=False)
     try:
         assert m.state_path == home / "state" / "ports.json"
         monkeypatch.chdir(elsewhere)
@@ -948,9 +986,10 @@ def test_a_relative_json_path_stays_where_it_was_when_the_cwd_changes(
 def test_a_pick_for_a_pid_is_recorded_without_breaking_the_active_port_chain(
     make: Factory,
 ) -> None:
+    base = port_block(10)[0]
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        m = make(21460, 21469)
+        m = make(base, base + 9)
         first = m.pick_port()
         handed = m.pick_port(pid=child.pid)
         second = m.pick_port()

@@ -3,7 +3,7 @@ application has not configured ``logging``, its handlers once it has
 (``console_log=None``, the default); ``True``/``False`` force the line.
 
 Fresh interpreters, reading what they write on stderr: pytest's own log
-capture would count as configured logging in this process. Ports 22200-22299.
+capture would count as configured logging in this process.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+from router_helpers import port_block
 
 LINE_RE = re.compile(r"^\[\d{4}/\d{2}/\d{2} \d{2}:\d{2} [a-z]+\] \| (?P<event>[A-Z]+) +\| Active:")
 RECORD_RE = re.compile(r"^(?:INFO|WARNING|ERROR):dynamic_port_manager:(?P<event>[A-Z]+) \| Active:")
@@ -85,20 +87,23 @@ def kinds(lines: list[str]) -> list[tuple[str, str]]:
 
 def test_unconfigured_logging_prints_the_console_line_only(tmp_path: Path, registry: Path) -> None:
     # No bare `ERROR | Active:None ...` from Python's last-resort handler either.
-    lines = run(tmp_path, 22200, "never")
+    base = port_block(10)[0]
+    lines = run(tmp_path, base, "never")
     assert kinds(lines) == [("console", e) for e in EVENTS]
 
 
 def test_configured_logging_gets_each_event_once_as_a_record(
     tmp_path: Path, registry: Path
 ) -> None:
-    lines = run(tmp_path, 22210, "before")
+    base = port_block(10)[0]
+    lines = run(tmp_path, base, "before")
     assert kinds(lines) == [("record", e) for e in EVENTS]
 
 
 def test_the_rule_is_decided_per_event(tmp_path: Path, registry: Path) -> None:
     # Logging configured after the first pick: from then on, records only.
-    lines = run(tmp_path, 22220, "between")
+    base = port_block(10)[0]
+    lines = run(tmp_path, base, "between")
     assert kinds(lines) == [("console", "START"), ("console", "PICK")] + [
         ("record", e) for e in EVENTS[2:]
     ]
@@ -107,15 +112,18 @@ def test_the_rule_is_decided_per_event(tmp_path: Path, registry: Path) -> None:
 def test_console_log_true_forces_the_line_beside_the_records(
     tmp_path: Path, registry: Path
 ) -> None:
-    found = kinds(run(tmp_path, 22230, "before", "on"))
+    base = port_block(10)[0]
+    found = kinds(run(tmp_path, base, "before", "on"))
     assert [e for source, e in found if source == "console"] == EVENTS
     assert [e for source, e in found if source == "record"] == EVENTS
 
 
 def test_console_log_false_prints_nothing_unconfigured(tmp_path: Path, registry: Path) -> None:
     # The package's NullHandler keeps the records (the ERROR too) off stderr.
-    assert run(tmp_path, 22240, "never", "off") == []
+    base = port_block(10)[0]
+    assert run(tmp_path, base, "never", "off") == []
 
 
 def test_console_log_false_leaves_the_records(tmp_path: Path, registry: Path) -> None:
-    assert kinds(run(tmp_path, 22250, "before", "off")) == [("record", e) for e in EVENTS]
+    base = port_block(10)[0]
+    assert kinds(run(tmp_path, base, "before", "off")) == [("record", e) for e in EVENTS]

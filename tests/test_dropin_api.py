@@ -1,6 +1,6 @@
 """What code written for the original object relies on: its attributes with
 their types, exceptions that cross process boundaries, and a state that shows
-a released port as free at once. Ports 22300-22399."""
+a released port as free at once."""
 
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ from dynamic_port_manager import (
     NoFreePortError,
     RegistryError,
 )
+from router_helpers import port_block
 
 # ---- attributes ------------------------------------------------------------
 
 
 def test_the_originals_attributes_have_its_types(tmp_path: Path, registry: Path) -> None:
+    base = port_block(10)[0]
     given = str(tmp_path / "svc" / "ports.json")
-    m = DynamicPortManager(22300, 22309, given, refresh_interval=10, history_max=5)
+    m = DynamicPortManager(base, base + 9, given, refresh_interval=10, history_max=5)
     try:
         assert m.json_path == given and type(m.json_path) is str
         assert m.state_path == Path(given) and m.state_path.is_absolute()
@@ -43,17 +45,18 @@ def test_the_originals_attributes_have_its_types(tmp_path: Path, registry: Path)
 def test_the_attributes_keep_what_was_given(
     tmp_path: Path, registry: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with DynamicPortManager(22310, 22319, tmp_path / "p.json", refresh_interval=0.5) as m:
+    base = port_block(30)[0]
+    with DynamicPortManager(base, base + 9, tmp_path / "p.json", refresh_interval=0.5) as m:
         assert m.json_path == tmp_path / "p.json" and isinstance(m.json_path, Path)
         assert m.refresh_interval == 0.5 and type(m.refresh_interval) is float
     monkeypatch.chdir(tmp_path)
-    with DynamicPortManager(22320, 22329) as m:  # the defaults, as the original's
+    with DynamicPortManager(base + 10, base + 19) as m:  # the defaults, as the original's
         assert m.json_path == "utils/port_state/dynamic_ports.json"
         assert m.state_path == tmp_path / "utils/port_state/dynamic_ports.json"
         assert m.state_path.is_file()
         assert (m.refresh_interval, m.history_max) == (10, 50)
         assert type(m.refresh_interval) is int
-    with DynamicPortManager(22330, 22339, "rel/p.json") as m:
+    with DynamicPortManager(base + 20, base + 29, "rel/p.json") as m:
         assert m.json_path == "rel/p.json"
         assert m.state_path == tmp_path / "rel" / "p.json"
 
@@ -62,7 +65,8 @@ def test_the_attributes_keep_what_was_given(
     "name", ["json_path", "state_path", "refresh_interval", "history_max", "state", "current_port"]
 )
 def test_the_attributes_are_read_only(tmp_path: Path, registry: Path, name: str) -> None:
-    with DynamicPortManager(22340, 22349, tmp_path / "p.json", console_log=False) as m:
+    base = port_block(10)[0]
+    with DynamicPortManager(base, base + 9, tmp_path / "p.json", console_log=False) as m:
         with pytest.raises(AttributeError):
             setattr(m, name, 1)
 
@@ -109,8 +113,9 @@ def test_no_free_port_crosses_a_process_pool(tmp_path: Path, registry: Path) -> 
 def test_a_released_port_whose_listener_closed_is_free_at_once(
     tmp_path: Path, registry: Path
 ) -> None:
+    base = port_block(10)[0]
     path = tmp_path / "p.json"
-    with DynamicPortManager(22350, 22359, path, refresh_interval=3600, console_log=False) as m:
+    with DynamicPortManager(base, base + 9, path, refresh_interval=3600, console_log=False) as m:
         port = m.pick_port()
         # The service listens on its port; a refresh sees it in the kernel's table.
         with socket.socket() as service:
@@ -128,7 +133,8 @@ def test_a_released_port_whose_listener_closed_is_free_at_once(
 
 
 def test_a_released_port_still_listened_on_stays_used(tmp_path: Path, registry: Path) -> None:
-    with DynamicPortManager(22360, 22369, tmp_path / "p.json", console_log=False) as m:
+    base = port_block(10)[0]
+    with DynamicPortManager(base, base + 9, tmp_path / "p.json", console_log=False) as m:
         port = m.pick_port()
         with socket.socket() as service:
             service.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do

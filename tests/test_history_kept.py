@@ -1,7 +1,6 @@
 """History that is not kept (issue 7, items 6-10): a state file missing or
 unreadable at start, backups named by a wrong clock, idle saves rotating real
 changes away, backup names shared by two files, and errors that never end.
-Ports 34500-34999.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 from dynamic_port_manager import DynamicPortManager
+from router_helpers import port_block
 
 
 def manager(path: Path | str, lo: int, hi: int, **kwargs: Any) -> DynamicPortManager:
@@ -45,7 +45,8 @@ def backup_counts(folder: Path, stem: str) -> dict[str, int]:
 def test_6_a_missing_or_unreadable_file_at_start_is_restored_from_the_best_backup(
     how: str, state_path: Path, tmp_path: Path
 ) -> None:
-    seed(state_path, 34500, 34504, picks=4)
+    base = port_block(5)[0]
+    seed(state_path, base, base + 4, picks=4)
     counts = backup_counts(state_path.parent / "backups", state_path.stem)
     best = max(counts, key=lambda name: (counts[name], name))
     state_path.unlink()
@@ -54,7 +55,7 @@ def test_6_a_missing_or_unreadable_file_at_start_is_restored_from_the_best_backu
         state_path.symlink_to(nowhere)
     elif how == "link loop":
         state_path.symlink_to(state_path)
-    m = manager(state_path, 34500, 34504)
+    m = manager(state_path, base, base + 4)
     s = m.get_state()
     m.stop()
     assert s["change_count"] == counts[best] > 0
@@ -65,7 +66,8 @@ def test_6_a_missing_or_unreadable_file_at_start_is_restored_from_the_best_backu
 
 
 def test_6_a_file_deleted_while_running_is_reported_and_rewritten(state_path: Path) -> None:
-    m = manager(state_path, 34510, 34514)
+    base = port_block(5)[0]
+    m = manager(state_path, base, base + 4)
     m.pick_port()
     state_path.unlink()
     m.pick_port()
@@ -81,7 +83,8 @@ def test_6_a_file_deleted_while_running_is_reported_and_rewritten(state_path: Pa
 def test_7_recovery_takes_the_highest_change_count_whatever_the_names_say(
     state_path: Path,
 ) -> None:
-    seed(state_path, 34520, 34524, picks=1)
+    base = port_block(5)[0]
+    seed(state_path, base, base + 4, picks=1)
     backups = state_path.parent / "backups"
     template = json.loads(state_path.read_text())
     for name in os.listdir(backups):
@@ -96,7 +99,7 @@ def test_7_recovery_takes_the_highest_change_count_whatever_the_names_say(
     backup("20261125_115959", 62)  # the same state, named a second earlier
     backup("20261125_115900", 61)
     state_path.write_text("{damaged")
-    m = manager(state_path, 34520, 34524)
+    m = manager(state_path, base, base + 4)
     s = m.get_state()
     m.stop()
     assert s["change_count"] == 62
@@ -107,7 +110,8 @@ def test_7_recovery_takes_the_highest_change_count_whatever_the_names_say(
 
 
 def test_8_an_idle_refresh_writes_nothing_but_last_checked_moves(state_path: Path) -> None:
-    m = manager(state_path, 34530, 34533, refresh_interval=0.05)
+    base = port_block(4)[0]
+    m = manager(state_path, base, base + 3, refresh_interval=0.05)
     try:
         m.pick_port()
         before = os.stat(state_path)
@@ -129,13 +133,14 @@ def test_8_an_idle_refresh_writes_nothing_but_last_checked_moves(state_path: Pat
 def test_8_a_lock_file_that_cannot_be_used_stops_every_save_and_says_so(
     state_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    base = port_block(4)[0]
     caplog.set_level(logging.INFO, logger="dynamic_port_manager")
     # A link planted at the folder lock's name: the lock is never taken through
     # it, and without the lock the state file is never written (two managers
     # saving unlocked lose each other's history).
     state_path.parent.mkdir(parents=True)
     (state_path.parent / ".dynamic_port_manager.lock").symlink_to(state_path.parent / "elsewhere")
-    m = manager(state_path, 34535, 34538, refresh_interval=0.05)
+    m = manager(state_path, base, base + 3, refresh_interval=0.05)
     try:
         port = m.pick_port()
         state = m.get_state()
@@ -171,10 +176,11 @@ def test_9_state_files_differing_only_in_non_utf8_bytes_keep_their_own_backups(
     tmp_path: Path, registry: Path
 ) -> None:
     # os.fsdecode gives the str Python itself uses for such a name.
+    base = port_block(10)[0]
     first = os.fsdecode(os.fsencode(tmp_path) + b"/s\xff.json")
     second = os.fsdecode(os.fsencode(tmp_path) + b"/s\xfe.json")
-    a = manager(first, 34540, 34549)
-    b = manager(second, 34540, 34549)
+    a = manager(first, base, base + 9)
+    b = manager(second, base, base + 9)
     try:
         ports_a = [a.pick_port() for _ in range(4)]
         port_b = b.pick_port()
@@ -188,7 +194,7 @@ def test_9_state_files_differing_only_in_non_utf8_bytes_keep_their_own_backups(
     del a, b  # this process's views of the files go with them
     count_b = json.loads(Path(second).read_text())["change_count"]
     Path(second).write_text("{damaged")
-    again = manager(second, 34540, 34549)
+    again = manager(second, base, base + 9)
     s = again.get_state()
     again.stop()
     assert s["change_count"] == count_b - 1, s["last_error"]  # b's own last backup
@@ -201,7 +207,8 @@ def test_9_state_files_differing_only_in_non_utf8_bytes_keep_their_own_backups(
 def test_10_error_active_is_set_by_a_failure_and_cleared_by_the_next_clean_save(
     state_path: Path,
 ) -> None:
-    m = manager(state_path, 34550, 34554)
+    base = port_block(5)[0]
+    m = manager(state_path, base, base + 4)
     try:
         m.pick_port()
         assert m.get_state()["error_active"] is False
@@ -225,10 +232,11 @@ def test_10_error_active_is_set_by_a_failure_and_cleared_by_the_next_clean_save(
 def test_10_a_registry_error_at_start_is_kept_when_a_state_file_exists(
     state_path: Path, registry: Path
 ) -> None:
-    seed(state_path, 34560, 34564, picks=2)
+    base = port_block(5)[0]
+    seed(state_path, base, base + 4, picks=2)
     for slot in ("leases-0.json", "leases-1.json"):
         (registry / slot).write_text("{damaged")
-    m = manager(state_path, 34560, 34564)
+    m = manager(state_path, base, base + 4)
     s = m.get_state()
     m.stop()
     assert "lease registry" in s["last_error"], s["last_error"]

@@ -2,7 +2,7 @@
 
 A damaged file is set aside (never deleted) and the state rebuilt from the
 newest valid backup, else fresh; a state file that cannot be written never
-crashes the host program. Ports 21800-21999.
+crashes the host program.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from dynamic_port_manager import DynamicPortManager, RegistryError, list_leases
+from router_helpers import port_block
 
 JALALI_RE = re.compile(
     r"^\d{4}/\d{2}/\d{2} \d{2}:\d{2} "
@@ -110,8 +111,9 @@ DAMAGE = {
 def test_a_damaged_state_file_is_set_aside_and_restored_from_the_newest_backup(
     state_path: Path, caplog: pytest.LogCaptureFixture, kind: str
 ) -> None:
+    base = port_block(10)[0]
     caplog.set_level(logging.INFO, logger=LOGGER)
-    lo, hi = 21800, 21809
+    lo, hi = base, base + 9
     newest = seed(state_path, lo, hi)
     damaged = DAMAGE[kind]
     state_path.write_bytes(damaged)
@@ -152,10 +154,11 @@ def test_a_damaged_state_file_is_set_aside_and_restored_from_the_newest_backup(
 def test_without_a_valid_backup_the_state_starts_fresh(
     state_path: Path, caplog: pytest.LogCaptureFixture, kind: str
 ) -> None:
+    base = port_block(10)[0]
     caplog.set_level(logging.INFO, logger=LOGGER)
     state_path.parent.mkdir(parents=True)
     state_path.write_bytes(DAMAGE[kind])
-    m = manager(state_path, 21810, 21819)
+    m = manager(state_path, base, base + 9)
     try:
         state = m.get_state()
         assert state["change_count"] == 0
@@ -166,14 +169,15 @@ def test_without_a_valid_backup_the_state_starts_fresh(
         assert state["last_error"] is not None and aside.name in state["last_error"]
         assert JALALI_RE.match(state["last_error_time"])
         assert any(aside.name in r.getMessage() for r in core_messages(caplog))
-        assert m.pick_port() == 21810
+        assert m.pick_port() == base
         assert m.get_state()["change_count"] == 1
     finally:
         m.stop()
 
 
 def test_a_damaged_newest_backup_is_passed_over_for_an_older_valid_one(state_path: Path) -> None:
-    lo, hi = 21820, 21829
+    base = port_block(10)[0]
+    lo, hi = base, base + 9
     seed(state_path, lo, hi, picks=4)
     m0 = manager(state_path, lo, hi)
     m0.stop()  # one more backup; the state file now has the release at stop
@@ -198,8 +202,9 @@ def test_a_damaged_newest_backup_is_passed_over_for_an_older_valid_one(state_pat
 def test_damage_while_running_is_repaired_from_memory(
     state_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    base = port_block(10)[0]
     caplog.set_level(logging.INFO, logger=LOGGER)
-    m = manager(state_path, 21830, 21839)
+    m = manager(state_path, base, base + 9)
     try:
         m.pick_port()
         m.pick_port()
@@ -221,9 +226,10 @@ def test_damage_while_running_is_repaired_from_memory(
 
 
 def test_a_file_of_the_original_module_loads_and_continues(state_path: Path) -> None:
+    base = port_block(10)[0]
     state_path.parent.mkdir(parents=True)
     state_path.write_text(json.dumps(ORIGINAL_FILE, indent=4))
-    m = manager(state_path, 21840, 21849)
+    m = manager(state_path, base, base + 9)
     try:
         state = m.get_state()
         assert set_aside(state_path) == []
@@ -232,7 +238,7 @@ def test_a_file_of_the_original_module_loads_and_continues(state_path: Path) -> 
         assert state["history"] == ORIGINAL_FILE["history"]
         assert state["port_usage"] == {"3000": 3, "8001": 1}
         # Our own settings, not the file's.
-        assert state["settings"]["port_range"] == [21840, 21849]
+        assert state["settings"]["port_range"] == [base, base + 9]
         port = m.pick_port()
         state = m.get_state()
         assert state["change_count"] == 3
@@ -252,9 +258,10 @@ def test_a_file_of_the_original_module_loads_and_continues(state_path: Path) -> 
 def test_an_original_file_with_a_longer_history_is_trimmed_to_history_max(
     state_path: Path,
 ) -> None:
+    base = port_block(10)[0]
     state_path.parent.mkdir(parents=True)
     state_path.write_text(json.dumps(ORIGINAL_FILE))
-    m = manager(state_path, 21850, 21859, history_max=1)
+    m = manager(state_path, base, base + 9, history_max=1)
     try:
         state = m.get_state()
         assert state["history"] == ORIGINAL_FILE["history"][-1:]
@@ -307,8 +314,9 @@ def read_only(folder: Path, mode: int = 0o755) -> Iterator[None]:
 def test_a_read_only_state_folder_does_not_crash_pick_port(
     state_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    base = port_block(10)[0]
     caplog.set_level(logging.INFO, logger=LOGGER)
-    m = manager(state_path, 21860, 21869)
+    m = manager(state_path, base, base + 9)
     try:
         first = m.pick_port()
         on_disk = state_path.read_bytes()
@@ -344,7 +352,8 @@ def test_a_read_only_state_folder_does_not_crash_pick_port(
 
 
 def test_a_read_only_state_folder_keeps_the_record_in_memory(state_path: Path) -> None:
-    m = manager(state_path, 21870, 21879)
+    base = port_block(10)[0]
+    m = manager(state_path, base, base + 9)
     try:
         m.pick_port()
         with read_only(state_path.parent):
@@ -363,14 +372,15 @@ def test_a_read_only_state_folder_keeps_the_record_in_memory(state_path: Path) -
 
 
 def test_a_state_folder_read_only_from_the_start(state_path: Path) -> None:
+    base = port_block(10)[0]
     state_path.parent.mkdir(parents=True)
     with read_only(state_path.parent):
-        m = manager(state_path, 21880, 21889)
+        m = manager(state_path, base, base + 9)
         try:
             assert m.get_state()["last_error"] is not None
             first = m.pick_port()
             second = m.pick_port()
-            assert (first, second) == (21880, 21881)
+            assert (first, second) == (base, base + 1)
             state = m.get_state()
             assert state["change_count"] == 2
             assert [(h["prev"], h["new"]) for h in state["history"]] == [
@@ -386,15 +396,16 @@ def test_a_state_folder_read_only_from_the_start(state_path: Path) -> None:
 def test_a_state_path_under_a_regular_file_works_from_memory(
     tmp_path: Path, registry: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    base = port_block(10)[0]
     caplog.set_level(logging.INFO, logger=LOGGER)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the state folder should be")
     path = blocker / "state.json"
-    m = manager(path, 21890, 21899)
+    m = manager(path, base, base + 9)
     try:
         first = m.pick_port()
         second = m.pick_port()
-        assert (first, second) == (21890, 21891)
+        assert (first, second) == (base, base + 1)
         state = m.get_state()
         assert state["change_count"] == 2
         assert state["last_error"] is not None and str(path) in state["last_error"]
@@ -410,7 +421,8 @@ def test_a_state_path_under_a_regular_file_works_from_memory(
 def test_an_unwritable_registry_raises_registry_error_and_keeps_the_held_port(
     tmp_path: Path, registry: Path
 ) -> None:
-    m = manager(tmp_path / "s.json", 21900, 21909)
+    base = port_block(10)[0]
+    m = manager(tmp_path / "s.json", base, base + 9)
     try:
         held = m.pick_port()
         # The change log exists and would take the change through the open
@@ -431,8 +443,9 @@ def test_an_unwritable_registry_raises_registry_error_and_keeps_the_held_port(
 def test_a_damaged_registry_is_set_aside_and_live_leases_are_reasserted(
     tmp_path: Path, registry: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    base = port_block(10)[0]
     caplog.set_level(logging.INFO, logger=LOGGER)
-    m = manager(tmp_path / "s.json", 21910, 21919, refresh_interval=0.05)
+    m = manager(tmp_path / "s.json", base, base + 9, refresh_interval=0.05)
     try:
         held = m.pick_port()
         damaged = b'{"version": 1, "leases": [{"port": '
@@ -453,7 +466,7 @@ def test_a_damaged_registry_is_set_aside_and_live_leases_are_reasserted(
         (lease,) = list_leases()
         assert lease["pid"] == os.getpid()
         # The held port is still this manager's: nobody else gets it.
-        other = manager(tmp_path / "other.json", 21910, 21919)
+        other = manager(tmp_path / "other.json", base, base + 9)
         try:
             assert other.pick_port() != held
         finally:
@@ -466,15 +479,17 @@ def test_a_damaged_registry_is_set_aside_and_live_leases_are_reasserted(
 
 
 def test_an_unusable_registry_folder_fails_at_construction(tmp_path: Path, registry: Path) -> None:
+    base = port_block(10)[0]
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(RegistryError):
-        manager(tmp_path / "s.json", 21920, 21929, registry_dir=blocker / "registry")
+        manager(tmp_path / "s.json", base, base + 9, registry_dir=blocker / "registry")
 
 
 def test_a_registry_folder_other_users_can_write_is_refused(tmp_path: Path, registry: Path) -> None:
+    base = port_block(10)[0]
     shared = tmp_path / "shared-registry"
     shared.mkdir()
     shared.chmod(0o777)
     with pytest.raises(RegistryError, match="other users"):
-        manager(tmp_path / "s.json", 21930, 21939, registry_dir=shared)
+        manager(tmp_path / "s.json", base, base + 9, registry_dir=shared)

@@ -4,8 +4,9 @@ Loaded through the ``pytest11`` entry point (off with ``-p no:dynamic_port_manag
 Every port comes from the host-wide lease registry (``$DPM_REGISTRY_DIR`` or
 the default folder), so pytest-xdist workers, concurrent pytest runs and any
 other program using dynamic-port-manager never get the same port at once.
-A port is leased to the test's process and released at the test's teardown
-(or, if the process dies, reclaimed by the next pick).
+A port is leased to the test's process and given back at the test's teardown
+(released 60 s later, past TIME_WAIT; if the process dies, reclaimed by the
+next pick). Each session starts at a random port of the range.
 
 Fixtures: ``free_port`` (an int), ``free_port_factory`` (call it for more),
 ``free_port_range`` (call it with ``n`` for ``n`` consecutive ports, a ``range``),
@@ -18,13 +19,16 @@ below Linux's ephemeral range) and ``dpm_host`` (ini, the address of
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import socket
 import tempfile
+import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import pytest
 
@@ -76,6 +80,13 @@ class _NotOurs(logging.Filter):
         return not str(getattr(record, "state_file", "")).startswith(folder)
 
 
+# A port a test gave back stays leased this long before it is handed out
+# again: the kernel keeps the port's closed connections (TIME_WAIT) for 60 s,
+# and a server binding without SO_REUSEADDR cannot have it until then.
+COOL_SECONDS = 60.0
+T = TypeVar("T")
+
+
 class _Ports:
     """Picks from a random point of the range onwards, then from its start:
     separate runs that keep their leases in separate registries (each test run
@@ -92,6 +103,7 @@ class _Ports:
             self.paths.append(folder / f"ports-{os.getpid()}-wrap.json")
             self.parts.append(self._manager(start, pivot - 1, self.paths[1]))
         self.registry_dir = self.parts[0].registry_dir
+        self.cooling: deque[tuple[float, int]] = deque()  # (given back at, port)
 
     @staticmethod
     def _manager(start: int, end: int, path: Path) -> DynamicPortManager:
@@ -101,22 +113,37 @@ class _Ports:
 
     def pick_port(self, pid: int) -> int:
         """The lowest free port from the pivot on, else from the range's start."""
-        for part in self.parts[:-1]:
-            try:
-                return part.pick_port(pid=pid)
-            except NoFreePortError:
-                pass
-        return self.parts[-1].pick_port(pid=pid)
+        return self._first(lambda part: part.pick_port(pid=pid))
 
     def pick_socket(self, pid: int, host: str | None) -> socket.socket:
-        for part in self.parts[:-1]:
-            try:
-                return part.pick_socket(pid=pid, host=host)
-            except NoFreePortError:
-                pass
-        return self.parts[-1].pick_socket(pid=pid, host=host)
+        return self._first(lambda part: part.pick_socket(pid=pid, host=host))
+
+    def _first(self, pick: Callable[[DynamicPortManager], T]) -> T:
+        for attempt in range(2):
+            for part in self.parts:
+                try:
+                    return pick(part)
+                except NoFreePortError:
+                    if part is self.parts[-1] and (attempt or not self.cooling):
+                        raise
+            self.thaw_all()  # no port free but the cooling ones: take them back
+        raise AssertionError("unreachable")
+
+    def give_back(self, ports: list[int]) -> None:
+        """Released ``COOL_SECONDS`` from now (or when nothing else is free)."""
+        now = time.monotonic()
+        self.cooling.extend((now, port) for port in ports)
+        self._thaw(now - COOL_SECONDS)
+
+    def _thaw(self, given_before: float) -> None:
+        while self.cooling and self.cooling[0][0] <= given_before:
+            release_lease(self.cooling.popleft()[1], registry_dir=self.registry_dir)
+
+    def thaw_all(self) -> None:
+        self._thaw(math.inf)
 
     def stop(self) -> None:
+        self.thaw_all()
         for part, path in zip(self.parts, self.paths):
             part.stop()
             path.unlink(missing_ok=True)
@@ -149,8 +176,7 @@ def free_port_factory(_dpm_manager: _Ports) -> Iterator[Callable[[], int]]:
         return port
 
     yield pick
-    for port in leased:
-        release_lease(port, registry_dir=_dpm_manager.registry_dir)
+    _dpm_manager.give_back(leased)
 
 
 # How many first ports free_port_range tries before it gives up: each failed
@@ -193,9 +219,8 @@ def free_port_range(_dpm_manager: _Ports) -> Iterator[Callable[[int], range]]:
             raise
         return got
 
-    def block(n: int) -> range:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"free_port_range: n must be an int >= 1, got {n!r}")
+    def search(n: int) -> range | None:
+        """A block of ``n`` leased ports, or None."""
         tried: list[int] = []  # first ports of failed tries, held so the next pick moves on
         try:
             wrapped = False
@@ -208,8 +233,13 @@ def free_port_range(_dpm_manager: _Ports) -> Iterator[Callable[[int], range]]:
                 if first + n - 1 > _dpm_manager.end:
                     tried.append(first)
                     if wrapped or len(_dpm_manager.parts) == 1:
-                        break  # every later first port is higher still
+                        return None  # every later first port is higher still
+                    # From the start: a block there may reach past the pivot
+                    # into the ports tried so far, so they go back now.
                     wrapped = True
+                    for port in tried:
+                        release_lease(port, registry_dir=_dpm_manager.registry_dir)
+                    tried.clear()
                     continue
                 try:
                     rest = lease_window(first + 1, first + n - 1) if n > 1 else []
@@ -218,17 +248,29 @@ def free_port_range(_dpm_manager: _Ports) -> Iterator[Callable[[int], range]]:
                     continue
                 leased.extend([first, *rest])
                 return range(first, first + n)
+        except NoFreePortError:
+            return None
         finally:
             for port in tried:
                 release_lease(port, registry_dir=_dpm_manager.registry_dir)
-        raise NoFreePortError(
-            f"free_port_range: no {n} consecutive free ports in "
-            f"{_dpm_manager.start}-{_dpm_manager.end} (dpm_port_range)"
-        )
+        return None
+
+    def block(n: int) -> range:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"free_port_range: n must be an int >= 1, got {n!r}")
+        found = search(n)
+        if found is None and _dpm_manager.cooling:
+            _dpm_manager.thaw_all()  # ports given back lately are in the way: take them
+            found = search(n)
+        if found is None:
+            raise NoFreePortError(
+                f"free_port_range: no {n} consecutive free ports in "
+                f"{_dpm_manager.start}-{_dpm_manager.end} (dpm_port_range)"
+            )
+        return found
 
     yield block
-    for port in leased:
-        release_lease(port, registry_dir=_dpm_manager.registry_dir)
+    _dpm_manager.give_back(leased)
 
 
 @pytest.fixture
@@ -247,4 +289,4 @@ def listening_socket(_dpm_manager: _Ports, pytestconfig: pytest.Config) -> Itera
         with sock:
             yield sock
     finally:
-        release_lease(port, registry_dir=_dpm_manager.registry_dir)
+        _dpm_manager.give_back([port])
