@@ -181,6 +181,7 @@ def _minutes_around(before: float, after: float) -> set[str]:
     return found
 
 
+@pytest.mark.slow
 def test_dashboard_shows_each_lease_with_its_pid_and_follows_a_new_pick_without_reload(
     tmp_path: Path,
 ) -> None:
@@ -319,6 +320,7 @@ def test_dashboard_shows_each_lease_with_its_pid_and_follows_a_new_pick_without_
     other.close()
 
 
+@pytest.mark.slow
 def test_dashboard_shows_paths_as_text_errors_while_in_effect_skipped_ports_and_a_lost_server(
     tmp_path: Path,
 ) -> None:

@@ -63,6 +63,7 @@ def test_page_names_no_other_host_and_every_file_it_names_is_served(
         assert client.get(target).status_code == 200, url
 
 
+@pytest.mark.slow
 def test_docs_and_redoc_draw_the_api_in_chromium_with_no_other_host_reachable(
     tmp_path: Path, free_port_range: Callable[[int], range]
 ) -> None:

@@ -107,6 +107,7 @@ def test_a_pick_is_announced_and_a_move_or_release_rewrites_at_once(
     assert keys(etcd) == {}
 
 
+@pytest.mark.slow
 def test_a_killed_holder_s_key_expires_with_its_lease(
     etcd: Etcd, tmp_path: Path, registry: Path
 ) -> None:

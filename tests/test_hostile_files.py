@@ -481,6 +481,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_5_temporary_files_of_killed_savers_are_removed(state_path: Path) -> None:
     manager(state_path, 34300, 34304).stop()
     # One left by a saver long gone, so the count before cleanup is never 0.

@@ -387,6 +387,7 @@ def check_named(error: Exception, names: tuple[str, ...]) -> None:
     assert any(name in text for name in names), f"no argument named in {text!r}"
 
 
+@pytest.mark.slow
 @settings(
     max_examples=300,
     deadline=None,

@@ -205,6 +205,7 @@ print(json.dumps({"stuck": len(alive)}))
 """
 
 
+@pytest.mark.slow
 def test_forks_during_busy_refresh_and_picking_never_hang_the_child(
     tmp_path: Path, registry: Path
 ) -> None:

@@ -182,6 +182,7 @@ def test_server(free_port, n):
 """
 
 
+@pytest.mark.slow
 def test_200_servers_under_xdist_never_collide(pytester: pytest.Pytester) -> None:
     pytest.importorskip("xdist")
     start, end = port_block(64)

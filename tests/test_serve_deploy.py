@@ -107,6 +107,7 @@ def test_the_apps_code_in_the_doc_is_the_shipped_app() -> None:
     assert shipped.endswith(code), "docs/deploy/app.py is the doc's block, after its docstring"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("program", ["gunicorn", "uvicorn"])
 def test_the_worker_commands_serve_the_router(
     program: str, free_port: int, tmp_path: Path, registry: Path
@@ -206,6 +207,7 @@ def containerfile() -> dict[str, list[str]]:
     return found
 
 
+@pytest.mark.slow
 def test_the_containers_command_serves_and_passes_its_health_check(
     free_port: int, tmp_path: Path
 ) -> None:
