@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import pty
 import queue
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -202,3 +204,63 @@ def start_default_manager(monkeypatch: pytest.MonkeyPatch, state_path: Path) -> 
     manager.pick_port()
     manager.release_port()
     return manager
+
+
+def read_terminal(argv: list[str]) -> str:
+    """What ``argv`` prints with a terminal as its stdout."""
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdout=secondary, stderr=subprocess.PIPE)
+        os.close(secondary)
+        assert proc.wait(timeout=60) == 0
+        chunks = []
+        while True:  # until the pty reports EOF (EIO) once the child has exited
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(primary)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+@contextmanager
+def gunicorn_preloaded(
+    app: str, workers: int, bind_port: int, cwd: Path, env: dict[str, str], *options: str
+) -> Iterator[subprocess.Popen[str]]:
+    """``gunicorn --preload`` with ``workers`` uvicorn workers serving ``app``
+    on 127.0.0.1:``bind_port`` (output in ``.stdout``), stopped with SIGTERM
+    when the block ends (killed if still up 30 s later)."""
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--preload",
+            "-w",
+            str(workers),
+            "-k",
+            "uvicorn.workers.UvicornWorker",
+            "--bind",
+            f"127.0.0.1:{bind_port}",
+            *options,
+            app,
+        ],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        yield server
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.communicate()

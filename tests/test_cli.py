@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from router_helpers import LineReader, cli, cli_path, lease_on, listening, port_block
+from router_helpers import (
+    LineReader,
+    cli,
+    cli_path,
+    lease_on,
+    listening,
+    port_block,
+    read_terminal,
+)
 
 SUBCOMMANDS = [
     "pick",
@@ -225,25 +232,7 @@ def test_inspection_commands_write_nothing(block: str, tmp_path: Path) -> None:
 def test_json_is_one_line_in_a_pipe_and_pretty_on_a_terminal(block: str) -> None:
     piped = cli("free", "--range", block).stdout
     assert piped.count("\n") == 1
-    primary, secondary = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [cli_path(), "free", "--range", block], stdout=secondary, stderr=subprocess.PIPE
-        )
-        os.close(secondary)
-        assert proc.wait(timeout=60) == 0
-        chunks = []
-        while True:  # until the pty reports EOF (EIO) once the child has exited
-            try:
-                chunk = os.read(primary, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(primary)
-    text = b"".join(chunks).decode().replace("\r\n", "\n")
+    text = read_terminal([cli_path(), "free", "--range", block])
     assert json.loads(text) == json.loads(piped)
     assert '{\n  "free_ports": [\n' in text
 
@@ -305,27 +294,6 @@ def test_no_free_port_exits_1(block: str) -> None:
             assert "no free port" in result.stderr and "Traceback" not in result.stderr
 
 
-def _read_terminal(argv: list[str]) -> str:
-    """What ``argv`` prints with a terminal as its stdout."""
-    primary, secondary = pty.openpty()
-    try:
-        proc = subprocess.Popen(argv, stdout=secondary, stderr=subprocess.PIPE)
-        os.close(secondary)
-        assert proc.wait(timeout=60) == 0
-        chunks = []
-        while True:  # until the pty reports EOF (EIO) once the child has exited
-            try:
-                chunk = os.read(primary, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(primary)
-    return b"".join(chunks).decode().replace("\r\n", "\n")
-
-
 def test_who_prints_the_same_rows_in_a_pipe_as_on_a_terminal(block: str) -> None:
     start, end = map(int, block.split("-"))
     common = ["--range", block]
@@ -338,7 +306,7 @@ def test_who_prints_the_same_rows_in_a_pipe_as_on_a_terminal(block: str) -> None
         assert lines[0].split() == ["PORT", "PID", "NAME", "LEASED", "BY", "COMMAND"]
         assert lines[1].split()[:1] == [str(held)] and f"pid {os.getpid()}" in lines[1]
         assert lines[2].split() == [str(free), "-", "(free)", "-"]
-        shown = _read_terminal([cli_path(), "who", str(held), str(free), *common])
+        shown = read_terminal([cli_path(), "who", str(held), str(free), *common])
         assert shown == piped.stdout
         rows = json.loads(cli("who", "--json", str(held), *common).stdout)
         assert [row["port"] for row in rows] == [held]

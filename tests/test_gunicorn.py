@@ -3,21 +3,18 @@ each worker's lifespan, give every worker a port of its own (issue 6).
 
 A real `gunicorn --preload -w 4 -k uvicorn.workers.UvicornWorker` run; the
 workers are forked from the master after the manager exists and has picked.
-Ports 14800-14899.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from dynamic_port_manager import DynamicPortManager, list_leases
+from dynamic_port_manager import list_leases
+from router_helpers import gunicorn_preloaded, port_block
 
 pytest.importorskip("gunicorn")
 pytest.importorskip("uvicorn.workers")
@@ -30,7 +27,8 @@ from fastapi import FastAPI
 from dynamic_port_manager import DynamicPortManager
 
 OUT = Path(os.environ["DPM_TEST_OUT"])
-pm = DynamicPortManager(14800, 14899, OUT / "state.json", console_log=False)
+START, END = map(int, os.environ["DPM_TEST_RANGE"].split("-"))
+pm = DynamicPortManager(START, END, OUT / "state.json", console_log=False)
 (OUT / "master.json").write_text(json.dumps({"pid": os.getpid(), "port": pm.pick_port()}))
 
 @asynccontextmanager
@@ -43,34 +41,20 @@ app = FastAPI(lifespan=lifespan)
 """
 
 
-def test_preloaded_gunicorn_workers_each_get_their_own_port(tmp_path: Path, registry: Path) -> None:
+def test_preloaded_gunicorn_workers_each_get_their_own_port(
+    tmp_path: Path, registry: Path, free_port: int
+) -> None:
     (tmp_path / "preload_app.py").write_text(APP)
-    with DynamicPortManager(14890, 14899, tmp_path / "bind.json", console_log=False) as binder:
-        bind_port = binder.pick_port()
-    env = {**os.environ, "DPM_TEST_OUT": str(tmp_path), "PYTHONPATH": str(tmp_path)}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--preload",
-            "-w",
-            "4",
-            "-k",
-            "uvicorn.workers.UvicornWorker",
-            "--bind",
-            f"127.0.0.1:{bind_port}",
-            "--graceful-timeout",
-            "5",
-            "preload_app:app",
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    start, end = port_block(100)
+    env = {
+        **os.environ,
+        "DPM_TEST_OUT": str(tmp_path),
+        "DPM_TEST_RANGE": f"{start}-{end}",
+        "PYTHONPATH": str(tmp_path),
+    }
+    with gunicorn_preloaded(
+        "preload_app:app", 4, free_port, tmp_path, env, "--graceful-timeout", "5"
+    ) as server:
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("worker-*.json"))) < 4:
             assert server.poll() is None, server.communicate()[0]
@@ -79,13 +63,6 @@ def test_preloaded_gunicorn_workers_each_get_their_own_port(tmp_path: Path, regi
         master = json.loads((tmp_path / "master.json").read_text())
         workers = [json.loads(p.read_text()) for p in tmp_path.glob("worker-*.json")]
         leases = {lease["port"]: lease["pid"] for lease in list_leases()}
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.communicate()
     ports = [w["port"] for w in workers]
     assert len(set(ports)) == 4, ports
     assert master["port"] not in ports

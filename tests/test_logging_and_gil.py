@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import pytest
 from dynamic_port_manager import DynamicPortManager, NoFreePortError, list_leases
+from helpers_child import child_env, run_child
 
 LOGGER = "dynamic_port_manager"
 EVENTS = {"START", "PICK", "RELEASE", "REFRESH", "RECLAIM", "RECOVER", "ERROR", "STOP"}
@@ -33,33 +34,6 @@ LINE_RE = re.compile(
     r"\| (?P<used>Used:\[[^\]]*\](?:\(\d+\))?) *"
     r"\| Note:(?P<note>.*)$"
 )
-
-
-def run_child(
-    code: str, *args: object, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Runs ``code`` in a fresh interpreter; a hang fails the test after ``timeout``."""
-    try:
-        return subprocess.run(
-            [sys.executable, "-c", code, *map(str, args)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the child process hung (deadlock?); stderr so far: {e.stderr!r}")
-
-
-def child_env(**changes: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("NO_COLOR", None)
-    for key, value in changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
 
 
 def no_crash(stderr: str) -> None:

@@ -25,6 +25,7 @@ from typing import Callable
 import dynamic_port_manager
 import pytest
 from dynamic_port_manager import DynamicPortManager
+from helpers_child import run_child
 
 LOGGER = "dynamic_port_manager"
 FIELDS = (
@@ -212,12 +213,7 @@ main()
 def test_dictconfig_with_its_defaults_does_not_silence_the_events(
     tmp_path: Path, registry: Path, free_port: int
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", DICTCONFIG_CHILD, str(tmp_path / "s.json"), str(free_port)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_child(DICTCONFIG_CHILD, tmp_path / "s.json", free_port, timeout=120)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     events = [r["event"] for r in records if r["name"] == LOGGER]

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers_child import interrupt_when, run_child
 
 CHILD = """
 import json, logging, socket, sys, time
@@ -96,46 +93,16 @@ METHODS = {
 }
 
 
-def read_line(child: subprocess.Popen[str], timeout: float) -> str:
-    """The child's next stdout line, or fail after ``timeout`` seconds."""
-    assert child.stdout is not None
-    # poll, not select: the test process may hold descriptors past 1024.
-    waiter = select.poll()
-    waiter.register(child.stdout, select.POLLIN)
-    if not waiter.poll(timeout * 1000):
-        child.kill()
-        pytest.fail(f"no output from the child within {timeout}s: {child.communicate()[1]!r}")
-    line = child.stdout.readline().strip()
-    if not line:
-        child.wait(timeout)
-        pytest.fail(f"the child ended early: {child.communicate()[1]!r}")
-    return line
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_ctrl_c_in_a_log_handler_reaches_the_caller(
     method: str, tmp_path: Path, registry: Path, free_port: int
 ) -> None:
-    child = subprocess.Popen(
+    code, stdout, stderr = interrupt_when(
         [sys.executable, "-c", CHILD, str(tmp_path / "s.json"), str(free_port), method],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        "in-emit",
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    try:
-        assert read_line(child, 60) == "in-emit"
-        child.send_signal(signal.SIGINT)
-        try:
-            stdout, stderr = child.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            pytest.fail(f"{method}: the child did not finish after Ctrl-C")
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == 0, stderr
+    assert code == 0, stderr
     out = json.loads(stdout.splitlines()[-1])
     assert out["raised"] == "KeyboardInterrupt", (out, stderr)
     # Kept and raised to the caller, not printed as a stray traceback.
@@ -171,27 +138,11 @@ def test_an_uncaught_ctrl_c_ends_the_program_as_python_does(
 ) -> None:
     script = tmp_path / "app.py"  # a file, so the traceback shows its lines
     script.write_text(UNCAUGHT_CHILD)
-    child = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path / "s.json"), str(free_port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    code, _, stderr = interrupt_when(
+        [sys.executable, str(script), str(tmp_path / "s.json"), str(free_port)], "in-emit"
     )
-    try:
-        assert read_line(child, 60) == "in-emit"
-        started = time.monotonic()
-        child.send_signal(signal.SIGINT)
-        try:
-            _, stderr = child.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            pytest.fail(f"the child did not end after Ctrl-C ({time.monotonic() - started:.0f}s)")
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
     # One traceback, the caller's: KeyboardInterrupt at `m.pick_port()`.
-    assert child.returncode != 0
+    assert code != 0
     assert stderr.count("Traceback") == 1, stderr
     assert stderr.rstrip().endswith("KeyboardInterrupt"), stderr
     assert "m.pick_port()" in stderr and "Exception ignored" not in stderr, stderr
@@ -221,12 +172,7 @@ except SystemExit as e:
 def test_sys_exit_in_a_log_handler_ends_the_program(
     tmp_path: Path, registry: Path, free_port: int
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", EXIT_CHILD, str(tmp_path / "s.json"), str(free_port)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_child(EXIT_CHILD, tmp_path / "s.json", free_port)
     # Raised to the caller of pick_port (which still got its port), then
     # ends the program with the handler's code, as sys.exit does.
     assert result.stdout.split() == ["SystemExit", "3", "active", str(free_port)], result

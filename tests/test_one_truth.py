@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from dynamic_port_manager import DynamicPortManager, RegistryError
+from router_helpers import gunicorn_preloaded, port_block
 
 APP = """
 import os
@@ -62,7 +62,7 @@ def gunicorn_app(
     pytest.importorskip("uvicorn.workers")
     (tmp_path / "one_truth_app.py").write_text(APP)
     bind = free_port_factory()
-    base = free_port_factory()
+    base, _ = port_block(21)
     state = tmp_path / "state" / "dynamic_ports_app.json"
     env = {
         **os.environ,
@@ -72,28 +72,8 @@ def gunicorn_app(
         "DPM_JSON_PATH": str(state),
         "DPM_CONSOLE_LOG": "off",
     }
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--preload",
-            "-w",
-            "3",
-            "-k",
-            "uvicorn.workers.UvicornWorker",
-            "--bind",
-            f"127.0.0.1:{bind}",
-            "one_truth_app:app",
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     url = f"http://127.0.0.1:{bind}/api/v1/port"
-    try:
+    with gunicorn_preloaded("one_truth_app:app", 3, bind, tmp_path, env) as server:
         deadline = time.monotonic() + 60
         while True:
             assert server.poll() is None, server.communicate()[0]
@@ -104,13 +84,6 @@ def gunicorn_app(
                 assert time.monotonic() < deadline, "gunicorn did not answer"
                 time.sleep(0.2)
         yield url, state
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def _metric(text: str, name: str) -> float:
@@ -152,9 +125,9 @@ def test_every_gunicorn_worker_answers_with_the_files_record(
 
 
 def test_a_dead_holders_port_is_not_used_at_the_next_read(
-    state_path: Path, free_port_factory: Callable[[], int]
+    state_path: Path,
 ) -> None:
-    base = free_port_factory()
+    base, _ = port_block(3)
     code = f"""
         import sys
         from dynamic_port_manager import DynamicPortManager

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,15 @@ import pytest
 from api_ports import create_router
 from dynamic_port_manager import DynamicPortManager, port_owners
 from fastapi.testclient import TestClient
-from router_helpers import app_with, clean_env, cli, cli_path, new_manager, port_block
+from router_helpers import (
+    app_with,
+    clean_env,
+    cli,
+    cli_path,
+    new_manager,
+    port_block,
+    read_terminal,
+)
 
 # Listens on each port it reads (IPv4 and IPv6 loopback), answers "ok".
 HOLDER = """
@@ -155,25 +162,7 @@ def test_who_prints_json_with_json_and_a_table_on_a_terminal(
     check_held_by(row, holder)
 
     free = manager.end if port != manager.end else manager.start
-    primary, secondary = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [cli_path(), "who", str(port), str(free)], stdout=secondary, stderr=subprocess.PIPE
-        )
-        os.close(secondary)
-        assert proc.wait(timeout=60) == 0
-        chunks = []
-        while True:  # until EOF (EIO) once the child has exited
-            try:
-                chunk = os.read(primary, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(primary)
-    lines = b"".join(chunks).decode().replace("\r\n", "\n").splitlines()
+    lines = read_terminal([cli_path(), "who", str(port), str(free)]).splitlines()
     assert lines[0].split() == ["PORT", "PID", "NAME", "LEASED", "BY", "COMMAND"]
     held = lines[1].split()
     assert held[:3] == [str(port), str(holder.pid), "dpm-holder"]
