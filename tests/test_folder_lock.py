@@ -2,7 +2,6 @@
 which holds each file's change counter in a slot found by hashing its name
 (issue 10: a new state file no longer makes a lock file of its own). Two names
 may share a slot: that may only cost a re-read, never a change missed.
-Ports 15310-15329 (below the kernel's ephemeral range).
 """
 
 from __future__ import annotations
@@ -13,9 +12,20 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from dynamic_port_manager import DynamicPortManager
+from router_helpers import port_block
 
-LO, HI = 15310, 15329
+LO, HI = 0, 0  # set for each test by _ports
+
+
+@pytest.fixture(autouse=True)
+def _ports() -> None:
+    """This test's range, leased through the pytest plugin (``port_block``)."""
+    global LO, HI
+    LO, HI = port_block(20)
+
+
 FOLDER_LOCK = ".dynamic_port_manager.lock"
 SLOTS = 4096
 

@@ -2,7 +2,6 @@
 every new manager while nothing else changed it (issue 10): what it knows is
 kept while the folder's times stand still. These tests hold it to the other
 half of that bargain: whatever another process changes is still seen.
-Ports 15200-15209 (below the kernel's ephemeral range).
 """
 
 from __future__ import annotations
@@ -15,27 +14,40 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from dynamic_port_manager import DynamicPortManager
+from router_helpers import port_block
+
+LO, HI = 0, 0  # set for each test by _ports
+
+
+@pytest.fixture(autouse=True)
+def _ports() -> None:
+    """This test's range, leased through the pytest plugin (``port_block``)."""
+    global LO, HI
+    LO, HI = port_block(10)
+
 
 # Another process picks through its own manager on the same state file (new
 # history, new backups), then exits.
 OTHER_PROCESS = """
 import sys
 from dynamic_port_manager import DynamicPortManager
-m = DynamicPortManager(15200, 15209, sys.argv[1], console_log=False)
+m = DynamicPortManager(int(sys.argv[3]), int(sys.argv[4]), sys.argv[1], console_log=False)
 for _ in range(int(sys.argv[2])):
     m.pick_port()
 m.stop()
 """
 
 
-def manager(path: Path, lo: int = 15200, hi: int = 15209, **kwargs: Any) -> DynamicPortManager:
+def manager(path: Path, **kwargs: Any) -> DynamicPortManager:
     kwargs.setdefault("console_log", False)
-    return DynamicPortManager(lo, hi, path, **kwargs)
+    return DynamicPortManager(LO, HI, path, **kwargs)
 
 
 def in_other_process(path: Path, picks: int) -> None:
-    subprocess.run([sys.executable, "-c", OTHER_PROCESS, str(path), str(picks)], check=True)
+    command = [sys.executable, "-c", OTHER_PROCESS, str(path), str(picks), str(LO), str(HI)]
+    subprocess.run(command, check=True)
 
 
 def dead_pid() -> int:

@@ -1,8 +1,8 @@
 """A pick starts from what the previous pick of this process found in the
 registry while the table is unchanged (issue 10: a crowded range must not cost
 a walk over every lease per pick). A change by anyone else must end that.
-Ports 15100-15109 (below the kernel's ephemeral range: no outgoing
-connection can take one between two picks).
+Ports leased through the pytest plugin, below the kernel's ephemeral range
+(no outgoing connection can take one between two picks).
 """
 
 from __future__ import annotations
@@ -15,8 +15,17 @@ from pathlib import Path
 
 import pytest
 from dynamic_port_manager import DynamicPortManager, list_leases
+from router_helpers import port_block
 
-LO, HI = 15100, 15109
+LO, HI = 0, 0  # set for each test by _ports
+
+
+@pytest.fixture(autouse=True)
+def _ports() -> None:
+    """This test's range, leased through the pytest plugin (``port_block``)."""
+    global LO, HI
+    LO, HI = port_block(10)
+
 
 # Another process: picks through its own manager when told, reports the port,
 # releases it when told.
