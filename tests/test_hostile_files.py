@@ -3,7 +3,9 @@
 FIFOs, devices, sockets and folders at the state file's path, links planted
 at every name the library writes, folders another user owns, and savers
 killed mid-save. Whatever could hang runs in a child process with a timeout,
-so a regression fails the test instead of stopping the run. Ports 34000-34499.
+so a regression fails the test instead of stopping the run. Each test's five
+ports are leased through the pytest plugin: ``BASE`` to ``BASE + 4``, in its
+children too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import pytest
 from dynamic_port_manager import DynamicPortManager, RegistryError
-from router_helpers import cli
+from router_helpers import cli, port_block
 
 # A child that has not answered by then is hanging (each does well under 5 s).
 HANG = 60
@@ -33,6 +35,13 @@ RSS_LIMIT_KIB = 250 * 1024
 PRECIOUS = b"precious content, 24 bytes"
 # The lock file of a folder's state files (one per folder).
 FOLDER_LOCK = ".dynamic_port_manager.lock"
+BASE = 0  # the first of this test's five ports, set by _ports
+
+
+@pytest.fixture(autouse=True)
+def _ports() -> None:
+    global BASE
+    BASE = port_block(5)[0]
 
 
 def manager(path: Path | str, lo: int, hi: int, **kwargs: Any) -> DynamicPortManager:
@@ -45,6 +54,7 @@ def child(code: str, *args: object) -> dict[str, Any]:
     its last output line holds. A child that hangs fails the test (TimeoutExpired)."""
     prelude = (
         "import json, os, sys\nfrom dynamic_port_manager import DynamicPortManager\n"
+        f"BASE = {BASE}\n"
         # This process's own peak (VmHWM): getrusage's ru_maxrss would carry
         # the forking parent's peak across exec.
         "def peak_rss_kib():\n"
@@ -96,7 +106,7 @@ def test_1_2_6_something_not_a_regular_file_at_json_path_is_refused_and_left_alo
     if kind == "/dev/null":
         target = Path("/dev/null")
     else:
-        m = manager(state_path, 34000, 34004)
+        m = manager(state_path, BASE, BASE + 4)
         m.pick_port()  # a file with a backup
         m.stop()
         backups_before = sorted(os.listdir(state_path.parent / "backups"))
@@ -121,7 +131,7 @@ def test_1_2_6_something_not_a_regular_file_at_json_path_is_refused_and_left_alo
         result = child(
             """
             try:
-                DynamicPortManager(34000, 34004, sys.argv[1], console_log=False)
+                DynamicPortManager(BASE, BASE + 4, sys.argv[1], console_log=False)
                 print(json.dumps({"raised": None}))
             except Exception as e:
                 print(json.dumps({"raised": type(e).__name__, "message": str(e)}))
@@ -150,7 +160,7 @@ def test_1_a_link_to_an_endless_device_is_not_read(device: str, state_path: Path
     state_path.symlink_to(device)
     result = child(
         """
-        m = DynamicPortManager(34010, 34014, sys.argv[1], console_log=False)
+        m = DynamicPortManager(BASE, BASE + 4, sys.argv[1], console_log=False)
         port = m.pick_port()
         s = m.get_state()
         m.stop()
@@ -160,22 +170,22 @@ def test_1_a_link_to_an_endless_device_is_not_read(device: str, state_path: Path
         state_path,
     )
     assert result["rss"] < RSS_LIMIT_KIB, result
-    assert result["port"] == 34010
+    assert result["port"] == BASE
     assert "symbolic link" in result["error"], result
     assert stat.S_ISCHR(os.stat(device).st_mode)
     # The link itself was replaced by the state (nothing written through it).
-    assert json.loads(state_path.read_text())["history"][-1]["prev"] == 34010
+    assert json.loads(state_path.read_text())["history"][-1]["prev"] == BASE
 
 
 def test_1_an_oversized_state_file_is_set_aside_not_read_whole(state_path: Path) -> None:
-    m = manager(state_path, 34020, 34024)
+    m = manager(state_path, BASE, BASE + 4)
     m.pick_port()
     m.stop()
     with open(state_path, "ab") as f:  # still valid JSON: trailing blanks
         f.write(b" " * (50 * 1024 * 1024))
     result = child(
         """
-        m = DynamicPortManager(34020, 34024, sys.argv[1], console_log=False)
+        m = DynamicPortManager(BASE, BASE + 4, sys.argv[1], console_log=False)
         s = m.get_state()
         m.stop()
         rss = peak_rss_kib()
@@ -191,7 +201,7 @@ def test_1_an_oversized_state_file_is_set_aside_not_read_whole(state_path: Path)
 
 
 RUNNING_FILE_BECOMES_FIFO = """
-m = DynamicPortManager(34030, 34034, sys.argv[1], console_log=False)
+m = DynamicPortManager(BASE, BASE + 4, sys.argv[1], console_log=False)
 first = m.pick_port()
 os.unlink(sys.argv[1])
 os.mkfifo(sys.argv[1])
@@ -206,7 +216,7 @@ m.stop()
 
 def test_1_a_running_manager_whose_file_becomes_a_fifo_keeps_working(state_path: Path) -> None:
     result = child(RUNNING_FILE_BECOMES_FIFO, state_path)
-    assert result["ports"] == [34030, 34031]
+    assert result["ports"] == [BASE, BASE + 1]
     assert result["count"] == 2, "kept the state in memory"
     assert "FIFO" in result["error"] and result["active"] is True, result
     assert stat.S_ISFIFO(os.lstat(state_path).st_mode), "left as it is"
@@ -215,7 +225,7 @@ def test_1_a_running_manager_whose_file_becomes_a_fifo_keeps_working(state_path:
 def test_1_the_cli_state_command_on_a_fifo_answers(state_path: Path) -> None:
     state_path.parent.mkdir(parents=True)
     os.mkfifo(state_path)
-    done = cli("state", "--state", str(state_path), "--range", "34040-34044", timeout=HANG)
+    done = cli("state", "--state", str(state_path), "--range", f"{BASE}-{BASE + 4}", timeout=HANG)
     assert done.returncode == 0, done.stderr
     assert "FIFO" in json.loads(done.stdout)["last_error"]
     assert stat.S_ISFIFO(os.lstat(state_path).st_mode)
@@ -227,7 +237,7 @@ def test_1_the_router_serves_a_manager_whose_file_became_a_fifo(state_path: Path
         import api_ports
         from fastapi import FastAPI
         from fastapi.testclient import TestClient
-        m = DynamicPortManager(34050, 34054, sys.argv[1], console_log=False)
+        m = DynamicPortManager(BASE, BASE + 4, sys.argv[1], console_log=False)
         app = FastAPI()
         app.include_router(api_ports.create_router(m), prefix="/api/v1")
         client = TestClient(app)
@@ -261,7 +271,7 @@ def test_1_3_a_fifo_in_the_registry_does_not_hang_the_constructor(
         os.mkfifo(registry / name)
     result = child(
         """
-        m = DynamicPortManager(34060, 34064, sys.argv[1], console_log=False)
+        m = DynamicPortManager(BASE, BASE + 4, sys.argv[1], console_log=False)
         try:
             port = m.pick_port()
         except Exception as e:
@@ -273,7 +283,7 @@ def test_1_3_a_fifo_in_the_registry_does_not_hang_the_constructor(
     )
     # Slots that are not regular files are set aside and remade; a lock file
     # that is not one is refused (and left for its owner to look at).
-    assert result["port"] == ("RegistryError" if names == ("leases.lock",) else 34060), result
+    assert result["port"] == ("RegistryError" if names == ("leases.lock",) else BASE), result
     assert names[0] in result["error"], result
 
 
@@ -286,7 +296,7 @@ def test_1_3_a_fifo_in_the_registry_does_not_hang_the_constructor(
 def test_3_a_link_at_the_temporary_file_name_is_not_written_through(
     state_path: Path, victim: Path
 ) -> None:
-    m = manager(state_path, 34100, 34104)
+    m = manager(state_path, BASE, BASE + 4)
     planted = state_path.parent / f".{state_path.name}.{os.getpid()}.tmp"
     planted.symlink_to(victim)
     try:
@@ -305,7 +315,7 @@ def test_3_a_link_at_the_lock_file_name_is_not_written_through(
     (state_path.parent / FOLDER_LOCK).symlink_to(victim)
     # Where earlier versions kept a lock per state file: never opened now.
     Path(f"{state_path}.lock").symlink_to(victim)
-    m = manager(state_path, 34110, 34114)
+    m = manager(state_path, BASE, BASE + 4)
     try:
         m.pick_port()
         error = m.get_state()["last_error"]
@@ -323,7 +333,7 @@ def test_3_links_in_the_registry_are_not_written_through(
     result = child(
         """
         try:
-            m = DynamicPortManager(34120, 34124, sys.argv[1], console_log=False)
+            m = DynamicPortManager(BASE, BASE + 4, sys.argv[1], console_log=False)
             picks = []
             for _ in range(3):
                 try:
@@ -345,9 +355,9 @@ def test_3_links_in_the_registry_are_not_written_through(
     elif name == "leases-1.json":
         # The spare full table: not read or written until the change log is
         # folded into it, and then set aside and remade like the others.
-        assert result["picks"] == [34120, 34121, 34120], result  # each pick moves
+        assert result["picks"] == [BASE, BASE + 1, BASE], result  # each pick moves
     else:
-        assert result["picks"] == [34120, 34121, 34120], result  # each pick moves
+        assert result["picks"] == [BASE, BASE + 1, BASE], result  # each pick moves
         assert "moved aside" in result["error"], result
         assert not (registry / name).is_symlink()
 
@@ -357,7 +367,7 @@ def test_3_a_backups_folder_that_is_a_link_is_not_used(state_path: Path, tmp_pat
     elsewhere.mkdir()
     state_path.parent.mkdir(parents=True)
     (state_path.parent / "backups").symlink_to(elsewhere)
-    m = manager(state_path, 34130, 34134)
+    m = manager(state_path, BASE, BASE + 4)
     try:
         m.pick_port()
         m.pick_port()
@@ -378,7 +388,7 @@ def test_3_a_state_folder_the_user_linked_is_followed_but_backups_are_not(
     shared = tmp_path / "shared"
     shared.mkdir()
     (tmp_path / "port_state").symlink_to(shared)
-    m = manager(tmp_path / "port_state" / "s.json", 34135, 34139)
+    m = manager(tmp_path / "port_state" / "s.json", BASE, BASE + 4)
     try:
         port = m.pick_port()
         m.pick_port()
@@ -395,14 +405,14 @@ def test_3_a_registry_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
     link = tmp_path / "link"
     link.symlink_to(real)
     with pytest.raises(RegistryError, match="symbolic link"):
-        manager(tmp_path / "s.json", 34140, 34144, registry_dir=link)
+        manager(tmp_path / "s.json", BASE, BASE + 4, registry_dir=link)
     assert os.listdir(real) == []
 
 
 def test_3_a_registry_folder_swapped_for_a_link_later_is_not_followed(tmp_path: Path) -> None:
     reg, moved, decoy = tmp_path / "reg", tmp_path / "moved", tmp_path / "decoy"
     decoy.mkdir(mode=0o700)
-    m = manager(tmp_path / "s.json", 34150, 34154, registry_dir=reg)
+    m = manager(tmp_path / "s.json", BASE, BASE + 4, registry_dir=reg)
     try:
         port = m.pick_port()
         reg.rename(moved)
@@ -426,13 +436,13 @@ def test_3_4_a_registry_folder_another_user_owns_is_refused(tmp_path: Path) -> N
     planted.mkdir(mode=0o700)
     os.chown(planted, 65534, 65534)
     with pytest.raises(RegistryError, match="owned by uid 65534"):
-        manager(tmp_path / "s.json", 34160, 34164, registry_dir=planted)
+        manager(tmp_path / "s.json", BASE, BASE + 4, registry_dir=planted)
     assert os.listdir(planted) == []
 
 
 def plant_foreign_backup(state_path: Path) -> Path:
     """A state with history and backups, then a forged backup that sorts newest."""
-    m = manager(state_path, 34200, 34204)
+    m = manager(state_path, BASE, BASE + 4)
     for _ in range(3):
         m.pick_port()
     m.stop()
@@ -450,7 +460,7 @@ def test_4_a_backups_folder_another_user_owns_is_not_used(state_path: Path) -> N
     backups = planted.parent
     for path in [backups, *backups.iterdir()]:
         os.chown(path, 65534, 65534)
-    m = manager(state_path, 34200, 34204)
+    m = manager(state_path, BASE, BASE + 4)
     s = m.get_state()
     m.stop()
     assert s["change_count"] != 999
@@ -461,7 +471,7 @@ def test_4_a_backups_folder_another_user_owns_is_not_used(state_path: Path) -> N
 def test_4_a_backups_folder_others_can_write_is_not_used(state_path: Path) -> None:
     planted = plant_foreign_backup(state_path)
     os.chmod(planted.parent, 0o777)
-    m = manager(state_path, 34200, 34204)
+    m = manager(state_path, BASE, BASE + 4)
     s = m.get_state()
     m.stop()
     assert s["change_count"] != 999
@@ -473,7 +483,8 @@ def test_4_a_backups_folder_others_can_write_is_not_used(state_path: Path) -> No
 SAVER = """
 import sys
 from dynamic_port_manager import DynamicPortManager
-m = DynamicPortManager(34300, 34304, sys.argv[1], console_log=False, backup_max=3)
+BASE = int(sys.argv[2])
+m = DynamicPortManager(BASE, BASE + 4, sys.argv[1], console_log=False, backup_max=3)
 print("ready", flush=True)
 while True:
     m.pick_port()
@@ -483,12 +494,12 @@ while True:
 
 @pytest.mark.slow
 def test_5_temporary_files_of_killed_savers_are_removed(state_path: Path) -> None:
-    manager(state_path, 34300, 34304).stop()
+    manager(state_path, BASE, BASE + 4).stop()
     # One left by a saver long gone, so the count before cleanup is never 0.
     (state_path.parent / f".{state_path.name}.{dead_pid()}.tmp").write_text("{")
     for _ in range(50):
         saver = subprocess.Popen(
-            [sys.executable, "-c", SAVER, state_path], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", SAVER, state_path, str(BASE)], stdout=subprocess.PIPE, text=True
         )
         assert saver.stdout is not None
         assert saver.stdout.readline() == "ready\n"
@@ -499,18 +510,18 @@ def test_5_temporary_files_of_killed_savers_are_removed(state_path: Path) -> Non
         saver.wait(timeout=HANG)
         saver.stdout.close()
     left_by_kills = len(temporaries(state_path.parent))
-    m = manager(state_path, 34300, 34304)
+    m = manager(state_path, BASE, BASE + 4)
     assert temporaries(state_path.parent) == [], f"{left_by_kills} before start"
     # ...and at refresh, for one left while this manager runs.
     (state_path.parent / f".{state_path.name}.{dead_pid()}.tmp").write_text("{")
     m.refresh()
     assert temporaries(state_path.parent) == []
-    assert json.loads(state_path.read_text())["settings"]["port_range"] == [34300, 34304]
+    assert json.loads(state_path.read_text())["settings"]["port_range"] == [BASE, BASE + 4]
     m.stop()
 
 
 def test_5_damaged_copies_set_aside_stay_bounded(state_path: Path) -> None:
-    m = manager(state_path, 34310, 34314)
+    m = manager(state_path, BASE, BASE + 4)
     try:
         for _ in range(8):
             state_path.write_text("{damaged")
