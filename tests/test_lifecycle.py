@@ -3,7 +3,7 @@
 fork (os.fork, multiprocessing), exit with busy threads, holders that died,
 Ctrl-C during a lock wait, and many managers in one process. Every scenario
 runs in real processes; the test's private registry reaches them through
-``DPM_REGISTRY_DIR``. Ports 14000-14999.
+``DPM_REGISTRY_DIR``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,19 @@ from pathlib import Path
 
 import pytest
 from dynamic_port_manager import DynamicPortManager, list_leases
+from router_helpers import port_block
+
+BASE = 0  # the first of this test's 500 ports, set by _ports
+
+
+@pytest.fixture(autouse=True)
+def _ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """500 ports for this test (up to 420 managers share one file), leased through
+    the pytest plugin (``port_block``);
+    its child processes read the first from ``$DPM_TEST_BASE``."""
+    global BASE
+    BASE = port_block(500)[0]
+    monkeypatch.setenv("DPM_TEST_BASE", str(BASE))
 
 
 def run_script(script: str, *args: object, timeout: float = 90) -> dict:
@@ -37,11 +50,12 @@ def run_script(script: str, *args: object, timeout: float = 90) -> dict:
 # The parent picks P and forks; the child does one thing with the inherited
 # manager and exits the way the test names. Then a newcomer picks.
 FORK_THEN = r"""
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import gc, json, os, sys
 from dynamic_port_manager import DynamicPortManager, list_leases
 
 work, action = sys.argv[1], sys.argv[2]
-pm = DynamicPortManager(14000, 14009, f"{work}/s.json", console_log=False)
+pm = DynamicPortManager(BASE, BASE + 9, f"{work}/s.json", console_log=False)
 parent_port = pm.pick_port()
 r, w = os.pipe()
 pid = os.fork()
@@ -68,7 +82,7 @@ os.close(w)
 child = json.loads(os.read(r, 65536))
 _, status = os.waitpid(pid, 0)
 mine = [l for l in list_leases() if l["port"] == parent_port]
-newcomer = DynamicPortManager(14000, 14009, f"{work}/other.json", console_log=False)
+newcomer = DynamicPortManager(BASE, BASE + 9, f"{work}/other.json", console_log=False)
 print(json.dumps({
     "status": os.waitstatus_to_exitcode(status),
     "parent_port": parent_port,
@@ -103,11 +117,12 @@ def test_a_forked_child_never_touches_the_parents_lease(
 
 
 MP_CHILDREN = r"""
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import json, multiprocessing as mp, os, socket, sys
 
 work = sys.argv[1]
 from dynamic_port_manager import DynamicPortManager, list_leases
-pm = DynamicPortManager(14100, 14139, f"{work}/s.json", refresh_interval=0.05,
+pm = DynamicPortManager(BASE, BASE + 39, f"{work}/s.json", refresh_interval=0.05,
                         console_log=False)
 parent_port = pm.pick_port()
 
@@ -162,13 +177,14 @@ def test_multiprocessing_fork_children_picking_through_an_inherited_manager(
 # 200 forks while a refresh thread runs every 50 ms and a Python thread picks
 # and releases in a loop; each child uses the library once and exits.
 BUSY_FORKS = r"""
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import json, os, sys, threading, time
 from dynamic_port_manager import DynamicPortManager
 
 work = sys.argv[1]
-busy = DynamicPortManager(14200, 14219, f"{work}/busy.json", refresh_interval=0.05,
+busy = DynamicPortManager(BASE, BASE + 19, f"{work}/busy.json", refresh_interval=0.05,
                           console_log=False)
-others = [DynamicPortManager(14220, 14239, f"{work}/o{i}.json", refresh_interval=0.05,
+others = [DynamicPortManager(BASE + 20, BASE + 39, f"{work}/o{i}.json", refresh_interval=0.05,
                              console_log=False) for i in range(3)]
 stop = threading.Event()
 
@@ -186,7 +202,7 @@ for i in range(200):
         if what == 0:
             busy.get_state()
         elif what == 1:
-            DynamicPortManager(14240, 14259, f"{work}/c{i}.json", console_log=False).stop()
+            DynamicPortManager(BASE + 40, BASE + 59, f"{work}/c{i}.json", console_log=False).stop()
         os._exit(0) if i % 2 else sys.exit(0)
     children.append(pid)
 deadline = time.monotonic() + 10
@@ -214,13 +230,14 @@ def test_forks_during_busy_refresh_and_picking_never_hang_the_child(
 
 
 BUSY_EXIT = r"""
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import json, sys, threading, time
 from dynamic_port_manager import DynamicPortManager
 
 work = sys.argv[1]
-pm = DynamicPortManager(14300, 14309, f"{work}/s.json", refresh_interval=0.05,
+pm = DynamicPortManager(BASE, BASE + 9, f"{work}/s.json", refresh_interval=0.05,
                         console_log=False)
-other = DynamicPortManager(14300, 14309, f"{work}/t.json", console_log=False)
+other = DynamicPortManager(BASE, BASE + 9, f"{work}/t.json", console_log=False)
 other.pick_port()
 
 def sleeper():
@@ -245,9 +262,9 @@ def test_exit_with_busy_daemon_threads_gives_the_lease_back(tmp_path: Path, regi
     assert list_leases() == [], "every lease of the exited process is given back"
     assert elapsed < 20, f"exit took {elapsed:.1f} s"
     # The port is free for the next one at once.
-    pm = DynamicPortManager(14300, 14309, tmp_path / "next.json", console_log=False)
-    assert out["port"] == 14301  # `other` held 14300
-    assert pm.pick_port() == 14300
+    pm = DynamicPortManager(BASE, BASE + 9, tmp_path / "next.json", console_log=False)
+    assert out["port"] == BASE + 1  # `other` held 14300
+    assert pm.pick_port() == BASE
     pm.stop()
 
 
@@ -261,22 +278,23 @@ def test_cli_picks_from_exited_shells_return_the_lowest_free_port(
     for _ in range(3):
         # The lease belongs to the shell (the CLI's parent), which exits at once.
         result = subprocess.run(
-            ["sh", "-c", f'"{cli}" pick --range 14400-14420 --state "{state}"'],
+            ["sh", "-c", f'"{cli}" pick --range {BASE}-{BASE + 20} --state "{state}"'],
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert result.returncode == 0, result.stderr
         picked.append(int(result.stdout.strip()))
-    assert picked == [14400, 14400, 14400]
+    assert picked == [BASE, BASE, BASE]
     history = json.loads(state.read_text())["history"]
-    assert any(h["prev"] == 14400 and h["new"] is None for h in history), history
+    assert any(h["prev"] == BASE and h["new"] is None for h in history), history
 
 
 PICK_WAITING = r"""
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import sys
 from dynamic_port_manager import DynamicPortManager
-pm = DynamicPortManager(14500, 14509, sys.argv[1], console_log=False)
+pm = DynamicPortManager(BASE, BASE + 9, sys.argv[1], console_log=False)
 print("ready", flush=True)
 sys.stdin.readline()
 try:
@@ -315,6 +333,7 @@ def test_ctrl_c_interrupts_a_pick_waiting_for_a_held_lock(tmp_path: Path, regist
 
 
 MANY_LOW_FDS = r"""
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import json, os, resource, sys
 from dynamic_port_manager import DynamicPortManager, list_leases
 
@@ -322,7 +341,7 @@ work, n = sys.argv[1], int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_NOFILE, (n // 2, n // 2))
 managers, failed = [], 0
 for i in range(n):
-    m = DynamicPortManager(14600, 14600 + n + 20, f"{work}/shared.json",
+    m = DynamicPortManager(BASE, BASE + n + 20, f"{work}/shared.json",
                            refresh_interval=60, backup_max=2, console_log=False)
     managers.append(m)
     try:
@@ -353,8 +372,8 @@ def test_many_managers_on_one_file_share_descriptors_and_stop_without_new_ones(
 
 
 def test_a_damaged_registry_heals_from_live_holders(tmp_path: Path, registry: Path) -> None:
-    a = DynamicPortManager(14700, 14709, tmp_path / "a.json", console_log=False)
-    b = DynamicPortManager(14700, 14709, tmp_path / "b.json", console_log=False)
+    a = DynamicPortManager(BASE, BASE + 9, tmp_path / "a.json", console_log=False)
+    b = DynamicPortManager(BASE, BASE + 9, tmp_path / "b.json", console_log=False)
     pa = a.pick_port()
     pb = b.pick_port()
     # Damage what holds the leases now: the change log (and any full table).
@@ -366,13 +385,14 @@ def test_a_damaged_registry_heals_from_live_holders(tmp_path: Path, registry: Pa
     a.refresh()
     b.refresh()
     assert sorted(lease["port"] for lease in list_leases()) == sorted([pa, pb])
-    c = DynamicPortManager(14700, 14709, tmp_path / "c.json", console_log=False)
+    c = DynamicPortManager(BASE, BASE + 9, tmp_path / "c.json", console_log=False)
     assert c.pick_port() not in (pa, pb)
     for m in (a, b, c):
         m.stop()
 
 
 MADE_AT_EXIT = r"""
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import atexit, sys
 
 work = sys.argv[1]
@@ -381,7 +401,7 @@ def late():
     # atexit runs the last registered first: registered before the package
     # was imported, this runs after the package's own hook (_shutdown).
     from dynamic_port_manager import DynamicPortManager, ManagerStoppedError
-    m = DynamicPortManager(14750, 14759, f"{work}/late.json", console_log=False)
+    m = DynamicPortManager(BASE + 50, BASE + 59, f"{work}/late.json", console_log=False)
     try:
         m.pick_port()
     except ManagerStoppedError:
@@ -393,7 +413,7 @@ def late():
 
 atexit.register(late)
 from dynamic_port_manager import DynamicPortManager
-m = DynamicPortManager(14750, 14759, f"{work}/main.json", console_log=False)
+m = DynamicPortManager(BASE + 50, BASE + 59, f"{work}/main.json", console_log=False)
 m.pick_port()
 print("{}")
 """

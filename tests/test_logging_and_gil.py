@@ -1,7 +1,7 @@
 """Events as logging records and console lines; the GIL, deadlocks and shutdown.
 
 Whatever can hang runs in a child process with a timeout, so a deadlock fails
-the test instead of hanging the suite. Ports 22000-22199.
+the test instead of hanging the suite.
 """
 
 from __future__ import annotations
@@ -22,6 +22,19 @@ from typing import Any, Callable
 import pytest
 from dynamic_port_manager import DynamicPortManager, NoFreePortError, list_leases
 from helpers_child import child_env, run_child
+from router_helpers import port_block
+
+BASE = 0  # the first of this test's 100 ports, set by _ports
+
+
+@pytest.fixture(autouse=True)
+def _ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """100 ports for this test, leased through the pytest plugin (``port_block``);
+    its child processes read the first from ``$DPM_TEST_BASE``."""
+    global BASE
+    BASE = port_block(100)[0]
+    monkeypatch.setenv("DPM_TEST_BASE", str(BASE))
+
 
 LOGGER = "dynamic_port_manager"
 EVENTS = {"START", "PICK", "RELEASE", "REFRESH", "RECLAIM", "RECOVER", "ERROR", "STOP"}
@@ -113,6 +126,7 @@ def test_every_event_is_a_logging_record(
 
 def test_a_logging_level_set_after_import_takes_effect(tmp_path: Path, registry: Path) -> None:
     code = """
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import json, logging, socket, sys
 import dynamic_port_manager
 from dynamic_port_manager import DynamicPortManager, NoFreePortError
@@ -126,7 +140,7 @@ class Collect(logging.Handler):
 log = logging.getLogger("dynamic_port_manager")
 log.addHandler(Collect())
 log.propagate = False
-m = DynamicPortManager(22020, 22029, sys.argv[1], console_log=False)
+m = DynamicPortManager(BASE + 20, BASE + 29, sys.argv[1], console_log=False)
 m.pick_port()                      # logger at the default WARNING: nothing
 marks = [len(seen)]
 log.setLevel(logging.INFO)         # after import and after the first records
@@ -136,8 +150,8 @@ log.setLevel(logging.ERROR)
 m.pick_port()                      # INFO dropped again
 marks.append(len(seen))
 with socket.socket() as s:
-    s.bind(("127.0.0.1", 22030)); s.listen()
-    lonely = DynamicPortManager(22030, 22030, sys.argv[1] + ".2", console_log=False)
+    s.bind(("127.0.0.1", BASE + 30)); s.listen()
+    lonely = DynamicPortManager(BASE + 30, BASE + 30, sys.argv[1] + ".2", console_log=False)
     try:
         lonely.pick_port()
     except NoFreePortError:
@@ -204,7 +218,7 @@ print(first, second)
 def test_console_lines_follow_the_spec_format_without_colour_off_a_terminal(
     tmp_path: Path, registry: Path
 ) -> None:
-    lo, hi = 22040, 22049
+    lo, hi = BASE + 40, BASE + 49
     result = run_child(CONSOLE_CHILD, tmp_path / "s.json", lo, hi, 1, env=child_env())
     assert result.returncode == 0, result.stderr
     first, second = map(int, result.stdout.split())
@@ -235,14 +249,14 @@ def test_console_lines_follow_the_spec_format_without_colour_off_a_terminal(
 
 
 def test_no_console_line_with_console_log_false(tmp_path: Path, registry: Path) -> None:
-    result = run_child(CONSOLE_CHILD, tmp_path / "s.json", 22050, 22059, 0, env=child_env())
+    result = run_child(CONSOLE_CHILD, tmp_path / "s.json", BASE + 50, BASE + 59, 0, env=child_env())
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
 
 
 def test_no_colour_with_no_color_set_off_a_terminal(tmp_path: Path, registry: Path) -> None:
     env = child_env(NO_COLOR="1")
-    result = run_child(CONSOLE_CHILD, tmp_path / "s.json", 22060, 22069, 1, env=env)
+    result = run_child(CONSOLE_CHILD, tmp_path / "s.json", BASE + 60, BASE + 69, 1, env=env)
     assert result.returncode == 0, result.stderr
     assert "PICK" in result.stderr and "\x1b" not in result.stderr
 
@@ -300,7 +314,7 @@ def run_on_a_terminal(args: list[str], env: dict[str, str], timeout: float = 60)
 def test_colour_on_a_terminal_unless_no_color(
     tmp_path: Path, registry: Path, no_color: str | None, coloured: bool
 ) -> None:
-    base = {None: 22070, "1": 22080, "": 22090}[no_color]
+    base = {None: BASE + 70, "1": BASE + 80, "": BASE + 90}[no_color]
     args = [str(tmp_path / "s.json"), str(base), str(base + 9), "1"]
     text = run_on_a_terminal(args, child_env(NO_COLOR=no_color))
     assert "PICK" in text and "START" in text
@@ -345,7 +359,7 @@ def test_python_threads_run_while_pick_port_waits_for_a_lock(
     waits, a second Python thread counts through a pure-Python loop, and only
     then does the main thread (running Python code) tell the holder to let go:
     if pick_port() kept the GIL while it waits, none of that could happen."""
-    m = DynamicPortManager(22100, 22109, tmp_path / "s.json", refresh_interval=3600)
+    m = DynamicPortManager(BASE, BASE + 9, tmp_path / "s.json", refresh_interval=3600)
     lock_path = (
         m.state_path.parent / ".dynamic_port_manager.lock"
         if lock == "state file"
@@ -398,7 +412,7 @@ def test_python_threads_run_while_pick_port_waits_for_a_lock(
         picker.join(timeout=30)
         assert done.is_set(), "pick_port() never finished"
         assert read_line(holder.stdout, 30) == "released-by-parent"
-        assert picked == [22100]
+        assert picked == [BASE]
     finally:
         if holder.poll() is None:
             holder.kill()
@@ -460,7 +474,7 @@ print(kinds.count("REFRESH"), len(kinds))
 def test_a_busy_logging_handler_does_not_deadlock_picks_and_refreshes(
     tmp_path: Path, registry: Path
 ) -> None:
-    result = run_child(DEADLOCK_CHILD, tmp_path, 22120, 22129, timeout=60)
+    result = run_child(DEADLOCK_CHILD, tmp_path, BASE + 20, BASE + 29, timeout=60)
     assert result.returncode == 0, result.stderr
     no_crash(result.stderr)
     refreshes, total = map(int, result.stdout.split())
@@ -469,6 +483,7 @@ def test_a_busy_logging_handler_does_not_deadlock_picks_and_refreshes(
 
 
 EXIT_CHILD = """
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import logging, sys, time
 from dynamic_port_manager import DynamicPortManager
 from dynamic_port_manager._core import _refresh_thread_running
@@ -476,10 +491,10 @@ from dynamic_port_manager._core import _refresh_thread_running
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 work = sys.argv[1]
 fast = [
-    DynamicPortManager(22140, 22149, f"{work}/f{i}.json", refresh_interval=0.05)
+    DynamicPortManager(BASE + 40, BASE + 49, f"{work}/f{i}.json", refresh_interval=0.05)
     for i in range(3)
 ]
-slow = DynamicPortManager(22140, 22149, f"{work}/slow.json", refresh_interval=3600)
+slow = DynamicPortManager(BASE + 40, BASE + 49, f"{work}/slow.json", refresh_interval=3600)
 for m in fast + [slow]:
     m.pick_port()
 time.sleep(0.3)
@@ -500,12 +515,13 @@ def test_exit_without_stop_ends_the_refresh_thread_cleanly(tmp_path: Path, regis
 
 
 STOP_CHILD = """
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import sys
 import dynamic_port_manager
 from dynamic_port_manager import DynamicPortManager
 from dynamic_port_manager._core import _refresh_thread_running
 
-m = DynamicPortManager(22160, 22169, sys.argv[1], refresh_interval=3600, console_log=False)
+m = DynamicPortManager(BASE + 60, BASE + 69, sys.argv[1], refresh_interval=3600, console_log=False)
 m.pick_port()
 assert _refresh_thread_running()
 m.stop()                         # must not wait for the hour-long interval
@@ -527,11 +543,12 @@ def test_stop_and_shutdown_return_without_waiting_for_the_interval(
 
 
 CLOSED_STDERR_CHILD = """
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import json, sys, time
 from dynamic_port_manager import DynamicPortManager, list_leases
 
 assert sys.stderr is None  # the interpreter started with descriptor 2 closed
-m = DynamicPortManager(22170, 22179, sys.argv[1], refresh_interval=0.05)
+m = DynamicPortManager(BASE + 70, BASE + 79, sys.argv[1], refresh_interval=0.05)
 ports = [m.pick_port() for _ in range(20)]
 time.sleep(0.2)
 m.release_port()
@@ -557,6 +574,7 @@ def test_a_closed_stderr_does_not_take_the_program_down(tmp_path: Path, registry
 
 
 RAISING_FILTER_CHILD = """
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import json, logging, sys
 from dynamic_port_manager import DynamicPortManager, list_leases
 
@@ -566,7 +584,7 @@ class Boom(logging.Filter):
 
 log = logging.getLogger("dynamic_port_manager")
 log.setLevel(logging.INFO)
-m = DynamicPortManager(22180, 22189, sys.argv[1], refresh_interval=3600, console_log=False)
+m = DynamicPortManager(BASE + 80, BASE + 89, sys.argv[1], refresh_interval=3600, console_log=False)
 log.addFilter(Boom())
 out = {}
 try:

@@ -1,7 +1,7 @@
 """Uniqueness across real processes and threads, and reclaiming a killed holder's port.
 
 Every process gets the test's private registry through ``DPM_REGISTRY_DIR``
-(set by the ``registry`` fixture, inherited by children). Ports 21500-21799.
+(set by the ``registry`` fixture, inherited by children).
 """
 
 from __future__ import annotations
@@ -20,6 +20,19 @@ from pathlib import Path
 
 import pytest
 from dynamic_port_manager import DynamicPortManager, NoFreePortError, list_leases
+from router_helpers import port_block
+
+BASE = 0  # the first of this test's 100 ports, set by _ports
+
+
+@pytest.fixture(autouse=True)
+def _ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """100 ports for this test, leased through the pytest plugin (``port_block``);
+    its child processes read the first from ``$DPM_TEST_BASE``."""
+    global BASE
+    BASE = port_block(100)[0]
+    monkeypatch.setenv("DPM_TEST_BASE", str(BASE))
+
 
 # One child process: two managers (each with its own state file) that pick,
 # move and release in a shared range, recording every port they hold in a
@@ -127,7 +140,7 @@ def wait_until(predicate, what: str, timeout: float = 30.0, procs=()) -> None:
 def test_eight_processes_with_different_files_never_hold_one_port_twice(
     tmp_path: Path, registry: Path
 ) -> None:
-    count, lo, hi, rounds = 8, 21500, 21529, 5
+    count, lo, hi, rounds = 8, BASE, BASE + 29, 5
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     for sub in ("claims", "violations", "ready", "held", "logs"):
@@ -214,7 +227,7 @@ def test_a_killed_holders_port_is_reclaimed_by_the_next_refresh(
     tmp_path: Path, registry: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="dynamic_port_manager")
-    port = 21600
+    port = BASE
     with holder_of(port, tmp_path, refresh_interval=0.1) as (holder, m):
         # While the holder lives, its lease keeps the port from everyone else.
         with pytest.raises(NoFreePortError):
@@ -242,7 +255,7 @@ def test_a_killed_holders_port_is_reclaimed_by_the_next_refresh(
 def test_a_pick_in_an_exhausted_range_reclaims_a_dead_holders_port_at_once(
     tmp_path: Path, registry: Path
 ) -> None:
-    port = 21610
+    port = BASE + 10
     # A long interval: no refresh will come to help.
     with holder_of(port, tmp_path, refresh_interval=3600) as (holder, m):
         with pytest.raises(NoFreePortError):
@@ -257,7 +270,7 @@ def test_a_pick_in_an_exhausted_range_reclaims_a_dead_holders_port_at_once(
 def test_threads_with_their_own_managers_never_hold_one_port_twice(
     tmp_path: Path, registry: Path
 ) -> None:
-    threads_n, lo, hi, rounds = 12, 21700, 21729, 6
+    threads_n, lo, hi, rounds = 12, BASE, BASE + 29, 6
     managers = [
         DynamicPortManager(
             lo, hi, tmp_path / f"t{i}.json", refresh_interval=0.05, console_log=False
@@ -328,7 +341,7 @@ m.stop()
 
 
 def test_processes_sharing_one_state_file_lose_no_update(tmp_path: Path, registry: Path) -> None:
-    count, lo, hi, picks = 4, 21620, 21639, 10
+    count, lo, hi, picks = 4, BASE + 20, BASE + 39, 10
     script = tmp_path / "shared.py"
     script.write_text(SHARED_FILE_CHILD)
     ready = tmp_path / "ready"
@@ -365,7 +378,7 @@ def test_processes_sharing_one_state_file_lose_no_update(tmp_path: Path, registr
 def test_threads_sharing_one_manager_hold_at_most_one_port(tmp_path: Path, registry: Path) -> None:
     threads_n, rounds = 8, 10
     m = DynamicPortManager(
-        21640, 21659, tmp_path / "one.json", refresh_interval=0.05, console_log=False
+        BASE + 40, BASE + 59, tmp_path / "one.json", refresh_interval=0.05, console_log=False
     )
     errors: list[BaseException] = []
     start = threading.Barrier(threads_n, timeout=30)
@@ -468,7 +481,7 @@ def test_workers_forked_after_the_registry_was_used_never_hold_one_port_twice(
     tmp_path: Path, registry: Path
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", FORKING_PARENT, str(tmp_path), "21660", "21699"],
+        [sys.executable, "-c", FORKING_PARENT, str(tmp_path), str(BASE + 60), str(BASE + 99)],
         capture_output=True,
         text=True,
         timeout=90,
@@ -481,14 +494,15 @@ def test_workers_forked_after_the_registry_was_used_never_hold_one_port_twice(
 
 
 FORKED_CHILD_EXIT = r"""
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import os, sys
 from dynamic_port_manager import DynamicPortManager
 
 work = sys.argv[1]
-parent = DynamicPortManager(21750, 21759, f"{work}/p.json", console_log=False)
+parent = DynamicPortManager(BASE + 50, BASE + 59, f"{work}/p.json", console_log=False)
 pid = os.fork()
 if pid == 0:
-    child = DynamicPortManager(21750, 21759, f"{work}/c.json", console_log=False)
+    child = DynamicPortManager(BASE + 50, BASE + 59, f"{work}/c.json", console_log=False)
     child.pick_port()
     sys.exit(0)  # an ordinary interpreter exit: the atexit hook stops the refresh thread
 _, status = os.waitpid(pid, 0)

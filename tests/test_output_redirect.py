@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from dynamic_port_manager import DynamicPortManager
+from router_helpers import port_block
 
 
 def test_console_lines_follow_a_redirected_sys_stderr(tmp_path: Path, registry: Path) -> None:
@@ -17,7 +18,7 @@ def test_console_lines_follow_a_redirected_sys_stderr(tmp_path: Path, registry: 
         # Forced on: pytest's log capture is a handler on the root logger, which
         # the default rule reads as an application that configured logging.
         m = DynamicPortManager(
-            24400, 24409, tmp_path / "s.json", refresh_interval=3600, console_log=True
+            *port_block(10), tmp_path / "s.json", refresh_interval=3600, console_log=True
         )
         port = m.pick_port()
         m.stop()
@@ -28,7 +29,7 @@ def test_console_lines_follow_a_redirected_sys_stderr(tmp_path: Path, registry: 
 
 
 def test_log_json_follows_a_redirected_sys_stdout(tmp_path: Path, registry: Path) -> None:
-    m = DynamicPortManager(24410, 24419, tmp_path / "s.json", console_log=False)
+    m = DynamicPortManager(*port_block(10), tmp_path / "s.json", console_log=False)
     try:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):

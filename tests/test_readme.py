@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from router_helpers import port_block
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,8 +117,9 @@ def test_router_examples_serve_the_state(
     from fastapi.testclient import TestClient
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DPM_START", "24300")
-    monkeypatch.setenv("DPM_END", "24309")
+    start, end = port_block(10)
+    monkeypatch.setenv("DPM_START", str(start))
+    monkeypatch.setenv("DPM_END", str(end))
     blocks = python_blocks("The FastAPI router") + python_blocks(
         "A manager of your own", "docs/router.md"
     )

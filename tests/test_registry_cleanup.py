@@ -1,7 +1,6 @@
 """A registry folder that was deleted (a temporary folder cleaned up while the
 program still ran) is not made again just to give leases back: not by
 `release_port()`, `stop()`, nor the exit hook.
-Ports 15300-15309 (below the kernel's ephemeral range).
 """
 
 from __future__ import annotations
@@ -11,14 +10,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from router_helpers import port_block
+
+BASE = 0  # the first of this test's 10 ports, set by _ports
+
+
+@pytest.fixture(autouse=True)
+def _ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10 ports for this test, leased through the pytest plugin (``port_block``);
+    its child processes read the first from ``$DPM_TEST_BASE``."""
+    global BASE
+    BASE = port_block(10)[0]
+    monkeypatch.setenv("DPM_TEST_BASE", str(BASE))
+
+
 PROGRAM = """
+import os as _os; BASE = int(_os.environ["DPM_TEST_BASE"])
 import shutil, sys
 from pathlib import Path
 from dynamic_port_manager import DynamicPortManager
 root = Path(sys.argv[1])
-m = DynamicPortManager(15300, 15309, root / "state" / "s.json",
+m = DynamicPortManager(BASE, BASE + 9, root / "state" / "s.json",
                        registry_dir=root / "registry", console_log=False)
-kept = DynamicPortManager(15300, 15309, root / "state" / "t.json",
+kept = DynamicPortManager(BASE, BASE + 9, root / "state" / "t.json",
                           registry_dir=root / "registry", console_log=False)
 m.pick_port()
 kept.pick_port()
