@@ -32,7 +32,7 @@ from typing import Callable, TypeVar
 
 import pytest
 
-from . import DynamicPortManager, NoFreePortError, release_lease
+from . import DynamicPortManager, NoFreePortError, port_owners, release_lease
 
 DEFAULT_RANGE = "20000-29999"
 
@@ -95,7 +95,7 @@ class _Ports:
 
     def __init__(self, start: int, end: int) -> None:
         self.start, self.end = start, end
-        pivot = random.randint(start, end)
+        self.pivot = pivot = random.randint(start, end)
         folder = state_path().parent
         self.paths = [folder / f"ports-{os.getpid()}.json"]
         self.parts = [self._manager(pivot, end, self.paths[0])]
@@ -179,9 +179,9 @@ def free_port_factory(_dpm_manager: _Ports) -> Iterator[Callable[[], int]]:
     _dpm_manager.give_back(leased)
 
 
-# How many first ports free_port_range tries before it gives up: each failed
-# try keeps its ports leased until the search ends, so the next starts higher.
-RANGE_TRIES = 64
+# How many blocks free_port_range looks at before it gives up (each past the
+# last port in use of the one before).
+RANGE_TRIES = 256
 RANGE_PIECE = 128
 
 
@@ -220,39 +220,26 @@ def free_port_range(_dpm_manager: _Ports) -> Iterator[Callable[[int], range]]:
         return got
 
     def search(n: int) -> range | None:
-        """A block of ``n`` leased ports, or None."""
-        tried: list[int] = []  # first ports of failed tries, held so the next pick moves on
-        try:
-            wrapped = False
-            for _ in range(RANGE_TRIES):
-                # The next port no one holds: past the end, from the range's start.
-                if wrapped:
-                    first = _dpm_manager.parts[-1].pick_port(pid=pid)
-                else:
-                    first = _dpm_manager.pick_port(pid)
-                if first + n - 1 > _dpm_manager.end:
-                    tried.append(first)
-                    if wrapped or len(_dpm_manager.parts) == 1:
-                        return None  # every later first port is higher still
-                    # From the start: a block there may reach past the pivot
-                    # into the ports tried so far, so they go back now.
-                    wrapped = True
-                    for port in tried:
-                        release_lease(port, registry_dir=_dpm_manager.registry_dir)
-                    tried.clear()
-                    continue
-                try:
-                    rest = lease_window(first + 1, first + n - 1) if n > 1 else []
-                except NoFreePortError:
-                    tried.append(first)
-                    continue
-                leased.extend([first, *rest])
-                return range(first, first + n)
-        except NoFreePortError:
-            return None
-        finally:
-            for port in tried:
-                release_lease(port, registry_dir=_dpm_manager.registry_dir)
+        """A block of ``n`` leased ports, or None: from the session's random
+        starting point on, then from the range's start, past every port in use."""
+        first, wrapped = _dpm_manager.pivot, False
+        for _ in range(RANGE_TRIES):
+            if first + n - 1 > _dpm_manager.end:
+                if wrapped or _dpm_manager.pivot == _dpm_manager.start:
+                    return None
+                first, wrapped = _dpm_manager.start, True
+                continue
+            used = port_owners(range(first, first + n), registry_dir=_dpm_manager.registry_dir)
+            if used:  # leased or bound: the block starts past the last such port
+                first = max(owner["port"] for owner in used) + 1
+                continue
+            try:
+                ports = lease_window(first, first + n - 1)
+            except NoFreePortError:  # taken meanwhile, or a port never handed out
+                first += 1
+                continue
+            leased.extend(ports)
+            return range(first, first + n)
         return None
 
     def block(n: int) -> range:
