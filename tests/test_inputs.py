@@ -387,6 +387,12 @@ def check_named(error: Exception, names: tuple[str, ...]) -> None:
     assert any(name in text for name in names), f"no argument named in {text!r}"
 
 
+@pytest.fixture
+def four_ports() -> tuple[int, int]:
+    """Leased once for all the examples of a test (a fixture runs once per test)."""
+    return port_block(4)
+
+
 @pytest.mark.slow
 @settings(
     max_examples=300,
@@ -396,10 +402,14 @@ def check_named(error: Exception, names: tuple[str, ...]) -> None:
 )
 @given(data=st.data())
 def test_the_constructor_raises_only_type_and_value_errors_for_any_value(
-    tmp_path: Path, registry: Path, monkeypatch: pytest.MonkeyPatch, data: st.DataObject
+    tmp_path: Path,
+    registry: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    four_ports: tuple[int, int],
+    data: st.DataObject,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # json_path=None makes the default relative path here
-    lo, hi = port_block(4)
+    lo, hi = four_ports
     good: dict[str, Any] = {
         "start": lo,
         "end": hi,
