@@ -80,6 +80,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
     return predicate()
 
 
+def sleeping(pid: int, tid: int | None = None) -> bool:
+    """Whether thread ``tid`` of process ``pid`` (its main thread by default)
+    sleeps in the kernel (nanosleep): the core's wait for a held lock tries it
+    and sleeps between tries, so a pick sleeping there is waiting for the lock."""
+    try:
+        wchan = Path(f"/proc/{pid}/task/{tid or pid}/wchan").read_text()
+    except OSError:
+        return False
+    return "nanosleep" in wchan
+
+
 class LineReader:
     """Reads a child's output on a thread, so a test can wait for a line with a deadline."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from dynamic_port_manager import DynamicPortManager, list_leases
-from router_helpers import port_block
+from router_helpers import port_block, sleeping
 
 BASE = 0  # the first of this test's 500 ports, set by _ports
 
@@ -319,8 +319,11 @@ def test_ctrl_c_interrupts_a_pick_waiting_for_a_held_lock(tmp_path: Path, regist
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process holds the registry
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        time.sleep(1.0)
-        assert proc.poll() is None, "the pick waits for the lock"
+        deadline = time.monotonic() + 30
+        while not sleeping(proc.pid):  # the pick waits for the lock, between tries
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the pick never waited for the lock"
+            time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
         try:
             out, err = proc.communicate(timeout=10)

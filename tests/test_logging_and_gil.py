@@ -22,7 +22,7 @@ from typing import Any, Callable
 import pytest
 from dynamic_port_manager import DynamicPortManager, NoFreePortError, list_leases
 from helpers_child import child_env, run_child
-from router_helpers import port_block
+from router_helpers import port_block, sleeping
 
 BASE = 0  # the first of this test's 100 ports, set by _ports
 
@@ -384,7 +384,10 @@ def test_python_threads_run_while_pick_port_waits_for_a_lock(
         done = threading.Event()
         picked: list[int] = []
 
+        tids: list[int] = []
+
         def pick() -> None:
+            tids.append(threading.get_native_id())
             entering.set()
             picked.append(m.pick_port())
             done.set()
@@ -400,7 +403,8 @@ def test_python_threads_run_while_pick_port_waits_for_a_lock(
         picker = threading.Thread(target=pick, daemon=True)
         picker.start()
         assert entering.wait(30)
-        time.sleep(0.05)  # lets the picker into the core, where it must wait for the lock
+        # The picker is in the core, sleeping between tries of the held lock.
+        wait_until(lambda: sleeping(os.getpid(), tids[0]), "pick_port() waiting for the lock")
         counter = threading.Thread(target=count, daemon=True)
         counter.start()
         counter.join(timeout=30)
