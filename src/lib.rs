@@ -30,6 +30,7 @@ pub(crate) mod shared;
 #[cfg(target_os = "linux")]
 pub(crate) mod sockdiag;
 pub(crate) mod state;
+pub(crate) mod state_json;
 pub(crate) mod store;
 
 mod python;

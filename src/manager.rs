@@ -174,32 +174,11 @@ impl Manager {
     /// holder has died is taken back before the state is shown (used means
     /// held; a holder that cannot be checked stays).
     pub fn state(&self) -> State {
-        match self.local() {
-            Ok(local) => {
-                let any_dead = {
-                    let mut file = local.file.lock();
-                    file.catch_up();
-                    !self.is_stopped() && local.registry.any_dead(&file.holders)
-                };
-                if any_dead {
-                    let reclaimed = local.registry.sweep_dead();
-                    self.refresh(None, &reclaimed, true);
-                }
-                let mine = lock(&local.mine);
-                let mut state = local.file.lock().state.clone();
-                state.current_port = mine.active;
-                state
-            }
-            Err(_) => {
-                let settings = crate::state::Settings {
-                    port_range: [self.config.start, self.config.end],
-                    json_path: self.config.json_path.to_string_lossy().into_owned(),
-                    history_max: self.config.history_max,
-                    service: self.config.service.clone(),
-                };
-                State::fresh(settings, Default::default())
-            }
-        }
+        self.with_state(|state, active| {
+            let mut state = state.clone();
+            state.current_port = active;
+            state
+        })
     }
 
     fn range(&self) -> RangeInclusive<u16> {
@@ -904,6 +883,38 @@ impl Manager {
             let _ = local.registry.transact_removing(|t| {
                 t.remove_where(|l| l.port == port && l.owner == local.owner)
             });
+        }
+    }
+
+    /// What `state()` returns, lent to `f` instead of copied: the state as
+    /// fresh as `state()` makes it (same check, same reclaim), with the view's
+    /// own `current_port`, and this manager's active port (the `current_port`
+    /// `state()` shows). `f` runs under the view's lock: keep it short.
+    pub fn with_state<R>(&self, f: impl FnOnce(&State, Option<u16>) -> R) -> R {
+        match self.local() {
+            Ok(local) => {
+                let any_dead = {
+                    let mut file = local.file.lock();
+                    file.catch_up();
+                    !self.is_stopped() && local.registry.any_dead(&file.holders)
+                };
+                if any_dead {
+                    let reclaimed = local.registry.sweep_dead();
+                    self.refresh(None, &reclaimed, true);
+                }
+                let mine = lock(&local.mine);
+                let file = local.file.lock();
+                f(&file.state, mine.active)
+            }
+            Err(_) => {
+                let settings = crate::state::Settings {
+                    port_range: [self.config.start, self.config.end],
+                    json_path: self.config.json_path.to_string_lossy().into_owned(),
+                    history_max: self.config.history_max,
+                    service: self.config.service.clone(),
+                };
+                f(&State::fresh(settings, Default::default()), None)
+            }
         }
     }
 }

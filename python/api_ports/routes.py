@@ -68,8 +68,15 @@ def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRo
         summary="Full state and settings",
         operation_id="get_state",
     )
-    def port_state() -> dict[str, Any]:
-        return state()
+    def port_state() -> Any:
+        m = manager()
+        if type(m).get_state is not DynamicPortManager.get_state:
+            # A subclass's own get_state(): validated and serialized by FastAPI.
+            return state()
+        # The core's JSON, as the model would serialize it (same keys in the
+        # same order, every field present): not parsed and written again.
+        with http_errors():
+            return Response(m.state_json(), media_type="application/json")
 
     @router.post(
         "/port/pick",
