@@ -177,7 +177,7 @@ impl PyManager {
     /// when the state changed: the same bytes object while it did not.
     fn state_json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let (manager, cache) = (&self.manager, &self.state_json);
-        let text = detach_checked(py, || cache.get(manager))?;
+        let text = detach_checked(py, || cache.text(|look| manager.with_state(look)))?;
         let text = text.map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
         let mut made = self.state_bytes.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((was, bytes)) = &*made {
