@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from importlib.util import find_spec
 from typing import Any, Callable
 
 RANGES = {"6001": (3000, 9000), "11": (43000, 43010)}
@@ -259,27 +260,32 @@ def main() -> None:
         server.terminate()
         server.wait(30)
     load_after = os.getloadavg()
+    stack = "uvloop" if find_spec("uvloop") else "asyncio"
+    stack += ", httptools" if find_spec("httptools") else ", h11"
     print(
-        f"# uvicorn (one process, asyncio, h11) on 127.0.0.1; client {client}, "
-        f"{args.connections} connections, {args.duration:g} s x {args.rounds} rounds "
-        f"interleaved; {os.cpu_count()} CPUs"
+        f"# uvicorn (one process, {stack}) on 127.0.0.1; client {client}, "
+        f"{args.connections} connections, {args.duration:g} s per run, {args.rounds} rounds "
+        f"(each round runs every route once); {os.cpu_count()} CPUs"
     )
     before, after = ("/".join(f"{x:.2f}" for x in lo) for lo in (load_before, load_after))
     print(f"# load average (1/5/15 min) before {before}, after {after}")
     print(f"# failed requests: {failures}")
-    print("| range | route | body bytes | req/s (median) | runs | floor / this |")
+    print("# ratios: per round (this route against the floor's run of the same round), median")
+    print("| range | route | body bytes | req/s, median | req/s, slowest-fastest | floor / this |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in RANGES:
-        floor = statistics.median(results[(r, "floor")])
+        floor = results[(r, "floor")]
         for name, _ in TARGETS:
             runs = results[(r, name)]
-            rps = statistics.median(runs)
-            spread = ", ".join(f"{x:,.0f}" for x in runs)
-            ratio = floor / rps
-            print(f"| {r} ports | {name} | {sizes[r]:,} | {rps:,.0f} | {spread} | {ratio:.2f}x |")
-        ours = statistics.median(results[(r, "ours")])
-        model = statistics.median(results[(r, "get_state + model")])
-        print(f"# {r} ports: ours / get_state + model = {ours / model:.2f}x")
+            ratio = statistics.median(f / x for f, x in zip(floor, runs))
+            print(
+                f"| {r} ports | {name} | {sizes[r]:,} | {statistics.median(runs):,.0f} "
+                f"| {min(runs):,.0f}-{max(runs):,.0f} | {ratio:.2f}x |"
+            )
+    for r in RANGES:
+        ours, model = results[(r, "ours")], results[(r, "get_state + model")]
+        gain = statistics.median(o / m for o, m in zip(ours, model))
+        print(f"# {r} ports: ours / get_state + model = {gain:.2f}x (median of rounds)")
     reads(work, args.reads)
     ports.stop()
 
