@@ -127,7 +127,7 @@ def wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> Non
     sys.exit(f"the server did not answer {url} in {timeout} s")
 
 
-def run_wrk(url: str, seconds: float, connections: int) -> tuple[float, int]:
+def run_wrk(url: str, seconds: float, connections: int) -> tuple[float, int, int]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", url],
         capture_output=True,
@@ -135,11 +135,13 @@ def run_wrk(url: str, seconds: float, connections: int) -> tuple[float, int]:
         check=True,
     ).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    done = re.search(r"(\d+) requests in", out)
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:.*", out)
-    if rps is None:
+    if rps is None or done is None:
         sys.exit(f"wrk printed no Requests/sec:\n{out}")
-    return float(rps.group(1)), int(bad.group(1)) if bad else (1 if errors else 0)
+    failed = int(bad.group(1)) if bad else (1 if errors else 0)
+    return float(rps.group(1)), failed, int(done.group(1))
 
 
 async def _client(host: str, port: int, path: str, stop: float, counts: list[int]) -> None:
@@ -162,7 +164,7 @@ async def _client(host: str, port: int, path: str, stop: float, counts: list[int
     counts[1] += bad
 
 
-def run_python(url: str, seconds: float, connections: int) -> tuple[float, int]:
+def run_python(url: str, seconds: float, connections: int) -> tuple[float, int, int]:
     m = re.match(r"http://([^:/]+):(\d+)(/.*)", url)
     assert m is not None
     host, port, path = m.group(1), int(m.group(2)), m.group(3)
@@ -175,7 +177,14 @@ def run_python(url: str, seconds: float, connections: int) -> tuple[float, int]:
         return time.monotonic() - t
 
     elapsed = asyncio.run(main())
-    return (counts[0] + counts[1]) / elapsed, counts[1]
+    return (counts[0] + counts[1]) / elapsed, counts[1], counts[0] + counts[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) process ``pid`` has used, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def median_us(f: Callable[[], object], n: int) -> float:
@@ -249,12 +258,16 @@ def main() -> None:
             values = {t: json.loads(fetch(base + p.format(r=r))) for t, p in TARGETS}
             assert all(v == values["ours"] for v in values.values()), f"{r}: bodies differ"
         results: dict[tuple[str, str], list[float]] = {}
+        cpu: dict[tuple[str, str], list[float]] = {}
         failures = 0
         for _ in range(args.rounds):
             for r in RANGES:
                 for name, path in TARGETS:
-                    rps, bad = load(base + path.format(r=r), args.duration, args.connections)
+                    used = cpu_seconds(server.pid)
+                    rps, bad, done = load(base + path.format(r=r), args.duration, args.connections)
+                    used = cpu_seconds(server.pid) - used
                     results.setdefault((r, name), []).append(rps)
+                    cpu.setdefault((r, name), []).append(used / max(done, 1) * 1e6)
                     failures += bad
     finally:
         server.terminate()
@@ -270,17 +283,23 @@ def main() -> None:
     before, after = ("/".join(f"{x:.2f}" for x in lo) for lo in (load_before, load_after))
     print(f"# load average (1/5/15 min) before {before}, after {after}")
     print(f"# failed requests: {failures}")
-    print("# ratios: per round (this route against the floor's run of the same round), median")
-    print("| range | route | body bytes | req/s, median | req/s, slowest-fastest | floor / this |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("# ratios: per round (this route against the floor's run of the same round), median;")
+    print("# server CPU: the server process's user + system time per request, all threads")
+    print(
+        "| range | route | body bytes | req/s, median (slowest-fastest) | floor / this "
+        "| server CPU us/request | this / floor |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in RANGES:
-        floor = results[(r, "floor")]
+        floor, floor_cpu = results[(r, "floor")], cpu[(r, "floor")]
         for name, _ in TARGETS:
-            runs = results[(r, name)]
+            runs, used = results[(r, name)], cpu[(r, name)]
             ratio = statistics.median(f / x for f, x in zip(floor, runs))
+            cost = statistics.median(x / f for f, x in zip(floor_cpu, used))
             print(
                 f"| {r} ports | {name} | {sizes[r]:,} | {statistics.median(runs):,.0f} "
-                f"| {min(runs):,.0f}-{max(runs):,.0f} | {ratio:.2f}x |"
+                f"({min(runs):,.0f}-{max(runs):,.0f}) | {ratio:.2f}x "
+                f"| {statistics.median(used):,.0f} | {cost:.2f}x |"
             )
     for r in RANGES:
         ours, model = results[(r, "ours")], results[(r, "get_state + model")]
