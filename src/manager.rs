@@ -917,6 +917,26 @@ impl Manager {
             }
         }
     }
+
+    /// `with_state` for a caller that must not wait (an event loop): `None`
+    /// where it would wait for a lock, read what another process saved, or
+    /// take back a dead holder's port (the caller then uses `with_state`).
+    pub fn try_with_state<R>(&self, f: impl FnOnce(&State, Option<u16>) -> R) -> Option<R> {
+        let local = self.local.current()?;
+        let mine = match local.mine.try_lock() {
+            Ok(mine) => mine,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let mut file = local.file.try_lock()?;
+        if !file.is_current() {
+            return None;
+        }
+        if !self.is_stopped() && local.registry.try_any_dead(&file.holders)? {
+            return None;
+        }
+        Some(f(&file.state, mine.active))
+    }
 }
 
 impl Drop for Manager {

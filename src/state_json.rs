@@ -42,7 +42,19 @@ impl StateJson {
     /// the state is the same. The state is only compared while lent (under
     /// the lender's lock), and copied out only when it changed.
     pub fn text(&self, lend: impl FnOnce(&mut Lend<'_>) -> Seen) -> serde_json::Result<Arc<[u8]>> {
-        let changed = match lend(&mut |state, shown_port| self.look(state, shown_port)) {
+        self.finish(lend(&mut |state, shown_port| self.look(state, shown_port)))
+    }
+
+    /// `text` with a lender that may decline (`None`: it would have to wait).
+    pub fn try_text(
+        &self,
+        lend: impl FnOnce(&mut Lend<'_>) -> Option<Seen>,
+    ) -> Option<serde_json::Result<Arc<[u8]>>> {
+        lend(&mut |state, shown_port| self.look(state, shown_port)).map(|seen| self.finish(seen))
+    }
+
+    fn finish(&self, seen: Seen) -> serde_json::Result<Arc<[u8]>> {
+        let changed = match seen {
             Seen::Same(text) => return Ok(text),
             Seen::Changed(copy) => copy,
         };
@@ -136,6 +148,10 @@ mod tests {
         let picked = text();
         assert_eq!(*picked, *serde_json::to_vec(&m.state()).unwrap());
         m.release_port().unwrap();
-        assert!(!Arc::ptr_eq(&picked, &text()));
+        let released = text();
+        assert!(!Arc::ptr_eq(&picked, &released));
+        // Nothing to wait for here: the same text without waiting.
+        let now = cache.try_text(|f| m.try_with_state(f)).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&released, &now));
     }
 }

@@ -248,3 +248,91 @@ def test_with_discovery_the_bytes_carry_its_status(state_path: Path, free_port: 
         shown = json.loads(m.state_json())
         assert shown["discovery"]["endpoint"] == m.get_state()["discovery"]["endpoint"]
         assert shown.keys() == m.get_state().keys()
+
+
+def test_the_no_wait_read_declines_what_another_process_saved(
+    manager: DynamicPortManager,
+) -> None:
+    # What the event loop calls: it must not read the file another process
+    # wrote (it says None: the threadpool's state_json() reads it), nor answer stale.
+    manager.pick_port()
+    assert manager._state_json_nowait() == manager.state_json()
+    with pick_in_child(manager) as theirs:
+        assert manager._state_json_nowait() is None
+        fresh = manager.state_json()
+        assert theirs in json.loads(fresh)["used_ports"]
+        assert manager._state_json_nowait() is fresh
+
+
+# The slot of a state file in its folder's lock file, and a process holding it
+# (as tests/test_folder_lock.py does): a save of that file waits while it is held.
+FOLDER_LOCK = ".dynamic_port_manager.lock"
+SLOT_HOLDER = """
+import fcntl, sys
+with open(sys.argv[1], "r+b") as f:
+    fcntl.lockf(f, fcntl.LOCK_EX, 8, int(sys.argv[2]))
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def counter_slot(name: str) -> int:
+    """The slot of a state file's change counter (FNV-1a of its name, 4,096 slots)."""
+    h = 0xCBF29CE484222325
+    for byte in name.encode():
+        h = ((h ^ byte) * 0x100000001B3) % 2**64
+    return h % 4096
+
+
+def test_a_save_waiting_for_its_lock_never_stalls_the_event_loop(
+    tmp_path: Path, registry: Path, free_port: int
+) -> None:
+    m = DynamicPortManager(
+        *port_block(3), tmp_path / "held.json", console_log=False, refresh_interval=3600
+    )
+    app = FastAPI()
+    app.include_router(create_router(m), prefix="/api/v1")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOT_HOLDER,
+            str(tmp_path / FOLDER_LOCK),
+            str(counter_slot("held.json") * 8),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    picked: list[int] = []
+    pick = threading.Thread(target=lambda: picked.append(m.pick_port()))
+    answers: list[tuple[int, str, bytes]] = []
+    try:
+        with serving(app, free_port) as url:
+            assert holder.stdout and holder.stdout.readline().strip() == "held"
+            pick.start()
+            for _ in range(400):  # bounded: until the pick holds the manager, waiting
+                if m._state_json_nowait() is None:
+                    break
+                threading.Event().wait(0.05)
+            assert pick.is_alive() and m._state_json_nowait() is None
+            # The state read waits for the save off the loop; the loop answers others.
+            reader = threading.Thread(
+                target=lambda: answers.append(get(url + "/api/v1/port/state"))
+            )
+            reader.start()
+            threading.Event().wait(0.2)  # ordering only: the state request goes first
+            status, _, _ = get(url + "/openapi.json")
+            assert status == 200
+            assert pick.is_alive() and not answers, "the loop waited for the save"
+            assert holder.stdin
+            holder.stdin.close()
+            pick.join(60)
+            reader.join(60)
+        assert picked and answers and answers[0][0] == 200
+        assert json.loads(answers[0][2])["current_port"] == picked[0]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(30)
+        m.stop()

@@ -172,6 +172,10 @@ class DynamicPortManager(_core.DynamicPortManager):
         state = self.get_state()
         return json.dumps(state, ensure_ascii=False, separators=(",", ":")).encode()
 
+    def _state_json_nowait(self) -> bytes | None:
+        # With discovery the state is get_state()'s, made in Python: not here.
+        return super()._state_json_nowait() if self._announcer is None else None
+
     @property
     def state(self) -> dict[str, Any]:
         return self.get_state()

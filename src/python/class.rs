@@ -178,16 +178,16 @@ impl PyManager {
     fn state_json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let (manager, cache) = (&self.manager, &self.state_json);
         let text = detach_checked(py, || cache.text(|look| manager.with_state(look)))?;
-        let text = text.map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-        let mut made = self.state_bytes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((was, bytes)) = &*made {
-            if Arc::ptr_eq(was, &text) {
-                return Ok(bytes.bind(py).clone());
-            }
-        }
-        let bytes = PyBytes::new(py, &text);
-        *made = Some((text, bytes.clone().unbind()));
-        Ok(bytes)
+        self.bytes_of(py, text)
+    }
+
+    /// `state_json()` for an event loop: None where it would wait (a lock,
+    /// a read of what another process saved, a dead holder's port to take back).
+    #[pyo3(name = "_state_json_nowait")]
+    fn state_json_nowait<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let (manager, cache) = (&self.manager, &self.state_json);
+        let text = detach_checked(py, || cache.try_text(|look| manager.try_with_state(look)))?;
+        text.map(|text| self.bytes_of(py, text)).transpose()
     }
 
     /// Writes one ECS JSON line to stdout and returns the record.
@@ -360,6 +360,26 @@ impl PyManager {
             active.map_or_else(|| "None".to_string(), |p| p.to_string()),
             if stopped { "True" } else { "False" }
         ))
+    }
+}
+
+impl PyManager {
+    /// `text` as a bytes object: the one made last time if it is the same text.
+    fn bytes_of<'py>(
+        &self,
+        py: Python<'py>,
+        text: serde_json::Result<Arc<[u8]>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let text = text.map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let mut made = self.state_bytes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((was, bytes)) = &*made {
+            if Arc::ptr_eq(was, &text) {
+                return Ok(bytes.bind(py).clone());
+            }
+        }
+        let bytes = PyBytes::new(py, &text);
+        *made = Some((text, bytes.clone().unbind()));
+        Ok(bytes)
     }
 }
 
