@@ -336,3 +336,39 @@ def test_a_save_waiting_for_its_lock_never_stalls_the_event_loop(
             holder.kill()
         holder.wait(30)
         m.stop()
+
+
+def test_a_killed_holders_port_is_taken_back_before_it_is_served(
+    manager: DynamicPortManager, free_port: int
+) -> None:
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(manager.start),
+            str(manager.end),
+            str(manager.state_path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        theirs = int(child.stdout.readline())
+        manager.pick_port()  # this process now knows the child as a holder
+        app = FastAPI()
+        app.include_router(create_router(manager), prefix="/api/v1")
+        with serving(app, free_port) as url:
+            status, _, body = get(url + "/api/v1/port/state")
+            assert status == 200 and theirs in json.loads(body)["used_ports"]
+            child.kill()
+            child.wait(30)
+            status, _, body = get(url + "/api/v1/port/state")
+            assert status == 200 and theirs not in json.loads(body)["used_ports"]
+            assert json.loads(body) == manager.get_state()
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(30)
