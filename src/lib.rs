@@ -1,5 +1,5 @@
 //! dynamic-port-manager: host-wide, daemon-less TCP port allocation with an
-//! inspectable JSON record. Everything but `python.rs` is plain Rust and knows
+//! inspectable JSON record. Everything but `python/` is plain Rust and knows
 //! nothing of Python.
 
 pub(crate) mod clock;
