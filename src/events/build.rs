@@ -63,7 +63,7 @@ impl Scene<'_> {
             );
             let event = self.event(Kind::Reclaim, note);
             events.push(event.with_port(Some(lease.port)).with_pid(lease.pid));
-            if crate::shared::owned_through(&lease.owner, prefix) {
+            if crate::state_view::owned_through(&lease.owner, prefix) {
                 here.push(lease.port);
             }
         }

@@ -12,8 +12,9 @@ use crate::port_set::{words_of, PortSet};
 use crate::probe::{probe_port, Probe};
 use crate::registry::{note_holder, Lease};
 use crate::scan;
-use crate::shared::{leased_in, owned_through, FileView, Leased, Save};
+use crate::shared::{FileView, Save};
 use crate::state::LeaseView;
+use crate::state_view::{leased_in, owned_through, Leased};
 
 impl Manager {
     /// Picks the lowest free port of the range and makes it the active port

@@ -12,8 +12,9 @@ use crate::error::{Error, Result};
 use crate::events::{Event, Kind, Scene};
 use crate::fsutil::SlotGuard;
 use crate::lease::Lease;
-use crate::shared::{lock_problem, FileView, Leased, Save};
+use crate::shared::{lock_problem, FileView, Save};
 use crate::state::State;
+use crate::state_view::Leased;
 
 /// How an operation takes the state file's slot (always a wait bounded by
 /// `LOCK_WAIT`).
@@ -36,12 +37,12 @@ pub(super) struct Transaction<'a> {
     pub file: MutexGuard<'a, FileView>,
     pub mine: MutexGuard<'a, Mine>,
     manager: &'a Manager,
-    pub local: &'a Local,
+    local: &'a Local,
     /// The operation's time: when the slot was taken (or the locks, for one
     /// that has not taken it yet).
     pub stamp: Stamp,
     /// Told in order once the locks are released.
-    pub events: Vec<Event>,
+    events: Vec<Event>,
     /// Told before the next update's problems, with the state it leaves, but
     /// not recorded as errors (start's warnings).
     pub warnings: Vec<(Kind, String)>,
@@ -90,17 +91,17 @@ impl Transaction<'_> {
             }
             _ => None,
         };
-        if let (Some(then), Err(e)) = (fails, held.as_ref()) {
-            let problem = lock_problem(&self.file.store, e);
-            let problem = match then {
-                Some(then) => format!("{problem}; {then}"),
-                None => problem,
-            };
-            if let Err(e) = held {
+        match (fails, held) {
+            (Some(then), Err(e)) => {
+                let problem = lock_problem(&self.file.store, &e);
+                let problem = match then {
+                    Some(then) => format!("{problem}; {then}"),
+                    None => problem,
+                };
                 return Err(Error::io(problem, e));
             }
+            (_, held) => self.held = Some(held),
         }
-        self.held = Some(held);
         self.stamp = clock::now();
         Ok(())
     }

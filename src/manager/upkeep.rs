@@ -7,7 +7,8 @@ use crate::clock::Stamp;
 use crate::events::{registry_notice, Kind};
 use crate::registry::Lease;
 use crate::scan::{self, PortSet};
-use crate::shared::{leased_in, Leased, Save, Sweep};
+use crate::shared::{Save, Sweep};
+use crate::state_view::{leased_in, Leased};
 
 impl Manager {
     /// One refresh: this manager's lease re-asserted, and (once per file and
@@ -54,7 +55,10 @@ impl Manager {
             };
             txn.file
                 .tidy(if asked { Sweep::Asked } else { Sweep::Periodic });
+            // One time for the whole refresh: the lease re-asserted above has it.
+            let stamp = txn.stamp.clone();
             let _ = txn.take_slot(Slot::Bounded);
+            txn.stamp = stamp;
             let state = &txn.file.state;
             let before = (state.free_ports.len(), state.used_ports.len());
             txn.update(leases, Save::IfChanged, problems, |s, stamp| {
