@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::config::Config;
 use crate::fsutil::printable;
-use crate::holder::Holder;
+use crate::lease::Holder;
 use crate::lease::{note_holder, LeaseTable};
 use crate::port_set::{words_of, PortSet};
 use crate::state::{LeaseView, Options, Settings, State};
