@@ -28,7 +28,7 @@ use crate::state_view::{adopt, initial_state, owner_prefix, Leased};
 use crate::store::Store;
 use crate::sys::PerProcess;
 
-/// `registry.rs`'s tests name it here.
+/// The registry's tests name it here.
 #[cfg(test)]
 pub(crate) use crate::state_view::leased_in;
 
