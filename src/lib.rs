@@ -30,6 +30,7 @@ pub(crate) mod shared;
 #[cfg(target_os = "linux")]
 pub(crate) mod sockdiag;
 pub(crate) mod state;
+pub(crate) mod state_view;
 pub(crate) mod store;
 
 mod python;
@@ -89,7 +90,7 @@ pub fn list_leases(registry_dir: Option<&std::path::Path>) -> Result<Vec<registr
     reg.snapshot()
 }
 
-/// Who holds each used port of `ports`: processes and the lease (see `owners.rs`).
+/// Who holds each used port of `ports`: processes and the lease (see `owners/`).
 pub fn port_owners(
     registry_dir: Option<&std::path::Path>,
     ports: &scan::PortSet,
