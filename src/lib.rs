@@ -16,6 +16,7 @@ pub(crate) mod lease_log;
 pub(crate) mod liveness;
 pub(crate) mod lookup;
 pub mod manager;
+pub(crate) mod names;
 pub(crate) mod owners;
 
 pub(crate) mod port_list;

@@ -7,9 +7,9 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 
 use crate::config::Config;
-use crate::fsutil::printable;
 use crate::lease::Holder;
 use crate::lease::{note_holder, LeaseTable};
+use crate::names::printable;
 use crate::port_set::{words_of, PortSet};
 use crate::state::{LeaseView, Options, Settings, State};
 
