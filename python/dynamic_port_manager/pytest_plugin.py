@@ -84,6 +84,7 @@ class _NotOurs(logging.Filter):
 # again: the kernel keeps the port's closed connections (TIME_WAIT) for 60 s,
 # and a server binding without SO_REUSEADDR cannot have it until then.
 COOL_SECONDS = 60.0
+COOL_MAX = 64  # ports a test held, past which they are released at once
 T = TypeVar("T")
 
 
@@ -179,9 +180,10 @@ def free_port_factory(_dpm_manager: _Ports) -> Iterator[Callable[[], int]]:
     _dpm_manager.give_back(leased)
 
 
-# How many blocks free_port_range looks at before it gives up (each past the
-# last port in use of the one before).
-RANGE_TRIES = 256
+# How many free-looking blocks free_port_range tries to lease (one may be taken
+# meanwhile) and how long it waits for other workers to give ports back.
+RANGE_TRIES = 64
+RANGE_WAIT = 120.0
 RANGE_PIECE = 128
 
 
@@ -219,35 +221,52 @@ def free_port_range(_dpm_manager: _Ports) -> Iterator[Callable[[int], range]]:
             raise
         return got
 
+    def gap(first: int, n: int) -> int | None:
+        """The first port of ``n`` consecutive ones from ``first`` on (up to the
+        range's end) that no lease and no socket holds, looked up in chunks."""
+        end = _dpm_manager.end
+        while first + n - 1 <= end:
+            last = min(end, first + max(4 * n, 2048))
+            owners = port_owners(range(first, last + 1), registry_dir=_dpm_manager.registry_dir)
+            start = first  # of the run of unused ports being measured
+            for used in sorted({owner["port"] for owner in owners}) + [last + 1]:
+                if used - start >= n:
+                    return start
+                start = max(start, used + 1)
+            if last == end:
+                return None
+            first = start  # the run at the chunk's end may go on past it
+        return None
+
     def search(n: int) -> range | None:
         """A block of ``n`` leased ports, or None: from the session's random
-        starting point on, then from the range's start, past every port in use."""
-        first, wrapped = _dpm_manager.pivot, False
-        for _ in range(RANGE_TRIES):
-            if first + n - 1 > _dpm_manager.end:
-                if wrapped or _dpm_manager.pivot == _dpm_manager.start:
-                    return None
-                first, wrapped = _dpm_manager.start, True
-                continue
-            used = port_owners(range(first, first + n), registry_dir=_dpm_manager.registry_dir)
-            if used:  # leased or bound: the block starts past the last such port
-                first = max(owner["port"] for owner in used) + 1
-                continue
-            try:
-                ports = lease_window(first, first + n - 1)
-            except NoFreePortError:  # taken meanwhile, or a port never handed out
-                first += 1
-                continue
-            leased.extend(ports)
-            return range(first, first + n)
+        starting point on, then from the range's start."""
+        for origin in dict.fromkeys([_dpm_manager.pivot, _dpm_manager.start]):
+            first = gap(origin, n)
+            for _ in range(RANGE_TRIES):
+                if first is None:
+                    break
+                try:
+                    ports = lease_window(first, first + n - 1)
+                except NoFreePortError:  # taken meanwhile, or a port never handed out
+                    first = gap(first + 1, n)
+                    continue
+                leased.extend(ports)
+                return range(first, first + n)
         return None
 
     def block(n: int) -> range:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"free_port_range: n must be an int >= 1, got {n!r}")
-        found = search(n)
-        if found is None and _dpm_manager.cooling:
+        fits = n <= _dpm_manager.end - _dpm_manager.start + 1
+        found = search(n) if fits else None
+        if found is None and fits and _dpm_manager.cooling:
             _dpm_manager.thaw_all()  # ports given back lately are in the way: take them
+            found = search(n)
+        # Other workers may hold the ports for now: wait for them, a while.
+        deadline = time.monotonic() + RANGE_WAIT
+        while found is None and fits and time.monotonic() < deadline:
+            time.sleep(0.5)
             found = search(n)
         if found is None:
             raise NoFreePortError(
@@ -257,7 +276,13 @@ def free_port_range(_dpm_manager: _Ports) -> Iterator[Callable[[int], range]]:
         return found
 
     yield block
-    _dpm_manager.give_back(leased)
+    # A big block (a range for a manager under test) goes back at once:
+    # holding thousands of ports for a minute would starve other workers.
+    if len(leased) <= COOL_MAX:
+        _dpm_manager.give_back(leased)
+    else:
+        for port in leased:
+            release_lease(port, registry_dir=_dpm_manager.registry_dir)
 
 
 @pytest.fixture
