@@ -40,6 +40,14 @@ def port_block(size: int = 8) -> tuple[int, int]:
     return block.start, block[-1]
 
 
+def base_for_children(monkeypatch: pytest.MonkeyPatch, size: int) -> int:
+    """The first of ``size`` ports leased to the running test (``port_block``),
+    also in ``$DPM_TEST_BASE`` for its child processes."""
+    base = port_block(size)[0]
+    monkeypatch.setenv("DPM_TEST_BASE", str(base))
+    return base
+
+
 def new_manager(state_path: Path, start: int, end: int, **options: Any) -> DynamicPortManager:
     return DynamicPortManager(start, end, state_path, console_log=False, **options)
 

@@ -19,19 +19,17 @@ from pathlib import Path
 
 import pytest
 from dynamic_port_manager import DynamicPortManager, list_leases
-from router_helpers import port_block, sleeping
+from router_helpers import base_for_children, sleeping
 
-BASE = 0  # the first of this test's 500 ports, set by _ports
+# The first of this test's 500 ports (leased through the plugin), set by
+# _ports; its child processes read it from $DPM_TEST_BASE.
+BASE = 0
 
 
 @pytest.fixture(autouse=True)
 def _ports(monkeypatch: pytest.MonkeyPatch) -> None:
-    """500 ports for this test (up to 420 managers share one file), leased through
-    the pytest plugin (``port_block``);
-    its child processes read the first from ``$DPM_TEST_BASE``."""
     global BASE
-    BASE = port_block(500)[0]
-    monkeypatch.setenv("DPM_TEST_BASE", str(BASE))
+    BASE = base_for_children(monkeypatch, 500)
 
 
 def run_script(script: str, *args: object, timeout: float = 90) -> dict:

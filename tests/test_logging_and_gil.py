@@ -22,18 +22,17 @@ from typing import Any, Callable
 import pytest
 from dynamic_port_manager import DynamicPortManager, NoFreePortError, list_leases
 from helpers_child import child_env, run_child
-from router_helpers import port_block, sleeping
+from router_helpers import base_for_children, sleeping
 
-BASE = 0  # the first of this test's 100 ports, set by _ports
+# The first of this test's 100 ports (leased through the plugin), set by
+# _ports; its child processes read it from $DPM_TEST_BASE.
+BASE = 0
 
 
 @pytest.fixture(autouse=True)
 def _ports(monkeypatch: pytest.MonkeyPatch) -> None:
-    """100 ports for this test, leased through the pytest plugin (``port_block``);
-    its child processes read the first from ``$DPM_TEST_BASE``."""
     global BASE
-    BASE = port_block(100)[0]
-    monkeypatch.setenv("DPM_TEST_BASE", str(BASE))
+    BASE = base_for_children(monkeypatch, 100)
 
 
 LOGGER = "dynamic_port_manager"

@@ -20,18 +20,17 @@ from pathlib import Path
 
 import pytest
 from dynamic_port_manager import DynamicPortManager, NoFreePortError, list_leases
-from router_helpers import port_block
+from router_helpers import base_for_children
 
-BASE = 0  # the first of this test's 100 ports, set by _ports
+# The first of this test's 100 ports (leased through the plugin), set by
+# _ports; its child processes read it from $DPM_TEST_BASE.
+BASE = 0
 
 
 @pytest.fixture(autouse=True)
 def _ports(monkeypatch: pytest.MonkeyPatch) -> None:
-    """100 ports for this test, leased through the pytest plugin (``port_block``);
-    its child processes read the first from ``$DPM_TEST_BASE``."""
     global BASE
-    BASE = port_block(100)[0]
-    monkeypatch.setenv("DPM_TEST_BASE", str(BASE))
+    BASE = base_for_children(monkeypatch, 100)
 
 
 # One child process: two managers (each with its own state file) that pick,

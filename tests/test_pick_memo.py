@@ -17,12 +17,11 @@ import pytest
 from dynamic_port_manager import DynamicPortManager, list_leases
 from router_helpers import port_block
 
-LO, HI = 0, 0  # set for each test by _ports
+LO, HI = 0, 0  # this test's range, leased through the plugin by _ports
 
 
 @pytest.fixture(autouse=True)
 def _ports() -> None:
-    """This test's range, leased through the pytest plugin (``port_block``)."""
     global LO, HI
     LO, HI = port_block(10)
 
