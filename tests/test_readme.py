@@ -184,11 +184,11 @@ def test_the_set_up_commands_are_the_ci_run_and_its_pytest() -> None:
     commands = re.findall(r"```sh\n(.*?)```", section, re.S)
     assert [c.strip() for c in commands] == [
         "bash .ci/run",
-        ".venv-ci/bin/python -m pytest -q -p no:cacheprovider tests",
+        ".venv-ci/bin/python -m pytest -q -p no:cacheprovider -n 2 tests",
     ]
     ci = (ROOT / ".ci/run").read_text()
     assert "venv=${DPM_CI_VENV:-$root/.venv-ci}" in ci
-    assert "python -m pytest -q -p no:cacheprovider tests " in ci
+    assert "python -m pytest -q -p no:cacheprovider -n 2 tests " in ci
 
 
 def test_the_endpoint_table_lists_every_route() -> None:
