@@ -34,6 +34,8 @@ PURE = {
     "port_set",
     "state",
     "state_json",
+    "state_view",
+    "names",
 }
 # The crate root and the binding sit above everything; `sys` below.
 IGNORED = {"lib", "python"}

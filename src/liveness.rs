@@ -122,7 +122,7 @@ impl LeaseTable {
     /// when `None`) whose holder is gone, and returns them. For a pick: the
     /// lowest free port must not stay held by a process that exited.
     /// `holders` are those of the range's leases with their lowest port there
-    /// (as `shared::leased_in` found them in the same transaction): each is
+    /// (as `state_view::leased_in` found them in the same transaction): each is
     /// checked once, one seen alive within the last second is not checked
     /// again (`seen`), and the table is only walked again if one is gone.
     /// A holder that could not be checked is kept (`seen` notes why).
