@@ -233,6 +233,36 @@ mod tests {
     }
 
     #[test]
+    fn a_replaced_lock_file_is_found_after_locking_and_while_waiting() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let (mut stuck, mut ours) = (FolderLock::default(), FolderLock::default());
+        let short = Duration::from_millis(50);
+        drop(ours.acquire(&dir, 8, short, false).unwrap()); // opened, the old file
+        let held_on_old = stuck.acquire(&dir, 8, short, false).unwrap();
+        // Replaced (a /tmp cleaner, then another process made it again).
+        std::fs::remove_file(tmp.path().join(FOLDER_LOCK)).unwrap();
+        let mut theirs = FolderLock::default();
+        let held_on_new = theirs.acquire(&dir, 8, short, false).unwrap();
+        // Waiting on the old file (held for good) would time out; on the new
+        // one too, as long as its holder holds it.
+        let err = ours.acquire(&dir, 8, short, false).map(drop).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop(held_on_new);
+        // A wait on the old file (held for good) would end in an error.
+        let again = ours
+            .acquire(&dir, 8, Duration::from_secs(5), false)
+            .unwrap();
+        // Locked on the new file: a process opening it now is excluded.
+        let err = FolderLock::default()
+            .acquire(&dir, 8, short, false)
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop((again, held_on_old));
+    }
+
+    #[test]
     fn a_lock_file_that_is_a_link_is_never_written_through() {
         let tmp = tempfile::tempdir().unwrap();
         let victim = tmp.path().join("victim");

@@ -373,6 +373,33 @@ mod tests {
     }
 
     #[test]
+    fn a_wait_on_a_replaced_lock_file_moves_to_the_new_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let short = Duration::from_millis(50);
+        let mut ours = LockFile::new("x.lock");
+        drop(ours.acquire(&dir, short, false).unwrap()); // opened, the old file
+        let mut stuck = LockFile::new("x.lock");
+        let (_held_on_old, _) = stuck.acquire(&dir, short, false).unwrap();
+        fs::remove_file(tmp.path().join("x.lock")).unwrap(); // a /tmp cleaner
+                                                             // A wait on the old file (held for good) would end in an error.
+        let (_locked, reopened) = ours.acquire(&dir, Duration::from_secs(5), false).unwrap();
+        assert!(
+            reopened,
+            "what was cached under the old file is not trusted"
+        );
+        let err = LockFile::new("x.lock")
+            .acquire(&dir, short, false)
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            io::ErrorKind::TimedOut,
+            "the new file is the one locked"
+        );
+    }
+
+    #[test]
     fn a_lock_file_that_is_a_link_is_never_written_through() {
         let tmp = tempfile::tempdir().unwrap();
         let victim = tmp.path().join("victim");
