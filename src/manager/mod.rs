@@ -13,7 +13,6 @@
 //! sequence in `transaction.rs`; `start.rs`: start and stop; `pick.rs`: pick
 //! and release; `upkeep.rs`: refresh.
 
-use std::io::ErrorKind;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +31,7 @@ use crate::store::Backup;
 use crate::sys::PerProcess;
 
 mod pick;
+mod read;
 mod start;
 mod transaction;
 mod upkeep;
@@ -98,14 +98,6 @@ impl Manager {
             local: PerProcess::new(),
         });
         let local = manager.local()?;
-        // A registry of another build's format is refused here, with the
-        // version and what to do: a manager that started anyway would not
-        // see that build's leases (or it ours) and hand out their ports.
-        if let Err(e) = local.registry.check() {
-            if e.io_error().map(std::io::Error::kind) == Some(ErrorKind::Unsupported) {
-                return Err(e);
-            }
-        }
         if let Err(what) = local.file.lock().check_path() {
             return Err(Error::invalid(
                 "json_path",
@@ -178,32 +170,11 @@ impl Manager {
     /// holder has died is taken back before the state is shown (used means
     /// held; a holder that cannot be checked stays).
     pub fn state(&self) -> State {
-        match self.local() {
-            Ok(local) => {
-                let any_dead = {
-                    let mut file = local.file.lock();
-                    file.catch_up();
-                    !self.is_stopped() && local.registry.any_dead(&file.holders)
-                };
-                if any_dead {
-                    let reclaimed = local.registry.sweep_dead();
-                    self.refresh(None, &reclaimed, true);
-                }
-                let mine = lock(&local.mine);
-                let mut state = local.file.lock().state.clone();
-                state.current_port = mine.active;
-                state
-            }
-            Err(_) => {
-                let settings = crate::state::Settings {
-                    port_range: [self.config.start, self.config.end],
-                    json_path: self.config.json_path.to_string_lossy().into_owned(),
-                    history_max: self.config.history_max,
-                    service: self.config.service.clone(),
-                };
-                State::fresh(settings, Default::default())
-            }
-        }
+        self.with_state(|state, active| {
+            let mut state = state.clone();
+            state.current_port = active;
+            state
+        })
     }
 
     fn range(&self) -> RangeInclusive<u16> {

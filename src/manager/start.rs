@@ -36,7 +36,10 @@ impl Manager {
                 );
                 txn.warnings.push((Kind::Warning, warning));
             }
-            let (leases, problems) = self.leases_in_range(local, &txn.mine, &txn.stamp);
+            // A registry of another build's format fails the start here,
+            // before anything is saved: a manager that started anyway would
+            // not see that build's leases (or it ours) and hand out their ports.
+            let (leases, problems) = self.leases_in_range(local, &txn.mine, &txn.stamp)?;
             // A current_port left by a manager that is gone is no one's port.
             let live: Vec<u16> = leases
                 .iter()

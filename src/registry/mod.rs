@@ -138,12 +138,6 @@ impl Registry {
         &self.dir
     }
 
-    /// Reads the registry once: an error says it cannot be used as it is
-    /// (another build's format, an unreadable table).
-    pub fn check(&self) -> Result<()> {
-        self.transact(|_| ())
-    }
-
     /// Runs `f` on the current leases with the registry locked against every
     /// other thread and process, then writes the table back if `f` changed it.
     /// If the write fails, the error is returned and nothing `f` decided holds.
