@@ -46,6 +46,14 @@ pub struct FileView {
     pub started: bool,
     /// When the range was last re-scanned for this file (by any manager).
     pub refreshed: Option<Instant>,
+    /// Until the range is first scanned in this process (`None` from then
+    /// on): the ports the state file said were in use, leases aside, when it
+    /// was first read. Nothing here looked at them, so they are shown as the
+    /// file said (see `update`).
+    pub unscanned: Option<PortSet>,
+    /// The first scan changed the lists shown since the last save: the next
+    /// update writes them even if it changes nothing itself.
+    unsaved: bool,
     /// When the folder was last swept for killed savers' temporary files
     /// whether or not it changed (see `tidy`).
     tidied: Option<Instant>,
@@ -141,6 +149,8 @@ impl SharedFile {
                 ephemeral: None,
                 started: false,
                 refreshed: None,
+                unscanned: Some(PortSet::default()),
+                unsaved: false,
                 tidied: None,
                 leased_memo: None,
                 holders: Vec::new(),
@@ -170,6 +180,44 @@ impl FileView {
         let slot = self.store.counter_offset();
         let folder = self.store.folder(true)?;
         self.lock.acquire(folder, slot, LOCK_WAIT, interruptible)
+    }
+
+    /// Takes a scan of the range as what other programs hold.
+    pub fn scanned(&mut self, bound: PortSet) {
+        self.bound = bound;
+        self.unscanned = None;
+    }
+
+    /// Takes the range's first scan into the lists shown, without a save:
+    /// the file keeps what it said until the next save writes what is known.
+    /// Returns the counts of free and used ports before, if they changed.
+    pub fn first_scan(
+        &mut self,
+        range: RangeInclusive<u16>,
+        bound: PortSet,
+    ) -> Option<(usize, usize)> {
+        self.scanned(bound);
+        let before = self.state.used_ports.clone();
+        let counts = (self.state.free_ports.len(), before.len());
+        let FileView {
+            state,
+            bound,
+            leased,
+            skipped,
+            ..
+        } = self;
+        recompute_lists(state, range, leased, bound, skipped);
+        let changed = before != self.state.used_ports;
+        self.unsaved |= changed;
+        changed.then_some(counts)
+    }
+
+    /// A probe found `port` free: what the file said of it no longer stands.
+    pub fn seen_free(&mut self, port: u16) {
+        self.bound.remove(port);
+        if let Some(unseen) = self.unscanned.as_mut() {
+            unseen.remove(port);
+        }
     }
 
     /// Adopts what another process saved since this view last read or wrote
@@ -220,6 +268,9 @@ impl FileView {
             skipped,
             ephemeral,
             holders,
+            started,
+            unscanned,
+            unsaved,
             ..
         } = self;
         // A lock not taken is an error, never a skip: without it nothing is
@@ -243,7 +294,7 @@ impl FileView {
         };
         let generation = guard.generation();
         let fresh = state.change_count == 0 && state.last_checked.is_none();
-        let mut must_write = save == Save::Always;
+        let mut must_write = save == Save::Always || std::mem::take(unsaved);
         let mut may_write = true;
         match store.load(generation) {
             Loaded::Unchanged => {}
@@ -319,7 +370,29 @@ impl FileView {
             *leased = leases.ports;
             *holders = leases.holders;
         }
-        recompute_lists(state, range, leased, bound, skipped);
+        match unscanned {
+            None => recompute_lists(state, range, leased, bound, skipped),
+            // No scan yet: the ports the file said were in use stay so (only
+            // a probe or a scan says otherwise).
+            Some(unseen) => {
+                // What the file said other programs hold: its used ports
+                // but the leases (the registry speaks for those, its own
+                // listed beside them included).
+                if !*started {
+                    let its_lease = |p: u16| before.2.iter().any(|l| l.port == p);
+                    *unseen = before
+                        .1
+                        .iter()
+                        .filter(|&p| !leased.contains(p) && !bound.contains(p) && !its_lease(p))
+                        .collect();
+                }
+                let mut shown = bound.clone();
+                for (start, bits) in unseen.iter_words() {
+                    shown.or_word(start, bits);
+                }
+                recompute_lists(state, range, leased, &shown, skipped);
+            }
+        }
         state.ephemeral_overlap = ephemeral.clone();
         state.last_checked = Some(stamp.jalali.clone());
         state.last_checked_unix = Some(stamp.unix);
