@@ -176,14 +176,17 @@ impl Manager {
     pub fn state(&self) -> State {
         match self.local() {
             Ok(local) => {
-                let any_dead = {
+                let (any_dead, unscanned) = {
                     let mut file = local.file.lock();
                     file.catch_up();
-                    !self.is_stopped() && local.registry.any_dead(&file.holders)
+                    let any_dead = !self.is_stopped() && local.registry.any_dead(&file.holders);
+                    (any_dead, file.unscanned.is_some())
                 };
                 if any_dead {
                     let reclaimed = local.registry.sweep_dead();
                     self.refresh(None, &reclaimed, true);
+                } else if unscanned && !self.is_stopped() {
+                    self.first_scan(local);
                 }
                 let mine = lock(&local.mine);
                 let mut state = local.file.lock().state.clone();
@@ -202,6 +205,30 @@ impl Manager {
         }
     }
 
+    /// A read shows what the kernel says, not only what the file said: the
+    /// range's first scan, if none ran yet (taken outside the locks; written
+    /// with the next save, reported now if it changed the lists).
+    fn first_scan(&self, local: &Local) {
+        let bound = scan::ports_in_use(self.range());
+        let mut events = Vec::new();
+        {
+            let mine = lock(&local.mine);
+            let mut file = local.file.lock();
+            if file.unscanned.is_none() {
+                return;
+            }
+            if let Some(before) = file.first_scan(self.range(), bound) {
+                let after = (file.state.free_ports.len(), file.state.used_ports.len());
+                let note = format!(
+                    "free {} -> {}, used {} -> {}",
+                    before.0, after.0, before.1, after.1
+                );
+                events.push(self.event(&mine, &file, Kind::Refresh, &clock::now(), note));
+            }
+        }
+        self.sink().emit(&events);
+    }
+
     fn range(&self) -> RangeInclusive<u16> {
         self.config.start..=self.config.end
     }
@@ -212,8 +239,11 @@ impl Manager {
         }
     }
 
-    /// Loads or recovers the state (once per file view), takes a first scan,
-    /// saves. Emits START.
+    /// Loads or recovers the state (once per file view), saves. Emits START.
+    /// No scan of the host on the way: a pick needs none (its bind probe
+    /// decides), and until the first scan (a read, a refresh, or a pick that
+    /// finds the range full) the state keeps what the file said of the ports
+    /// nothing looked at.
     fn start(&self, local: &Local) -> Result<()> {
         let stamp = clock::now();
         let mut events = Vec::new();
@@ -223,7 +253,6 @@ impl Manager {
             let first = !file.started;
             let mut warnings = Vec::new();
             if first {
-                file.bound = scan::ports_in_use(self.range());
                 file.tidy(Sweep::IfChanged);
                 file.ephemeral = ephemeral_warning(self.range(), &mut warnings);
             }
@@ -335,7 +364,7 @@ impl Manager {
         let mut picked = self.try_pick(local, &mut file, replacing, &lease)?;
         if picked.0.is_none() {
             // Exhausted as far as we knew: look at the kernel afresh.
-            file.bound = scan::ports_in_use(self.range());
+            file.scanned(scan::ports_in_use(self.range()));
             let again = self.try_pick(local, &mut file, replacing, &lease)?;
             picked.0 = again.0;
             picked.1.extend(again.1);
@@ -524,7 +553,7 @@ impl Manager {
             // The holder has usually closed its listener by now: look again,
             // so the state shows the port free at once (or still in use).
             match probe_port(port) {
-                Probe::Free => file.bound.remove(port),
+                Probe::Free => file.seen_free(port),
                 Probe::InUse | Probe::Unusable => file.bound.insert(port),
                 // No answer: what was known of the port stays as it was.
                 Probe::Unknown(_) => {}
@@ -659,10 +688,10 @@ impl Manager {
                 }
             }
             file.refreshed = Some(std::time::Instant::now());
-            file.bound = match host {
+            file.scanned(match host {
                 Some(set) => set.clone(),
                 None => scan::ports_in_use(self.range()),
-            };
+            });
             file.tidy(if asked { Sweep::Asked } else { Sweep::Periodic });
             let held = file.lock_slot(false);
             let before = (file.state.free_ports.len(), file.state.used_ports.len());
