@@ -21,7 +21,9 @@ run, in alternating rounds so load from elsewhere hits both alike:
 
 Prints medians, the ratios of ours to the floor and to portserver, the
 machine's load average and what an empty file cost to make in each folder
-(on ext4 this swings from tens to hundreds of microseconds). Asserts nothing.
+(on ext4 this swings from tens to hundreds of microseconds). With
+``--markdown``, also prints them as the table docs/speed.md shows. Asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -206,6 +208,29 @@ def report(folder: str, r: dict[str, Any], args: argparse.Namespace) -> None:
     )
 
 
+def markdown(results: dict[str, dict[str, Any]], load: tuple[float, ...]) -> None:
+    """The table of docs/speed.md: one row per operation and folder."""
+    print(
+        f"\nLoad average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; medians in us.\n\n"
+        "| operation | folder (file system; an empty file cost) | floor | ours | "
+        "ours / floor | portserver's held pick (ours / it) |\n| --- | --- | --- | --- | --- | --- |"
+    )
+    for folder, r in results.items():
+        f = r["floor"]
+        where = f"{folder} ({r['fs'].split(',')[0]}; {r['empty_file_us']:.0f} us)"
+        cycle, new, ps = r["ours_cycle"], r["ours_new"], r["portserver"]
+        floor_x = f["cycle_floor_exchange"]
+        print(
+            f"| pick + release cycle | {where} | {floor_x:.0f} | {cycle:.0f} | "
+            f"{cycle / floor_x:.1f}x | |"
+        )
+        ps_text = f"{ps:.0f} ({new / ps:.2f}x)" if ps else "n/a"
+        print(
+            f"| new manager + first pick | {where} | {f['new_manager_floor']:.0f} | "
+            f"{new:.0f} | {new / f['new_manager_floor']:.1f}x | {ps_text} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -217,6 +242,7 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=20000)
     parser.add_argument("--end", type=int, default=26000, help="6,001 ports by default")
     parser.add_argument("--target-dir", default=None, help="cargo target folder for bench/floor")
+    parser.add_argument("--markdown", action="store_true", help="also print docs/speed.md's table")
     args = parser.parse_args()
     if args.end - args.start + 1 < args.n + 10:
         parser.error("the range is too small for --n held picks")

@@ -1,5 +1,5 @@
 //! The core's error type. The binding layer maps each variant to one Python
-//! exception in a single place (`python.rs`).
+//! exception in a single place (`python/mod.rs`).
 
 use std::io;
 use std::path::PathBuf;

@@ -1,16 +1,7 @@
 //! Who holds a lease: a process, named by its pid *and* its start time, so a
 //! recycled pid never keeps a dead process's ports.
 
-use serde::{Deserialize, Serialize};
-
-/// A process identity that survives pid reuse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Holder {
-    pub pid: u32,
-    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22);
-    /// 0 where the platform does not tell.
-    pub start_time: u64,
-}
+pub(crate) use crate::lease::{Holder, Liveness};
 
 impl Holder {
     /// This process.
@@ -69,15 +60,6 @@ impl Holder {
             },
         }
     }
-}
-
-/// The three answers a look at a process can give.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Liveness {
-    Alive,
-    Dead,
-    /// The check could not be made; the text says why.
-    Unknown(String),
 }
 
 pub fn pid_exists(pid: u32) -> bool {

@@ -9,8 +9,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::registry::{self, Registry};
 use crate::scan;
-use crate::shared::{adopt, initial_state, leased_in, owner_prefix, recompute_lists};
 use crate::state::State;
+use crate::state_view::{adopt, initial_state, leased_in, owner_prefix, recompute_lists};
 use crate::store::{Backup, Store};
 
 /// The state a manager with `config` would show right now (the file's record,
@@ -24,7 +24,7 @@ pub fn read_state(config: &Config) -> Result<State> {
     let registry = Registry::open(&registry::resolve_dir(config.registry_dir.as_deref()))?;
     let mut store = Store::new(path.clone(), config.backup_max, false);
     let stamp = clock::now();
-    let mut state = initial_state(config, &registry);
+    let mut state = initial_state(config, registry.dir());
     match store.peek() {
         Ok(None) => {}
         Ok(Some(Ok(disk))) => adopt(&mut state, disk),

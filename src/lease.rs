@@ -1,12 +1,25 @@
 //! The lease model: one port held by one process, and the table of them one
 //! registry transaction sees and changes.
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
 
-use crate::holder::{Holder, Liveness};
-use crate::liveness::AliveCache;
+/// A process identity that survives pid reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Holder {
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22);
+    /// 0 where the platform does not tell.
+    pub start_time: u64,
+}
+
+/// The three answers a look at a process can give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    Dead,
+    /// The check could not be made; the text says why.
+    Unknown(String),
+}
 
 /// One port held by one manager (or one `pick --pid` of the command line).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,54 +112,6 @@ impl LeaseTable {
         self.changes
             .extend(removed.iter().map(|l| Change::Del(LeaseKey::of(l))));
         removed
-    }
-
-    /// Removes the leases whose holder process is gone, and returns them.
-    /// Only positive evidence counts (see `Holder::liveness`): a holder that
-    /// could not be checked keeps its leases, and `unknown` says why.
-    pub fn remove_dead(&mut self, seen: &mut AliveCache) -> Vec<Lease> {
-        let unknown = &mut seen.unknown;
-        let mut dead: HashMap<Holder, bool> = HashMap::new();
-        self.remove_where(|l| {
-            *dead
-                .entry(l.holder())
-                .or_insert_with(|| match l.holder().liveness() {
-                    Liveness::Dead => true,
-                    Liveness::Alive => false,
-                    Liveness::Unknown(why) => {
-                        unknown.push(why);
-                        false
-                    }
-                })
-        })
-    }
-
-    /// Removes the leases on ports of `range` below `below` (all of the range
-    /// when `None`) whose holder is gone, and returns them. For a pick: the
-    /// lowest free port must not stay held by a process that exited.
-    /// `holders` are those of the range's leases with their lowest port there
-    /// (as `shared::leased_in` found them in the same transaction): each is
-    /// checked once, one seen alive within the last second is not checked
-    /// again (`seen`), and the table is only walked again if one is gone.
-    /// A holder that could not be checked is kept (`seen` notes why).
-    pub fn remove_dead_among(
-        &mut self,
-        range: &std::ops::RangeInclusive<u16>,
-        below: Option<u16>,
-        holders: &[(Holder, u16)],
-        seen: &mut AliveCache,
-    ) -> Vec<Lease> {
-        let dead: Vec<Holder> = holders
-            .iter()
-            .filter(|(_, lowest)| below.is_none_or(|b| *lowest < b))
-            .map(|(holder, _)| *holder)
-            .filter(|holder| seen.is_dead(*holder))
-            .collect();
-        if dead.is_empty() {
-            return Vec::new();
-        }
-        let in_scope = |l: &Lease| range.contains(&l.port) && below.is_none_or(|b| l.port < b);
-        self.remove_where(|l| in_scope(l) && dead.contains(&l.holder()))
     }
 }
 

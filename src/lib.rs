@@ -1,5 +1,5 @@
 //! dynamic-port-manager: host-wide, daemon-less TCP port allocation with an
-//! inspectable JSON record. Everything but `python.rs` is plain Rust and knows
+//! inspectable JSON record. Everything but `python/` is plain Rust and knows
 //! nothing of Python.
 
 pub(crate) mod clock;
@@ -16,6 +16,7 @@ pub(crate) mod lease_log;
 pub(crate) mod liveness;
 pub(crate) mod lookup;
 pub mod manager;
+pub(crate) mod names;
 pub(crate) mod owners;
 
 pub(crate) mod port_list;
@@ -30,6 +31,7 @@ pub(crate) mod shared;
 #[cfg(target_os = "linux")]
 pub(crate) mod sockdiag;
 pub(crate) mod state;
+pub(crate) mod state_view;
 pub(crate) mod store;
 
 mod python;
@@ -89,7 +91,7 @@ pub fn list_leases(registry_dir: Option<&std::path::Path>) -> Result<Vec<registr
     reg.snapshot()
 }
 
-/// Who holds each used port of `ports`: processes and the lease (see `owners.rs`).
+/// Who holds each used port of `ports`: processes and the lease (see `owners/`).
 pub fn port_owners(
     registry_dir: Option<&std::path::Path>,
     ports: &scan::PortSet,

@@ -1,12 +1,13 @@
 //! Whether lease holders are still running, as cheaply as it can be told:
 //! pidfds kept open for holders seen alive, `/proc` for the rest. Only
-//! positive evidence makes a holder dead (see `holder::Liveness`).
+//! positive evidence makes a holder dead (see `lease::Liveness`).
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
 
 use crate::holder::{Holder, Liveness};
+use crate::lease::{Lease, LeaseTable};
 
 /// Handles on holders seen alive, so a pick does not read `/proc` for each
 /// of them every time: a pidfd (Linux 5.3+) becomes readable the moment its
@@ -91,5 +92,57 @@ fn has_exited(fd: &OwnedFd) -> io::Result<bool> {
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// Taking back the leases of processes that are gone: the lease table's
+/// part that looks at processes (the table itself is pure data).
+impl LeaseTable {
+    /// Removes the leases whose holder process is gone, and returns them.
+    /// Only positive evidence counts (see `Holder::liveness`): a holder that
+    /// could not be checked keeps its leases, and `unknown` says why.
+    pub fn remove_dead(&mut self, seen: &mut AliveCache) -> Vec<Lease> {
+        let unknown = &mut seen.unknown;
+        let mut dead: HashMap<Holder, bool> = HashMap::new();
+        self.remove_where(|l| {
+            *dead
+                .entry(l.holder())
+                .or_insert_with(|| match l.holder().liveness() {
+                    Liveness::Dead => true,
+                    Liveness::Alive => false,
+                    Liveness::Unknown(why) => {
+                        unknown.push(why);
+                        false
+                    }
+                })
+        })
+    }
+
+    /// Removes the leases on ports of `range` below `below` (all of the range
+    /// when `None`) whose holder is gone, and returns them. For a pick: the
+    /// lowest free port must not stay held by a process that exited.
+    /// `holders` are those of the range's leases with their lowest port there
+    /// (as `state_view::leased_in` found them in the same transaction): each is
+    /// checked once, one seen alive within the last second is not checked
+    /// again (`seen`), and the table is only walked again if one is gone.
+    /// A holder that could not be checked is kept (`seen` notes why).
+    pub fn remove_dead_among(
+        &mut self,
+        range: &std::ops::RangeInclusive<u16>,
+        below: Option<u16>,
+        holders: &[(Holder, u16)],
+        seen: &mut AliveCache,
+    ) -> Vec<Lease> {
+        let dead: Vec<Holder> = holders
+            .iter()
+            .filter(|(_, lowest)| below.is_none_or(|b| *lowest < b))
+            .map(|(holder, _)| *holder)
+            .filter(|holder| seen.is_dead(*holder))
+            .collect();
+        if dead.is_empty() {
+            return Vec::new();
+        }
+        let in_scope = |l: &Lease| range.contains(&l.port) && below.is_none_or(|b| l.port < b);
+        self.remove_where(|l| in_scope(l) && dead.contains(&l.holder()))
     }
 }

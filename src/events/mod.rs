@@ -3,21 +3,29 @@
 //! the event's fields), the original module's coloured console line on
 //! stderr, and the ECS JSON line of `log_json()`.
 //!
+//! Here: the event, its kinds and levels, its console line and its ECS
+//! document. `text.rs`: hidden characters written out, the one-line JSON;
+//! `output.rs`: where events go; `build.rs`: the events of a manager's
+//! operations.
+//!
 //! Events are collected while the manager's locks are held and emitted only
 //! after they are released: emitting may call into Python, which needs the
 //! GIL, and a thread holding the GIL may be waiting for those very locks.
 
+mod build;
+mod output;
+mod text;
+
 /// The setting lives with the other settings (`config.rs`); events obey it.
 pub use crate::config::ConsoleLog;
-use crate::port_list::PortList;
-use std::borrow::Cow;
-use std::fmt::Write as _;
-use std::io::{IsTerminal, Write};
-use std::sync::OnceLock;
+pub(crate) use build::{registry_notice, snapshot, Scene};
+pub use output::{set_output, use_colour, Output, Sink};
+pub use text::{escape_controls, json_line};
 
 use serde_json::json;
 
 use crate::clock::Stamp;
+use crate::port_list::PortList;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -177,83 +185,6 @@ impl PortSummary {
     }
 }
 
-/// Characters that can end a line or steer a terminal: C0 (newline, carriage
-/// return, ESC...), DEL, C1 (U+0085 ends a line for `str.splitlines()`) and
-/// the Unicode line and paragraph separators.
-fn is_hidden(c: char) -> bool {
-    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
-}
-
-/// `text` with every hidden character written out (`\n`, `\x1b`, `\u2028`), so
-/// a file name cannot forge a log line or recolour a terminal.
-pub fn escape_controls(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(is_hidden) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if is_hidden(c) && (c as u32) < 0x100 => {
-                let _ = write!(out, "\\x{:02x}", c as u32);
-            }
-            c if is_hidden(c) => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    Cow::Owned(out)
-}
-
-/// `value` as one line of JSON that stays one line for every reader:
-/// serde_json escapes C0 but writes DEL, C1 (U+0085) and U+2028/U+2029 raw,
-/// which `str.splitlines()` and some log shippers take as line ends. They can
-/// only occur inside strings, where `\uXXXX` is the same character.
-pub fn json_line(value: &serde_json::Value) -> String {
-    let text = ordered(value);
-    if !text.chars().any(is_hidden) {
-        return text;
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if is_hidden(c) {
-            let _ = write!(out, "\\u{:04x}", c as u32);
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Keys an object's text starts with, as ECS logging libraries write them
-/// (the rest follow in name order).
-const LEADING_KEYS: [&str; 4] = ["@timestamp", "log.level", "message", "ecs.version"];
-
-/// `value` as JSON text, an object's `LEADING_KEYS` first.
-fn ordered(value: &serde_json::Value) -> String {
-    let Some(object) = value.as_object() else {
-        return value.to_string();
-    };
-    let lead = LEADING_KEYS.iter().filter_map(|k| object.get_key_value(*k));
-    let rest = object
-        .iter()
-        .filter(|(k, _)| !LEADING_KEYS.contains(&k.as_str()));
-    let mut out = String::from("{");
-    for (i, (key, item)) in lead.chain(rest).enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out += &serde_json::Value::from(key.as_str()).to_string();
-        out.push(':');
-        out += &item.to_string();
-    }
-    out.push('}');
-    out
-}
-
 fn active_text(active: Option<u16>) -> String {
     active.map_or_else(|| "None".to_string(), |p| p.to_string())
 }
@@ -345,69 +276,9 @@ impl Event {
 /// The name of the `logging` logger (and `log.logger`) of every event.
 pub const LOGGER: &str = "dynamic_port_manager";
 
-/// Where events go: the host's logging, and the console line. The default
-/// (a program without Python) prints the console line on the process's
-/// stderr; the Python binding installs one that makes each event a `logging`
-/// record and writes the line through `sys.stderr`, so redirection and
-/// capture work and a closed fd 2 is never written to.
-pub trait Output: Send + Sync {
-    /// Reports `events` (in order); `console` says when their console lines
-    /// are printed (`render(event, colour)` makes one, `colour` being whether
-    /// the destination is a terminal, NO_COLOR applied).
-    fn emit(&self, events: &[Event], console: ConsoleLog);
-}
-
-struct ProcessStderr;
-
-impl Output for ProcessStderr {
-    fn emit(&self, events: &[Event], console: ConsoleLog) {
-        if console == ConsoleLog::Off {
-            return;
-        }
-        let stderr = std::io::stderr();
-        let colour = use_colour(stderr.is_terminal());
-        let mut out = stderr.lock();
-        for event in events {
-            // A closed or full stderr must never take the host program down.
-            let _ = writeln!(out, "{}", event.console_line(colour));
-        }
-    }
-}
-
-static OUTPUT: OnceLock<Box<dyn Output>> = OnceLock::new();
-
-/// Sets where events go, once per process (later calls are ignored).
-pub fn set_output(output: Box<dyn Output>) {
-    let _ = OUTPUT.set(output);
-}
-
-fn output() -> &'static dyn Output {
-    OUTPUT.get().map_or(&ProcessStderr, |c| c.as_ref())
-}
-
-/// Where events go.
-#[derive(Debug, Clone, Copy)]
-pub struct Sink {
-    /// When to print the console line on stderr.
-    pub console: ConsoleLog,
-}
-
-impl Sink {
-    pub fn emit(&self, events: &[Event]) {
-        if !events.is_empty() {
-            output().emit(events, self.console);
-        }
-    }
-}
-
-/// Colour only on a terminal, and never when `NO_COLOR` is set to anything
-/// non-empty (https://no-color.org).
-pub fn use_colour(is_terminal: bool) -> bool {
-    is_terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::text::is_hidden;
     use super::*;
     use crate::clock;
     use chrono::NaiveDate;

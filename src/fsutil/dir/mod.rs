@@ -13,19 +13,22 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
+
+mod retry;
+mod stat;
+
+use retry::retry_interrupted;
+pub(crate) use retry::{errno, retry_eintr};
+pub(crate) use stat::{Kind, Stat};
 
 /// The most the library reads of any file: a state file of the largest range
 /// with a long history is well under 1 MiB; 16 MiB leaves room and keeps a
 /// link to `/dev/zero` or a giant file from taking the host's memory.
 pub(crate) const MAX_READ: u64 = 16 * 1024 * 1024;
 
-/// How often an open, a look or a read that a signal interrupted (EINTR) is
-/// tried again before the error is let through: a signal handler that runs
-/// at every try is a loop, not a transient.
-const EINTR_RETRIES: u32 = 64;
-
+/// A name as the system calls take it; one with a NUL byte is refused.
 fn cstr(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| {
         io::Error::new(
@@ -33,82 +36,6 @@ fn cstr(name: &OsStr) -> io::Result<CString> {
             "a file name contains a NUL byte",
         )
     })
-}
-
-/// Runs `call` again while a signal interrupts it (EINTR), `EINTR_RETRIES`
-/// times at most.
-pub(crate) fn retry_eintr<T>(mut call: impl FnMut() -> rustix::io::Result<T>) -> io::Result<T> {
-    retry_interrupted(|| call().map_err(io::Error::from))
-}
-
-/// `retry_eintr` for a std call.
-fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
-    let mut tries = 0;
-    loop {
-        match call() {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted && tries < EINTR_RETRIES => tries += 1,
-            other => return other,
-        }
-    }
-}
-
-/// The errno of `e`, if it has one.
-pub(crate) fn errno(e: &io::Error) -> Option<Errno> {
-    Errno::from_io_error(e)
-}
-
-/// What kind of thing a name in a folder is (never following a link).
-/// (`pub`, like `Dir`, only because `Store`'s public methods name it.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    File,
-    Dir,
-    Symlink,
-    /// FIFO, socket, device.
-    Other,
-}
-
-/// `fstatat` of a name, not following a final symbolic link.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Stat {
-    pub kind: Kind,
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    pub nlink: u64,
-    pub mtime_ns: i64,
-    pub ctime_ns: i64,
-    pub uid: u32,
-    pub mode: u32,
-}
-
-impl Stat {
-    // The kernel's `struct stat` has other field types on other
-    // architectures: some of these casts do nothing on x86_64.
-    #[allow(clippy::unnecessary_cast)]
-    fn of(st: &rustix::fs::Stat) -> Stat {
-        let kind = match FileType::from_raw_mode(st.st_mode as rustix::fs::RawMode) {
-            FileType::RegularFile => Kind::File,
-            FileType::Directory => Kind::Dir,
-            FileType::Symlink => Kind::Symlink,
-            _ => Kind::Other,
-        };
-        Stat {
-            kind,
-            dev: st.st_dev as u64,
-            ino: st.st_ino as u64,
-            size: st.st_size as u64,
-            nlink: st.st_nlink as u64,
-            mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
-            ctime_ns: st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64,
-            uid: st.st_uid as u32,
-            mode: st.st_mode as u32 & 0o7777,
-        }
-    }
-
-    pub(crate) fn of_file(file: &File) -> io::Result<Stat> {
-        Ok(Stat::of(&retry_eintr(|| rustix::fs::fstat(file))?))
-    }
 }
 
 /// How a file in a `Dir` is opened.
@@ -121,9 +48,8 @@ pub(crate) enum Open {
     CreateNew(u32),
 }
 
-/// An open folder (see the module's text). `pub` only because `Store`'s
-/// public methods name it; nothing outside the crate can reach this module.
-pub struct Dir {
+/// An open folder (see the module's text).
+pub(crate) struct Dir {
     fd: OwnedFd,
     path: PathBuf,
     /// Opened through a link at `path` (`open_following`).
@@ -423,18 +349,6 @@ pub(crate) fn read_bounded(file: &mut File, path: &Path) -> io::Result<Vec<u8>> 
     Ok(bytes)
 }
 
-impl Kind {
-    /// What a message says the thing is.
-    pub(crate) fn describe(self) -> &'static str {
-        match self {
-            Kind::Dir => "a folder",
-            Kind::Symlink => "a symbolic link (not followed)",
-            Kind::Other => "not a regular file (a FIFO, socket or device)",
-            Kind::File => "a regular file",
-        }
-    }
-}
-
 fn not_regular(path: &Path, kind: Kind) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -488,103 +402,4 @@ fn renameat2(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::symlink;
-
-    #[test]
-    fn renaming_to_a_new_name_never_replaces_with_or_without_renameat2() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = Dir::open(tmp.path()).unwrap();
-        let n = OsStr::new;
-        for (i, by_link) in [false, true].into_iter().enumerate() {
-            let (a, b, taken) = (format!("a{i}"), format!("b{i}"), format!("t{i}"));
-            fs::write(tmp.path().join(&a), b"moved").unwrap();
-            fs::write(tmp.path().join(&taken), b"kept").unwrap();
-            let rename = |from: &str, to: &str| {
-                if by_link {
-                    dir.rename_new_by_link(n(from), &dir, n(to))
-                } else {
-                    dir.rename_new(n(from), &dir, n(to))
-                }
-            };
-            let err = rename(&a, &taken).unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
-            assert_eq!(fs::read(tmp.path().join(&taken)).unwrap(), b"kept");
-            assert_eq!(fs::read(tmp.path().join(&a)).unwrap(), b"moved");
-            rename(&a, &b).unwrap();
-            assert_eq!(fs::read(tmp.path().join(&b)).unwrap(), b"moved");
-            assert!(!tmp.path().join(&a).exists());
-        }
-    }
-
-    #[test]
-    fn links_fifos_and_folders_are_never_opened_as_files() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = Dir::open(tmp.path()).unwrap();
-        fs::write(tmp.path().join("victim"), b"secret").unwrap();
-        symlink(tmp.path().join("victim"), tmp.path().join("link")).unwrap();
-        rustix::fs::mknodat(
-            &dir.fd,
-            "fifo",
-            FileType::Fifo,
-            Mode::from_raw_mode(0o600),
-            0,
-        )
-        .unwrap();
-        fs::create_dir(tmp.path().join("sub")).unwrap();
-        for name in ["link", "fifo", "sub"] {
-            for how in [Open::Read, Open::ReadWriteCreate(0o600)] {
-                let err = dir.open_file(OsStr::new(name), how).unwrap_err();
-                assert!(err.to_string().contains(name), "{name}: {err}");
-            }
-        }
-        assert_eq!(fs::read(tmp.path().join("victim")).unwrap(), b"secret");
-        assert!(dir
-            .open_file(OsStr::new("victim"), Open::CreateNew(0o600))
-            .is_err());
-    }
-
-    #[test]
-    fn a_linked_folder_is_refused() {
-        let tmp = tempfile::tempdir().unwrap();
-        fs::create_dir(tmp.path().join("real")).unwrap();
-        symlink(tmp.path().join("real"), tmp.path().join("alias")).unwrap();
-        let err = Dir::open(&tmp.path().join("alias")).unwrap_err();
-        assert!(err.to_string().contains("symbolic link"), "{err}");
-        let parent = Dir::open(tmp.path()).unwrap();
-        assert!(parent.sub(OsStr::new("alias")).is_err());
-    }
-
-    #[test]
-    fn an_interrupted_call_is_tried_again_a_bounded_number_of_times() {
-        let mut calls = 0;
-        let value = retry_eintr(|| {
-            calls += 1;
-            if calls < 3 {
-                Err(Errno::INTR)
-            } else {
-                Ok(7)
-            }
-        });
-        assert_eq!((value.unwrap(), calls), (7, 3));
-        let mut calls = 0;
-        let err = retry_eintr(|| -> rustix::io::Result<()> {
-            calls += 1;
-            Err(Errno::INTR)
-        })
-        .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
-        assert_eq!(calls, EINTR_RETRIES + 1);
-    }
-
-    #[test]
-    fn reads_are_bounded() {
-        let tmp = tempfile::tempdir().unwrap();
-        let big = fs::File::create(tmp.path().join("big")).unwrap();
-        big.set_len(MAX_READ + 10).unwrap();
-        let dir = Dir::open(tmp.path()).unwrap();
-        let err = dir.read(OsStr::new("big")).unwrap_err();
-        assert!(err.to_string().contains("larger than"), "{err}");
-    }
-}
+mod tests;
