@@ -31,6 +31,7 @@ pub(crate) mod shared;
 #[cfg(target_os = "linux")]
 pub(crate) mod sockdiag;
 pub(crate) mod state;
+pub(crate) mod state_json;
 pub(crate) mod state_view;
 pub(crate) mod store;
 

@@ -57,6 +57,11 @@ class SharedManager:
                 self._manager = self._factory()
             return self._manager
 
+    def peek(self) -> DynamicPortManager | None:
+        """The manager if one is made and running, without waiting (or None)."""
+        manager = self._manager
+        return manager if manager is not None and not manager.stopped else None
+
     def close(self) -> None:
         """Stop the manager (releasing its port), if one was made."""
         with self._lock:
@@ -90,7 +95,7 @@ def _lifespan(shared: SharedManager) -> Any:
 
 def _managed_router(factory: Callable[[], DynamicPortManager]) -> tuple[APIRouter, SharedManager]:
     shared = SharedManager(factory)
-    return build_router(shared.get, lifespan=_lifespan(shared)), shared
+    return build_router(shared.get, lifespan=_lifespan(shared), peek=shared.peek), shared
 
 
 @overload
@@ -124,7 +129,7 @@ def create_router(manager: DynamicPortManager | None = None, **arguments: Any) -
     if manager is not None:
         if arguments:
             raise TypeError("create_router: pass a manager or its arguments, not both")
-        return build_router(lambda: manager)
+        return build_router(lambda: manager, peek=lambda: manager)
     router, _ = _managed_router(lambda: DynamicPortManager(**arguments))
     return router
 

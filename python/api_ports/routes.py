@@ -1,10 +1,12 @@
 """The endpoints of the original ``api_ports.py``, over any manager.
 
-Every endpoint is a plain ``def``: FastAPI runs it in its threadpool, so the
-manager's blocking calls (file locks, disk, port scans) never run on the
-event loop. Errors follow FastAPI's convention, ``{"detail": ...}``: 503 when
-no port is free or the manager cannot serve, 404 for an unknown backup, 422
-for a bad query; nothing a client sends can cause a 500. The dashboard page
+Every endpoint but one is a plain ``def``: FastAPI runs it in its threadpool,
+so the manager's blocking calls (file locks, disk, port scans) never run on
+the event loop. ``/port/state`` is ``async``: it answers on the loop only
+when the core can without waiting (most reads: nothing changed), and from
+the threadpool otherwise. Errors follow FastAPI's convention, ``{"detail":
+...}``: 503 when no port is free or the manager cannot serve, 404 for an
+unknown backup, 422 for a bad query; nothing a client sends can cause a 500. The dashboard page
 (``port/dashboard``, see ``dashboard.py``) rides along, outside the schema.
 
 Each operation has a fixed ``operationId`` (the manager's method names where
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 from dynamic_port_manager import DynamicPortManager, ManagerStoppedError, NoFreePortError
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import Field
+from starlette.concurrency import run_in_threadpool
 
 from . import models
 from .backup_file import NAME_MAX, NAME_PATTERN, attachment_header, read_backup
@@ -46,8 +49,18 @@ _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 _Ports = Optional[list[Annotated[int, Field(ge=1, le=65535)]]]
 
 
-def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRouter:
-    """A router whose endpoints use the manager ``source()`` returns."""
+def build_router(
+    source: ManagerSource,
+    *,
+    lifespan: Any | None = None,
+    peek: Callable[[], DynamicPortManager | None] | None = None,
+) -> APIRouter:
+    """A router whose endpoints use the manager ``source()`` returns.
+
+    ``peek()``, if given, returns that manager without waiting, or None (none
+    made yet): ``/port/state`` then answers on the event loop when the core
+    can without waiting, and from the threadpool otherwise.
+    """
     router = APIRouter(tags=["port"], responses=_UNAVAILABLE, lifespan=lifespan)
 
     def manager() -> DynamicPortManager:
@@ -62,14 +75,32 @@ def build_router(source: ManagerSource, *, lifespan: Any | None = None) -> APIRo
 
     metrics_registry = new_registry(state)
 
+    def state_body() -> Any:
+        m = manager()
+        if type(m).get_state is not DynamicPortManager.get_state:
+            # A subclass's own get_state(): validated and serialized by FastAPI.
+            return state()
+        # The core's JSON, as the model would serialize it (same keys in the
+        # same order, every field present): not parsed and written again.
+        with http_errors():
+            return Response(m.state_json(), media_type="application/json")
+
     @router.get(
         "/port/state",
         response_model=models.PortState,
         summary="Full state and settings",
         operation_id="get_state",
     )
-    def port_state() -> dict[str, Any]:
-        return state()
+    async def port_state() -> Any:
+        # Most reads find the state as it was: the core answers those on the
+        # loop without waiting (a few microseconds); any read that would wait
+        # for a lock, the disk or a reclaim goes to the threadpool.
+        m = peek() if peek is not None else None
+        if m is not None and type(m).get_state is DynamicPortManager.get_state:
+            body = m._state_json_nowait()
+            if body is not None:
+                return Response(body, media_type="application/json")
+        return await run_in_threadpool(state_body)
 
     @router.post(
         "/port/pick",

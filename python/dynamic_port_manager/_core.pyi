@@ -144,6 +144,16 @@ class DynamicPortManager:
         """The full state: the original module's keys plus ``leases``, ``stats``,
         ``options`` and ``schema_version``."""
 
+    def state_json(self) -> bytes:
+        """``get_state()`` as compact JSON, UTF-8: the same keys in the same
+        order, so ``json.loads(m.state_json()) == m.get_state()``. Serialized
+        again only when the state changed (the same object while it did not)."""
+
+    def _state_json_nowait(self) -> bytes | None:
+        """``state_json()`` for an event loop: None where answering would wait
+        (a lock, a read of what another process saved, a dead holder's port
+        to take back); the caller then calls ``state_json()`` off the loop."""
+
     def log_json(self) -> dict[str, Any]:
         """Write one ECS JSON line to stdout and return it: ECS fields
         (``@timestamp``, ``log.level``, ``message``, ``ecs.version``,

@@ -7,6 +7,7 @@ the core's, behind one attribute test.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import weakref
@@ -162,6 +163,18 @@ class DynamicPortManager(_core.DynamicPortManager):
                 state["last_error_time"] = status["last_error_time"]
                 state["error_active"] = True
         return state
+
+    def state_json(self) -> bytes:
+        """``get_state()`` as compact JSON, UTF-8 (the core's bytes, made
+        again only when the state changed; with discovery, from ``get_state()``)."""
+        if self._announcer is None:
+            return super().state_json()
+        state = self.get_state()
+        return json.dumps(state, ensure_ascii=False, separators=(",", ":")).encode()
+
+    def _state_json_nowait(self) -> bytes | None:
+        # With discovery the state is get_state()'s, made in Python: not here.
+        return super()._state_json_nowait() if self._announcer is None else None
 
     @property
     def state(self) -> dict[str, Any]:

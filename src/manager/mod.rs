@@ -32,6 +32,7 @@ use crate::store::Backup;
 use crate::sys::PerProcess;
 
 mod pick;
+mod read;
 mod start;
 mod transaction;
 mod upkeep;
@@ -178,35 +179,11 @@ impl Manager {
     /// holder has died is taken back before the state is shown (used means
     /// held; a holder that cannot be checked stays).
     pub fn state(&self) -> State {
-        match self.local() {
-            Ok(local) => {
-                let (any_dead, unscanned) = {
-                    let mut file = local.file.lock();
-                    file.catch_up();
-                    let any_dead = !self.is_stopped() && local.registry.any_dead(&file.holders);
-                    (any_dead, file.unscanned.is_some())
-                };
-                if any_dead {
-                    let reclaimed = local.registry.sweep_dead();
-                    self.refresh(None, &reclaimed, true);
-                } else if unscanned && !self.is_stopped() {
-                    self.first_scan(local);
-                }
-                let mine = lock(&local.mine);
-                let mut state = local.file.lock().state.clone();
-                state.current_port = mine.active;
-                state
-            }
-            Err(_) => {
-                let settings = crate::state::Settings {
-                    port_range: [self.config.start, self.config.end],
-                    json_path: self.config.json_path.to_string_lossy().into_owned(),
-                    history_max: self.config.history_max,
-                    service: self.config.service.clone(),
-                };
-                State::fresh(settings, Default::default())
-            }
-        }
+        self.with_state(|state, active| {
+            let mut state = state.clone();
+            state.current_port = active;
+            state
+        })
     }
 
     fn range(&self) -> RangeInclusive<u16> {

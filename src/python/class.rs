@@ -1,10 +1,13 @@
 //! `DynamicPortManager`: the Python class over one core `Manager`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::state_json::StateJson;
 
 use super::args::*;
 use super::*;
@@ -21,7 +24,15 @@ pub(super) struct PyManager {
     json_path: Option<Py<PyAny>>,
     /// `refresh_interval` in seconds, and whether it was given as an int.
     refresh_interval: (f64, bool),
+    /// The state's JSON as last serialized, and the bytes object last made of
+    /// it (handed out again while the text is the same: touched only with
+    /// the GIL held, and never while calling into Python).
+    state_json: StateJson,
+    state_bytes: Mutex<Option<MadeBytes>>,
 }
+
+/// A text of `StateJson` and the bytes object made of it.
+type MadeBytes = (Arc<[u8]>, Py<PyBytes>);
 
 #[pymethods]
 impl PyManager {
@@ -90,6 +101,8 @@ impl PyManager {
             manager,
             json_path: given_path,
             refresh_interval,
+            state_json: StateJson::default(),
+            state_bytes: Mutex::new(None),
         })
     }
 
@@ -158,6 +171,23 @@ impl PyManager {
         let text = detach_checked(py, || serde_json::to_string(&manager.state()))?;
         let text = text.map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
         json_loads(py, text)
+    }
+
+    /// `get_state()` as compact JSON bytes (UTF-8), serialized again only
+    /// when the state changed: the same bytes object while it did not.
+    fn state_json<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let (manager, cache) = (&self.manager, &self.state_json);
+        let text = detach_checked(py, || cache.text(|look| manager.with_state(look)))?;
+        self.bytes_of(py, text)
+    }
+
+    /// `state_json()` for an event loop: None where it would wait (a lock,
+    /// a read of what another process saved, a dead holder's port to take back).
+    #[pyo3(name = "_state_json_nowait")]
+    fn state_json_nowait<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let (manager, cache) = (&self.manager, &self.state_json);
+        let text = detach_checked(py, || cache.try_text(|look| manager.try_with_state(look)))?;
+        text.map(|text| self.bytes_of(py, text)).transpose()
     }
 
     /// Writes one ECS JSON line to stdout and returns the record.
@@ -330,6 +360,26 @@ impl PyManager {
             active.map_or_else(|| "None".to_string(), |p| p.to_string()),
             if stopped { "True" } else { "False" }
         ))
+    }
+}
+
+impl PyManager {
+    /// `text` as a bytes object: the one made last time if it is the same text.
+    fn bytes_of<'py>(
+        &self,
+        py: Python<'py>,
+        text: serde_json::Result<Arc<[u8]>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let text = text.map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let mut made = self.state_bytes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((was, bytes)) = &*made {
+            if Arc::ptr_eq(was, &text) {
+                return Ok(bytes.bind(py).clone());
+            }
+        }
+        let bytes = PyBytes::new(py, &text);
+        *made = Some((text, bytes.clone().unbind()));
+        Ok(bytes)
     }
 }
 

@@ -20,6 +20,20 @@ impl Registry {
         holders.iter().any(|(h, _)| inner.alive.is_dead(*h))
     }
 
+    /// `any_dead` for a caller that must not wait: None while another thread
+    /// holds the registry (in a transaction).
+    pub fn try_any_dead(&self, holders: &[(Holder, u16)]) -> Option<bool> {
+        if holders.is_empty() {
+            return Some(false);
+        }
+        let mut inner = match self.inner.try_lock() {
+            Ok(inner) => inner,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(holders.iter().any(|(h, _)| inner.alive.is_dead(*h)))
+    }
+
     /// Removes dead holders' leases from the whole registry (the refresher's
     /// sweep), returning them.
     pub fn sweep_dead(&self) -> Vec<Lease> {

@@ -177,6 +177,15 @@ impl SharedFile {
         // A panic elsewhere must not make every later call panic too.
         self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The view if no one holds it now (a caller that must not wait).
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, FileView>> {
+        match self.view.try_lock() {
+            Ok(view) => Some(view),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
 }
 
 impl FileView {
@@ -244,6 +253,19 @@ impl FileView {
         if let Some(disk) = self.store.changed_since(generation) {
             adopt(&mut self.state, disk);
         }
+    }
+
+    /// Whether `catch_up` would find nothing to adopt, found without reading
+    /// the file (false also where `catch_up` could not tell).
+    pub fn is_current(&mut self) -> bool {
+        let slot = self.store.counter_offset();
+        let Ok(folder) = self.store.folder(false) else {
+            return false;
+        };
+        let Some(generation) = self.lock.peek_generation(folder, slot) else {
+            return false;
+        };
+        self.store.is_current(generation)
     }
 
     /// The uid that owns the folder's lock file, when it is another user's:

@@ -40,6 +40,14 @@ impl Store {
         Some(state)
     }
 
+    /// Whether the state file is the one this store last read or wrote, at
+    /// `generation`: `changed_since` finding nothing, without reading.
+    pub fn is_current(&mut self, generation: u64) -> bool {
+        self.open_folder(false).is_ok()
+            && matches!(self.dir().stat(&self.name), Ok(Some(st))
+                if st.kind == Kind::File && self.known == Some((FileId::from_stat(&st), generation)))
+    }
+
     /// Reads the state file, setting a damaged one aside. `generation` is the
     /// lock file's change counter (0 without a lock).
     pub fn load(&mut self, generation: u64) -> Loaded {
