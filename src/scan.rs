@@ -2,7 +2,7 @@
 //!
 //! On Linux the kernel's own socket tables answer this for every port at once,
 //! instead of 6,000 bind probes: first the `sock_diag` netlink dump of
-//! listening sockets (microseconds, see `sockdiag.rs`), else `/proc/net/tcp`
+//! listening sockets (microseconds, see `sockdiag/`), else `/proc/net/tcp`
 //! and `/proc/net/tcp6` (every socket but TIME_WAIT ones, which servers bind
 //! over with `SO_REUSEADDR`; milliseconds on a large host), else one probe per
 //! port. The answer is a snapshot: a pick still confirms its candidate with a

@@ -56,10 +56,10 @@ impl Manager {
                 }
             }
             txn.file.refreshed = Some(std::time::Instant::now());
-            txn.file.bound = match host {
+            txn.file.scanned(match host {
                 Some(set) => set.clone(),
                 None => scan::ports_in_use(self.range()),
-            };
+            });
             txn.file
                 .tidy(if asked { Sweep::Asked } else { Sweep::Periodic });
             // One time for the whole refresh: the lease re-asserted above has it.
@@ -76,6 +76,28 @@ impl Manager {
             let state = &txn.file.state;
             let after = (state.free_ports.len(), state.used_ports.len());
             if before != after {
+                let note = format!(
+                    "free {} -> {}, used {} -> {}",
+                    before.0, after.0, before.1, after.1
+                );
+                let event = txn.event(Kind::Refresh, note);
+                txn.tell(event);
+            }
+        });
+    }
+
+    /// A read shows what the kernel says, not only what the file said: the
+    /// range's first scan, if none ran yet (taken outside the locks; written
+    /// with the next save, reported now if it changed the lists).
+    pub(super) fn first_scan(&self, local: &Local) {
+        let bound = scan::ports_in_use(self.range());
+        self.transact(local, |txn| {
+            if txn.file.unscanned.is_none() {
+                return;
+            }
+            if let Some(before) = txn.file.first_scan(self.range(), bound) {
+                let state = &txn.file.state;
+                let after = (state.free_ports.len(), state.used_ports.len());
                 let note = format!(
                     "free {} -> {}, used {} -> {}",
                     before.0, after.0, before.1, after.1
