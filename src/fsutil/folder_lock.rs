@@ -98,14 +98,14 @@ impl FolderLock {
             let name = OsStr::new(FOLDER_LOCK);
             let taken = wait_for(left, interruptible, || {
                 match set_range_lock(&*file, RangeLock::Write, offset, 8) {
-                    Ok(()) => Ok(Some(Taken::Locked(()))),
+                    Ok(()) => Ok(Some(Taken::Locked)),
                     Err(e) if matches!(errno(&e), Some(Errno::AGAIN | Errno::ACCESS)) => {
                         Ok(name_moved(dir, name, id).then_some(Taken::Replaced))
                     }
                     Err(e) => Err(e),
                 }
             })?;
-            if let Taken::Locked(()) = taken {
+            if let Taken::Locked = taken {
                 let guard = SlotGuard { file, offset };
                 // The name must still name the file locked, or the lock is on
                 // a file no other process will ever open: dropped, and the

@@ -7,7 +7,6 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::dir::{Dir, Open, Stat};
@@ -48,55 +47,42 @@ pub(crate) fn with_wait_cap<R>(cap: Duration, f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// An exclusive `flock` of a lock file, released when dropped; it reads as
-/// the lock file (`Deref`), whose header the holder reads and writes.
-#[derive(Debug)]
-pub(crate) struct FlockGuard {
-    file: Arc<File>,
-}
-
-impl std::ops::Deref for FlockGuard {
-    type Target = File;
-    fn deref(&self) -> &File {
-        &self.file
-    }
-}
-
-impl Drop for FlockGuard {
-    fn drop(&mut self) {
-        let _ = rustix::fs::flock(&*self.file, rustix::fs::FlockOperation::Unlock);
-    }
-}
+/// The registry's lock held: fd-lock's guard over the lock file, which
+/// releases the `flock` when dropped and reads as the file (whose header the
+/// holder reads and writes).
+pub(crate) type FlockGuard<'a> = fd_lock::RwLockWriteGuard<'a, File>;
 
 /// What a wait for a lock ended with.
-pub(super) enum Taken<G> {
-    Locked(G),
+pub(super) enum Taken {
+    Locked,
     /// The lock is held elsewhere and the name no longer names the file this
     /// descriptor locks: the one to lock now is the new file.
     Replaced,
 }
 
-/// Takes `file`'s `flock` exclusively, waiting at most `wait` (see
-/// `wait_for`): one `flock` system call when it is free. While it is held
-/// elsewhere, `replaced` is asked whether the name still names `file`.
+/// Takes `lock` exclusively, waiting at most `wait` (see `wait_for`). While
+/// it is held elsewhere, `replaced` is asked whether the name still names
+/// the file.
+///
+/// The wait holds no guard across tries (a guard returned from inside the
+/// loop would keep `lock` borrowed for all of them): a try that succeeds
+/// keeps its flock and forgets its guard (which owns nothing else); the
+/// caller then takes the guard on a lock this descriptor already holds,
+/// which succeeds at once (flock belongs to the open file description).
 fn lock_within(
-    file: &Arc<File>,
+    lock: &mut fd_lock::RwLock<File>,
     wait: Duration,
     interruptible: bool,
     replaced: impl Fn() -> bool,
-) -> io::Result<Taken<FlockGuard>> {
-    wait_for(wait, interruptible, || {
-        match rustix::fs::flock(
-            &**file,
-            rustix::fs::FlockOperation::NonBlockingLockExclusive,
-        ) {
-            Ok(()) => Ok(Some(Taken::Locked(FlockGuard {
-                file: Arc::clone(file),
-            }))),
-            Err(rustix::io::Errno::WOULDBLOCK) if replaced() => Ok(Some(Taken::Replaced)),
-            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-            Err(e) => Err(e.into()),
+) -> io::Result<Taken> {
+    wait_for(wait, interruptible, || match lock.try_write() {
+        Ok(guard) => {
+            std::mem::forget(guard);
+            Ok(Some(Taken::Locked))
         }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && replaced() => Ok(Some(Taken::Replaced)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
     })
 }
 
@@ -165,7 +151,7 @@ pub(crate) struct LockFile {
 }
 
 struct HeldLock {
-    file: Arc<File>,
+    lock: fd_lock::RwLock<File>,
     pid: u32,
     id: (u64, u64),
 }
@@ -199,9 +185,10 @@ impl LockFile {
         dir: &Dir,
         wait: Duration,
         interruptible: bool,
-    ) -> io::Result<(FlockGuard, bool)> {
+    ) -> io::Result<(FlockGuard<'_>, bool)> {
         let deadline = Instant::now() + wait;
         let mut reopened = false;
+        let mut locked = false;
         for _ in 0..REPLACED_RETRIES {
             // A forked child shares its parent's descriptor (and flock): its
             // own is opened, without a look at the name (made below).
@@ -213,21 +200,29 @@ impl LockFile {
                 self.held = None;
                 let (file, st) = open_lock_file(dir, &self.name, true)?;
                 self.held = Some(HeldLock {
-                    file: Arc::new(file),
+                    lock: fd_lock::RwLock::new(file),
                     pid: std::process::id(),
                     id: (st.dev, st.ino),
                 });
                 reopened = true;
             }
-            let held = self.held.as_ref().expect("opened above");
+            let held = self.held.as_mut().expect("opened above");
+            let (name, id) = (&self.name, held.id);
             let left = deadline.saturating_duration_since(Instant::now());
-            let renamed = || name_moved(dir, &self.name, held.id);
-            if let Taken::Locked(guard) = lock_within(&held.file, left, interruptible, renamed)? {
-                if !name_moved(dir, &self.name, held.id) {
-                    return Ok((guard, reopened));
+            let renamed = || name_moved(dir, name, id);
+            if let Taken::Locked = lock_within(&mut held.lock, left, interruptible, renamed)? {
+                if !name_moved(dir, name, id) {
+                    locked = true;
+                    break;
                 }
             }
+            // Closing the descriptor gives back a flock taken on the old file.
             self.held = None;
+        }
+        if locked {
+            let held = self.held.as_mut().expect("locked above");
+            // This descriptor holds the flock already: taken again at once.
+            return Ok((held.lock.try_write()?, reopened));
         }
         Err(io::Error::other(format!(
             "{} was replaced by another file {REPLACED_RETRIES} times while it was being \
