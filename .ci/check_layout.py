@@ -11,8 +11,11 @@
   more than one job).
 - `unsafe` code only under src/sys/.
 
-With `--graph`, prints each module's dependencies (the graph docs/layout.md
-describes). Exits 1 naming every rule broken.
+- docs/layout.md shows the graph as it is (the block under "## Module
+  dependencies").
+
+With `--graph`, prints each module's dependencies (that block). Exits 1
+naming every rule broken.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
+LAYOUT_DOC = SRC.parent / "docs" / "layout.md"
 MAX_LINES = 500
 # Data and formatting only: no file, socket, process or thread of their own.
 PURE = {
@@ -136,9 +140,18 @@ def main() -> int:
             problems.append(f"{path.relative_to(SRC.parent)}: {lines} lines (over {MAX_LINES})")
         if path.relative_to(SRC).parts[0] != "sys" and UNSAFE.search(code_of(path.read_text())):
             problems.append(f"{path.relative_to(SRC.parent)}: unsafe outside src/sys/")
+    lines = [
+        f"{m:<14} -> {', '.join(sorted(considered[m])) or '(nothing)'}" for m in sorted(considered)
+    ]
+    doc = LAYOUT_DOC.read_text().split("## Module dependencies", 1)
+    shown = re.search(r"```text\n(.*?)```", doc[1], re.S) if len(doc) == 2 else None
+    if shown is None or shown.group(1).splitlines() != lines:
+        problems.append(
+            "docs/layout.md: the block under '## Module dependencies' is not the graph "
+            "(paste the output of: python .ci/check_layout.py --graph)"
+        )
     if "--graph" in sys.argv:
-        for m in sorted(considered):
-            print(f"{m:<14} -> {', '.join(sorted(considered[m])) or '(nothing)'}")
+        print("\n".join(lines))
     for p in problems:
         print(p, file=sys.stderr)
     return 1 if problems else 0

@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use dynamic_port_manager::config::Args;
-use dynamic_port_manager::probe::probe_port;
-use dynamic_port_manager::scan;
+use dynamic_port_manager::probe_port;
+use dynamic_port_manager::Args;
 use dynamic_port_manager::Manager;
+use dynamic_port_manager::{kernel_tables, proc_tables};
 
 fn median(mut samples: Vec<Duration>) -> f64 {
     samples.sort();
@@ -37,11 +37,11 @@ fn main() {
         "kernel scan: sock_diag netlink (LISTEN, 30000-36000)",
         200,
         || {
-            scan::kernel_tables(30000..=36000).unwrap();
+            kernel_tables(30000..=36000).unwrap();
         },
     );
     time("kernel scan: /proc/net/tcp + tcp6", 50, || {
-        scan::proc_tables().unwrap();
+        proc_tables().unwrap();
     });
     time("bind probe of one port (v4 + v6)", 1000, || {
         probe_port(30999);
@@ -53,7 +53,7 @@ fn main() {
         json_path: work.join("svc.json"),
         refresh_interval: 3600.0,
         registry_dir: Some(work.join("registry")),
-        console_log: dynamic_port_manager::events::ConsoleLog::Off,
+        console_log: dynamic_port_manager::ConsoleLog::Off,
         ..Args::default()
     }
     .check()
@@ -74,7 +74,7 @@ fn main() {
         manager.pick_port(None).unwrap();
     });
     time("refresh (scan + save)", 500, || {
-        manager.refresh(scan::kernel_tables(30000..=36000).ok().as_ref(), &[], false);
+        manager.refresh(kernel_tables(30000..=36000).ok().as_ref(), &[], false);
     });
     manager.stop();
     let _ = std::fs::remove_dir_all(&work);

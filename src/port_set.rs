@@ -157,3 +157,45 @@ impl FromIterator<u16> for PortSet {
         set
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_set_holds_every_port_and_compares_by_content() {
+        let ports = [0, 1, 63, 64, 4095, 4096, 20000, 65535];
+        let mut set: PortSet = ports.into_iter().collect();
+        assert_eq!(set.iter().collect::<Vec<_>>(), ports);
+        assert!(ports.iter().all(|&p| set.contains(p)));
+        assert!(!set.contains(2) && !set.contains(4097) && !set.contains(65534));
+        assert_eq!(set.count_in(4000..=20000), 3);
+        for p in ports {
+            set.remove(p);
+        }
+        // Chunks that were used and are empty again equal chunks never used.
+        assert_eq!(set, PortSet::default());
+        assert_ne!(set, [7].into_iter().collect());
+        set.remove(9);
+        assert_eq!(set.iter().count(), 0);
+        let words: Vec<(u16, u64)> = words_of(&(62..=130)).collect();
+        assert_eq!(words, [(0, 0b11 << 62), (64, u64::MAX), (128, 0b111)]);
+        assert_eq!(
+            words_of(&(65535..=65535)).collect::<Vec<_>>(),
+            [(65472, 1 << 63)]
+        );
+        let set: PortSet = [4096, 4097, 4159, 4160].into_iter().collect();
+        assert_eq!(set.word(4096), 1 | 2 | 1 << 63);
+        assert_eq!(set.word(4160), 1);
+        assert_eq!(set.word(0), 0);
+    }
+
+    #[test]
+    fn port_set_basics() {
+        let mut set: PortSet = [1, 64, 65535].into_iter().collect();
+        assert!(set.contains(64) && set.contains(65535) && !set.contains(63));
+        set.remove(64);
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![1, 65535]);
+        assert_eq!(set.count_in(0..=10), 1);
+    }
+}

@@ -42,7 +42,7 @@ enum Family {
     V6,
 }
 
-/// For `sockdiag.rs`, until its socket is an `OwnedFd` too.
+/// For `sockdiag/`, until its socket is an `OwnedFd` too.
 pub(crate) use crate::sys::Fd;
 
 fn probe_family(port: u16, family: Family) -> Probe {

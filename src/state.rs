@@ -144,85 +144,16 @@ pub struct Options {
 fn one_line<S: serde::Serializer>(ports: &PortList, serializer: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeStruct;
     const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
-    crate::kept::with(&LIST_TEXT, |text| {
-        port_list_json(ports, text);
+    ports.with_json(|text| {
         let mut raw = serializer.serialize_struct(RAW_VALUE_TOKEN, 1)?;
-        raw.serialize_field(RAW_VALUE_TOKEN, text.as_str())?;
+        raw.serialize_field(RAW_VALUE_TOKEN, text)?;
         raw.end()
     })
 }
 
 thread_local! {
-    /// The text of a port list and of the whole file (see `kept.rs`).
-    static LIST_TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    /// The text of the whole file (see `kept.rs`).
     static FILE_TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Four decimal digits of each number below 10,000, zero-padded.
-static DIGITS4: [[u8; 4]; 10_000] = {
-    let mut table = [[0u8; 4]; 10_000];
-    let mut n = 0;
-    while n < 10_000 {
-        table[n] = [
-            b'0' + (n / 1000) as u8,
-            b'0' + (n / 100 % 10) as u8,
-            b'0' + (n / 10 % 10) as u8,
-            b'0' + (n % 10) as u8,
-        ];
-        n += 1;
-    }
-    table
-};
-
-/// `[p1,p2,...]` with one table look-up per port, a 64-port word of the
-/// bitmap at a time, each port written as `,ddddd` into a buffer sized for
-/// the list up front (no growth checks in the loop; the first comma becomes
-/// the `[`): a 60,000-port list in about half the time of pushing each port's
-/// digits onto a growing buffer, and the same bytes.
-fn port_list_json(ports: &PortList, text: &mut String) {
-    let mut out = std::mem::take(text).into_bytes();
-    // Counted from the bits, so the buffer fits whatever the list's length says.
-    let count: usize = ports
-        .iter_words()
-        .map(|(_, bits)| bits.count_ones() as usize)
-        .sum();
-    out.clear();
-    out.resize(count * 6 + 2, 0);
-    let buf = out.as_mut_slice();
-    let mut at = 0;
-    for (start, mut bits) in ports.iter_words() {
-        while bits != 0 {
-            let port = usize::from(start) + bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            let slot: &mut [u8; 6] = (&mut buf[at..at + 6]).try_into().expect("6 bytes");
-            slot[0] = b',';
-            if port >= 10_000 {
-                slot[1] = b'0' + (port / 10_000) as u8;
-                slot[2..6].copy_from_slice(&DIGITS4[port % 10_000]);
-                at += 6;
-            } else {
-                // All four digits, then the leading zeros dropped.
-                let skip = match port {
-                    0..=9 => 3,
-                    10..=99 => 2,
-                    100..=999 => 1,
-                    _ => 0,
-                };
-                slot[1..5].copy_from_slice(&DIGITS4[port]);
-                slot.copy_within(1 + skip..5, 1);
-                at += 5 - skip;
-            }
-        }
-    }
-    buf[0] = b'[';
-    at = at.max(1);
-    buf[at] = b']';
-    out.truncate(at + 1);
-    if out.capacity() > crate::kept::KEPT_MAX {
-        out.shrink_to(crate::kept::KEPT_MAX);
-    }
-    // Only '[', ']', ',' and ASCII digits were written.
-    *text = crate::sys::string_from_ascii(out);
 }
 
 impl State {
@@ -406,27 +337,6 @@ mod tests {
         );
         assert!(text.contains("\"used_ports\": []"), "{text}");
         assert_eq!(State::parse(text.as_bytes()).unwrap(), state);
-    }
-
-    #[test]
-    fn port_lists_are_written_as_serde_json_writes_them() {
-        let mut lists: Vec<Vec<u16>> = vec![
-            vec![],
-            vec![0],
-            vec![65535],
-            vec![
-                9, 10, 99, 100, 999, 1000, 9999, 10000, 10001, 19999, 20000, 65534,
-            ],
-            (0..=65535).collect(),
-            (20000..=26000).filter(|p| p % 7 != 0).collect(),
-        ];
-        lists.push((0..=65535).step_by(63).collect());
-        let mut text = String::new();
-        for ports in lists {
-            let list: PortList = ports.iter().copied().collect();
-            port_list_json(&list, &mut text);
-            assert_eq!(text, serde_json::to_string(&ports).unwrap());
-        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
 
-use dynamic_port_manager::config::Args;
+use dynamic_port_manager::Args;
 use dynamic_port_manager::{Error, Manager};
 
 fn manager(dir: &Path, name: &str, start: i64, end: i64) -> Arc<Manager> {
@@ -17,7 +17,7 @@ fn manager(dir: &Path, name: &str, start: i64, end: i64) -> Arc<Manager> {
         json_path: dir.join(name),
         refresh_interval: 3600.0,
         registry_dir: Some(dir.join("registry")),
-        console_log: dynamic_port_manager::events::ConsoleLog::Off,
+        console_log: dynamic_port_manager::ConsoleLog::Off,
         backup_max: 5,
         ..Args::default()
     }

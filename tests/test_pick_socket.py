@@ -94,6 +94,21 @@ def test_the_socket_listens_dual_stack_on_the_active_port(manager: DynamicPortMa
                 conn.close()
 
 
+def test_connections_it_accepts_send_at_once(manager: DynamicPortManager) -> None:
+    """TCP_NODELAY on the listener, inherited by what it accepts: a server
+    handed the descriptor (uvicorn --fd takes it for a Unix socket and sets
+    nothing) does not hold each keep-alive answer back ~40 ms."""
+    for host in (None, "127.0.0.1"):
+        with manager.pick_socket(host=host) as sock:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            port = sock.getsockname()[1]
+            with socket.create_connection(("127.0.0.1", port), timeout=10):
+                conn, _ = sock.accept()
+                with conn:
+                    assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        manager.release_port()
+
+
 def test_host_backlog_and_reuse_port_are_passed_on(manager: DynamicPortManager) -> None:
     with manager.pick_socket(host="127.0.0.1", backlog=3, reuse_port=True) as sock:
         assert sock.family == socket.AF_INET

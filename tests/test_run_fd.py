@@ -34,6 +34,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "env": {k: os.environ.get(k) for k in ("LISTEN_PID", "LISTEN_FDS", "PORT_FD", "PORT")},
             "argv": sys.argv[1:],
             "family": int(self.server.socket.family),
+            "nodelay": self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
         }).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -74,6 +75,9 @@ def test_a_child_serves_http_from_fd_3_with_listen_pid_its_own(block: str, regis
         }
         assert seen["argv"] == ["3", str(port)]
         assert seen["family"] == socket.AF_INET6  # dual-stack: IPv4 above, IPv6 here
+        # Inherited from the socket handed over: a server that takes fd 3 for
+        # a Unix socket (uvicorn --fd) never sets it, and waited ~40 ms per answer.
+        assert seen["nodelay"] == 1
         assert httpx.get(f"http://[::1]:{port}/", timeout=30).json()["pid"] == seen["pid"]
         assert proc.wait(timeout=30) == 0
     finally:

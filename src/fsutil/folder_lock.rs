@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 
 use super::dir::{errno, Dir};
-use super::lock::{open_lock_file, read_generation, stale, wait_for, write_generation};
+use super::lock::{
+    name_moved, open_lock_file, read_generation, stale, wait_for, write_generation, Taken,
+    REPLACED_RETRIES,
+};
 use crate::sys::{set_range_lock, RangeLock};
 
 /// The lock file's name in a state folder.
@@ -72,11 +75,6 @@ pub struct SlotGuard {
     offset: u64,
 }
 
-/// How many times a lock is taken again when the name was replaced by
-/// another file while this process waited for (or took) the lock on the old
-/// one: a lock on a file nobody else opens any more excludes no one.
-const REPLACED_RETRIES: u32 = 8;
-
 impl FolderLock {
     /// Locks the slot at `offset` (`counter_slot`) of the lock file in `dir`
     /// (made if missing, never through a link), waiting at most `wait`; an
@@ -91,22 +89,32 @@ impl FolderLock {
     ) -> io::Result<SlotGuard> {
         let deadline = Instant::now() + wait;
         for _ in 0..REPLACED_RETRIES {
-            let file = self.open(dir)?;
+            // The name is looked at once, after the lock is taken (the look
+            // that matters: a file replaced before it is found as surely), and
+            // while a lock held elsewhere is waited for, so that no wait is
+            // for a file no one opens any more.
+            let (file, id) = self.open_unlooked(dir)?;
             let left = deadline.saturating_duration_since(Instant::now());
-            wait_for(left, interruptible, || {
+            let name = OsStr::new(FOLDER_LOCK);
+            let taken = wait_for(left, interruptible, || {
                 match set_range_lock(&*file, RangeLock::Write, offset, 8) {
-                    Ok(()) => Ok(Some(())),
-                    Err(e) if matches!(errno(&e), Some(Errno::AGAIN | Errno::ACCESS)) => Ok(None),
+                    Ok(()) => Ok(Some(Taken::Locked)),
+                    Err(e) if matches!(errno(&e), Some(Errno::AGAIN | Errno::ACCESS)) => {
+                        Ok(name_moved(dir, name, id).then_some(Taken::Replaced))
+                    }
                     Err(e) => Err(e),
                 }
             })?;
-            let guard = SlotGuard { file, offset };
-            // The name must still name the file locked, or the lock is on a
-            // file no other process will ever open: drop it, open the new one.
-            if !self.is_stale(dir) {
-                return Ok(guard);
+            if let Taken::Locked = taken {
+                let guard = SlotGuard { file, offset };
+                // The name must still name the file locked, or the lock is on
+                // a file no other process will ever open: dropped, and the
+                // new one opened.
+                if !name_moved(dir, name, id) {
+                    return Ok(guard);
+                }
+                drop(guard);
             }
-            drop(guard);
             self.held = None;
         }
         Err(io::Error::other(format!(
@@ -141,17 +149,32 @@ impl FolderLock {
     fn open(&mut self, dir: &Dir) -> io::Result<Arc<File>> {
         if self.is_stale(dir) {
             self.held = None;
+        }
+        Ok(self.open_unlooked(dir)?.0)
+    }
+
+    /// The descriptor this process opened (opened now if there is none, or
+    /// it is a parent's, after a fork) and the file's identity, without a
+    /// look at what the name names now: for `acquire`, which looks after
+    /// taking the lock.
+    fn open_unlooked(&mut self, dir: &Dir) -> io::Result<(Arc<File>, (u64, u64))> {
+        if self
+            .held
+            .as_ref()
+            .is_none_or(|h| h.pid != std::process::id())
+        {
+            self.held = None;
             // A write lock needs a descriptor open for writing.
-            let (file, id) = open_lock_file(dir, OsStr::new(FOLDER_LOCK), false)?;
-            let uid = super::Stat::of_file(&file)?.uid;
+            let (file, st) = open_lock_file(dir, OsStr::new(FOLDER_LOCK), false)?;
             self.held = Some(Held {
                 file: Arc::new(file),
                 pid: std::process::id(),
-                id,
-                uid,
+                id: (st.dev, st.ino),
+                uid: st.uid,
             });
         }
-        Ok(Arc::clone(&self.held.as_ref().expect("opened above").file))
+        let held = self.held.as_ref().expect("opened above");
+        Ok((Arc::clone(&held.file), held.id))
     }
 }
 
@@ -207,6 +230,36 @@ mod tests {
         drop(held);
         let again = b.acquire(&dir, 8, short, false).unwrap();
         assert_eq!(again.generation(), 5);
+    }
+
+    #[test]
+    fn a_replaced_lock_file_is_found_after_locking_and_while_waiting() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let (mut stuck, mut ours) = (FolderLock::default(), FolderLock::default());
+        let short = Duration::from_millis(50);
+        drop(ours.acquire(&dir, 8, short, false).unwrap()); // opened, the old file
+        let held_on_old = stuck.acquire(&dir, 8, short, false).unwrap();
+        // Replaced (a /tmp cleaner, then another process made it again).
+        std::fs::remove_file(tmp.path().join(FOLDER_LOCK)).unwrap();
+        let mut theirs = FolderLock::default();
+        let held_on_new = theirs.acquire(&dir, 8, short, false).unwrap();
+        // Waiting on the old file (held for good) would time out; on the new
+        // one too, as long as its holder holds it.
+        let err = ours.acquire(&dir, 8, short, false).map(drop).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop(held_on_new);
+        // A wait on the old file (held for good) would end in an error.
+        let again = ours
+            .acquire(&dir, 8, Duration::from_secs(5), false)
+            .unwrap();
+        // Locked on the new file: a process opening it now is excluded.
+        let err = FolderLock::default()
+            .acquire(&dir, 8, short, false)
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop((again, held_on_old));
     }
 
     #[test]

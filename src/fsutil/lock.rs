@@ -10,6 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use super::dir::{Dir, Open, Stat};
+use super::printable;
 
 /// How long a manager waits for a registry or state-file lock that another
 /// process holds. Locks are held for microseconds; one held this long belongs
@@ -46,30 +47,43 @@ pub(crate) fn with_wait_cap<R>(cap: Duration, f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// Takes `lock` exclusively, waiting at most `wait` (see `wait_for`).
+/// The registry's lock held: fd-lock's guard over the lock file, which
+/// releases the `flock` when dropped and reads as the file (whose header the
+/// holder reads and writes).
+pub(crate) type FlockGuard<'a> = fd_lock::RwLockWriteGuard<'a, File>;
+
+/// What a wait for a lock ended with.
+pub(super) enum Taken {
+    Locked,
+    /// The lock is held elsewhere and the name no longer names the file this
+    /// descriptor locks: the one to lock now is the new file.
+    Replaced,
+}
+
+/// Takes `lock` exclusively, waiting at most `wait` (see `wait_for`). While
+/// it is held elsewhere, `replaced` is asked whether the name still names
+/// the file.
 ///
 /// The wait holds no guard across tries (a guard returned from inside the
 /// loop would keep `lock` borrowed for all of them): a try that succeeds
-/// keeps its flock and forgets its guard (which owns nothing else), and the
-/// guard returned is taken afterwards on a lock this descriptor already
-/// holds, which nothing else can then hold (flock belongs to the open file
-/// description; taking it again there succeeds at once). Should that fail
-/// anyway (ENOLCK), the lock stays held until this descriptor's next
-/// `acquire` hands out a guard for it, or it is closed.
+/// keeps its flock and forgets its guard (which owns nothing else); the
+/// caller then takes the guard on a lock this descriptor already holds,
+/// which succeeds at once (flock belongs to the open file description).
 fn lock_within(
     lock: &mut fd_lock::RwLock<File>,
     wait: Duration,
     interruptible: bool,
-) -> io::Result<fd_lock::RwLockWriteGuard<'_, File>> {
+    replaced: impl Fn() -> bool,
+) -> io::Result<Taken> {
     wait_for(wait, interruptible, || match lock.try_write() {
         Ok(guard) => {
             std::mem::forget(guard);
-            Ok(Some(()))
+            Ok(Some(Taken::Locked))
         }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && replaced() => Ok(Some(Taken::Replaced)),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
         Err(e) => Err(e),
-    })?;
-    lock.try_write()
+    })
 }
 
 /// Retries `attempt` (`None`: the lock is held elsewhere) until it succeeds,
@@ -142,6 +156,11 @@ struct HeldLock {
     id: (u64, u64),
 }
 
+/// How many times a lock is taken again when the name was replaced by
+/// another file while this process waited for (or took) the lock on the old
+/// one: a lock on a file nobody else opens any more excludes no one.
+pub(super) const REPLACED_RETRIES: u32 = 8;
+
 impl LockFile {
     pub(crate) fn new(name: impl Into<OsString>) -> LockFile {
         LockFile {
@@ -156,50 +175,85 @@ impl LockFile {
     /// under the old one is not to be trusted. An `interruptible` wait gives
     /// up when the thread's interrupt check says so (see `with_interrupt_check`):
     /// only for waits before anything was changed.
+    ///
+    /// The name is looked at once, after the lock is taken: a file replaced
+    /// before that is found then as surely as before it, and only a lock
+    /// taken on the file the name names excludes anyone (a wait for a lock
+    /// held elsewhere also looks, so it never waits on a replaced file).
     pub(crate) fn acquire(
         &mut self,
         dir: &Dir,
         wait: Duration,
         interruptible: bool,
-    ) -> io::Result<(fd_lock::RwLockWriteGuard<'_, File>, bool)> {
-        let reopened = self.reopen_if_stale(dir)?;
-        let held = self.held.as_mut().expect("reopen_if_stale opened it");
-        Ok((lock_within(&mut held.lock, wait, interruptible)?, reopened))
-    }
-
-    fn reopen_if_stale(&mut self, dir: &Dir) -> io::Result<bool> {
-        if let Some(held) = &self.held {
-            if !stale(dir, &self.name, held.pid, held.id) {
-                return Ok(false);
+    ) -> io::Result<(FlockGuard<'_>, bool)> {
+        let deadline = Instant::now() + wait;
+        let mut reopened = false;
+        let mut locked = false;
+        for _ in 0..REPLACED_RETRIES {
+            // A forked child shares its parent's descriptor (and flock): its
+            // own is opened, without a look at the name (made below).
+            if self
+                .held
+                .as_ref()
+                .is_none_or(|h| h.pid != std::process::id())
+            {
+                self.held = None;
+                let (file, st) = open_lock_file(dir, &self.name, true)?;
+                self.held = Some(HeldLock {
+                    lock: fd_lock::RwLock::new(file),
+                    pid: std::process::id(),
+                    id: (st.dev, st.ino),
+                });
+                reopened = true;
             }
+            let held = self.held.as_mut().expect("opened above");
+            let (name, id) = (&self.name, held.id);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let renamed = || name_moved(dir, name, id);
+            if let Taken::Locked = lock_within(&mut held.lock, left, interruptible, renamed)? {
+                if !name_moved(dir, name, id) {
+                    locked = true;
+                    break;
+                }
+            }
+            // Closing the descriptor gives back a flock taken on the old file.
+            self.held = None;
         }
-        self.held = None;
-        let (file, id) = open_lock_file(dir, &self.name, true)?;
-        self.held = Some(HeldLock {
-            lock: fd_lock::RwLock::new(file),
-            pid: std::process::id(),
-            id,
-        });
-        Ok(true)
+        if locked {
+            let held = self.held.as_mut().expect("locked above");
+            // This descriptor holds the flock already: taken again at once.
+            return Ok((held.lock.try_write()?, reopened));
+        }
+        Err(io::Error::other(format!(
+            "{} was replaced by another file {REPLACED_RETRIES} times while it was being \
+             locked (something keeps replacing it)",
+            printable(&self.name)
+        )))
     }
+}
+
+/// Whether `name` in `dir` no longer names the file `id` (another file, or
+/// none, or it could not be looked at: unknown is not "the same").
+pub(super) fn name_moved(dir: &Dir, name: &OsStr, id: (u64, u64)) -> bool {
+    dir.stat(name).ok().flatten().map(|m| (m.dev, m.ino)) != Some(id)
 }
 
 /// Whether a lock file opened by process `pid` as the file `id` is no longer
 /// the one to lock: we are a forked child (the descriptor's locks are shared
 /// with the parent), or `name` now names another file (or none).
 pub(super) fn stale(dir: &Dir, name: &OsStr, pid: u32, id: (u64, u64)) -> bool {
-    pid != std::process::id() || dir.stat(name).ok().flatten().map(|m| (m.dev, m.ino)) != Some(id)
+    pid != std::process::id() || name_moved(dir, name, id)
 }
 
 /// Opens the lock file `name` in `dir` for reading and writing, made if
-/// missing (never through a link, only a regular file), with its identity.
+/// missing (never through a link, only a regular file), with its metadata.
 /// With `read_only_will_do`, one this user may not write is opened for
 /// reading (flock needs no write access).
 pub(super) fn open_lock_file(
     dir: &Dir,
     name: &OsStr,
     read_only_will_do: bool,
-) -> io::Result<(File, (u64, u64))> {
+) -> io::Result<(File, Stat)> {
     let missing = dir.stat(name).ok().flatten().is_none();
     // Making the lock file is this process's own change to the folder.
     let creating = missing.then(|| super::OwnChange::begin(dir));
@@ -213,7 +267,7 @@ pub(super) fn open_lock_file(
         _ => Err(e),
     })?;
     let st = Stat::of_file(&file)?;
-    Ok((file, (st.dev, st.ino)))
+    Ok((file, st))
 }
 
 /// A change counter in a lock file (which is never replaced), 8 bytes at
@@ -311,6 +365,33 @@ mod tests {
             .acquire(&dir, Duration::from_millis(50), false)
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn a_wait_on_a_replaced_lock_file_moves_to_the_new_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let short = Duration::from_millis(50);
+        let mut ours = LockFile::new("x.lock");
+        drop(ours.acquire(&dir, short, false).unwrap()); // opened, the old file
+        let mut stuck = LockFile::new("x.lock");
+        let (_held_on_old, _) = stuck.acquire(&dir, short, false).unwrap();
+        fs::remove_file(tmp.path().join("x.lock")).unwrap(); // a /tmp cleaner
+                                                             // A wait on the old file (held for good) would end in an error.
+        let (_locked, reopened) = ours.acquire(&dir, Duration::from_secs(5), false).unwrap();
+        assert!(
+            reopened,
+            "what was cached under the old file is not trusted"
+        );
+        let err = LockFile::new("x.lock")
+            .acquire(&dir, short, false)
+            .map(drop)
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            io::ErrorKind::TimedOut,
+            "the new file is the one locked"
+        );
     }
 
     #[test]

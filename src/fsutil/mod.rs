@@ -151,13 +151,17 @@ fn create_temp_drawing(
 /// every inode freed in the last seconds. `reuse` is only taken if it is a
 /// regular file with no other link: it must not be the live state file under
 /// another name.
+///
+/// Returns, with whether `reuse` was taken, the written file's metadata as
+/// `fstat` gave it after the last write (`None` if that failed): what the
+/// name names once the save is done, unless someone replaced it since.
 pub(crate) fn write_atomic(
     dir: &Dir,
     name: &OsStr,
     bytes: &[u8],
     durable: bool,
     reuse: Option<(&Dir, &OsStr)>,
-) -> io::Result<Recycled> {
+) -> io::Result<(Recycled, Option<Stat>)> {
     // A process killed between write and rename leaves its temporary file:
     // its name carries our pid, so a sweep removes it once we are gone.
     let recycled_file = reuse.and_then(|(from, old)| {
@@ -179,17 +183,21 @@ pub(crate) fn write_atomic(
         if durable {
             file.sync_all()?;
         }
+        // The identity the caller keeps of what it wrote, from the written
+        // descriptor (no look at the name after the exchange): the exchange
+        // and the close change neither inode, size nor mtime.
+        let written = Stat::of_file(&file).ok();
         drop(file);
         put_in_place(dir, &tmp, name)?;
         if durable {
             dir.sync()?;
         }
-        Ok(())
+        Ok(written)
     })();
     if result.is_err() {
         let _ = dir.remove(&tmp);
     }
-    result.map(|()| recycled)
+    result.map(|written| (recycled, written))
 }
 
 /// Puts the file `tmp` in place of `name`, in one step for any reader of
@@ -234,20 +242,28 @@ pub(crate) enum Recycled {
     No,
 }
 
-/// Moves `old` to `tmp` and opens it emptied, if it is a regular file with a
-/// single link; otherwise leaves things as they were (returns None) or, if
-/// the move happened but the file is unsuitable, deletes it.
+/// Moves `old` to `tmp` and opens it, if it is a regular file with a single
+/// link; otherwise puts it back (returns None: the caller removes the name
+/// as it removes any backup past `backup_max` it did not recycle).
 fn recycle(from: &Dir, old: &OsStr, dir: &Dir, tmp: &OsStr) -> Option<File> {
-    let st = from.stat(old).ok()??;
-    if st.kind != Kind::File || st.nlink != 1 {
-        return None;
-    }
+    // Moved out of the backups folder before a byte is written: a reader of
+    // the backups (recovery in another process, `read_backup`, a person)
+    // then either finds the old backup whole or no longer finds the name
+    // (`read_backup` checks that the name still names what it read). Written
+    // in place under its backup name, a reader could read the new bytes
+    // over the old ones and still find the name naming that file.
+    //
+    // Not looked at before the move: the open below checks what was moved
+    // (a regular file, opened without following a link or blocking on a
+    // FIFO, with a single link), and what fails the check goes back to
+    // where it was, as if it had not been taken.
     from.rename_new(old, dir, tmp).ok()?;
-    // Checked again on the open file: the name could have been swapped.
-    match dir.open_file(tmp, Open::ReadWriteCreate(0o644)) {
-        Ok(f) if Stat::of_file(&f).is_ok_and(|st| st.nlink == 1) => Some(f),
+    match dir.open_file_stat(tmp, Open::ReadWriteCreate(0o644)) {
+        Ok((f, Some(st))) if st.nlink == 1 => Some(f),
         _ => {
-            let _ = dir.remove(tmp);
+            if dir.rename_new(tmp, from, old).is_err() {
+                let _ = dir.remove(tmp);
+            }
             None
         }
     }
@@ -262,7 +278,7 @@ pub(crate) fn effective_uid() -> u32 {
 mod tests {
     use super::*;
     use std::fs;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     use std::path::Path;
 
     impl FileId {
@@ -444,5 +460,33 @@ mod tests {
         .unwrap();
         assert_eq!(fs::read(&twin).unwrap(), b"new");
         assert_eq!(fs::read(&path).unwrap(), b"newer");
+        // A folder or a FIFO at the name is put back where it was, untouched.
+        fs::create_dir(tmp.path().join("folder")).unwrap();
+        fs::write(tmp.path().join("folder/inside"), b"kept").unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            tmp.path().join("fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        for (name, content) in [("folder", "newest"), ("fifo", "newest!")] {
+            let reuse = Some((&dir, n(name)));
+            let taken = write_atomic(&dir, n("a.json"), content.as_bytes(), false, reuse);
+            assert_eq!(taken.unwrap().0, Recycled::No, "{name}");
+            assert_eq!(fs::read(&path).unwrap(), content.as_bytes());
+        }
+        assert_eq!(fs::read(tmp.path().join("folder/inside")).unwrap(), b"kept");
+        assert!(fs::symlink_metadata(tmp.path().join("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        let mut names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.json", "fifo", "folder", "twin.json"]);
     }
 }

@@ -13,7 +13,6 @@
 //! sequence in `transaction.rs`; `start.rs`: start and stop; `pick.rs`: pick
 //! and release; `upkeep.rs`: refresh.
 
-use std::io::ErrorKind;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -99,14 +98,6 @@ impl Manager {
             local: PerProcess::new(),
         });
         let local = manager.local()?;
-        // A registry of another build's format is refused here, with the
-        // version and what to do: a manager that started anyway would not
-        // see that build's leases (or it ours) and hand out their ports.
-        if let Err(e) = local.registry.check() {
-            if e.io_error().map(std::io::Error::kind) == Some(ErrorKind::Unsupported) {
-                return Err(e);
-            }
-        }
         if let Err(what) = local.file.lock().check_path() {
             return Err(Error::invalid(
                 "json_path",

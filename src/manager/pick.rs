@@ -54,7 +54,7 @@ impl Manager {
             let mut picked = self.try_pick(local, &mut txn.file, replacing, &lease)?;
             if picked.0.is_none() {
                 // Exhausted as far as we knew: look at the kernel afresh.
-                txn.file.bound = scan::ports_in_use(self.range());
+                txn.file.scanned(scan::ports_in_use(self.range()));
                 let again = self.try_pick(local, &mut txn.file, replacing, &lease)?;
                 picked.0 = again.0;
                 picked.1.extend(again.1);
@@ -216,7 +216,7 @@ impl Manager {
             // The holder has usually closed its listener by now: look again,
             // so the state shows the port free at once (or still in use).
             match probe_port(port) {
-                Probe::Free => txn.file.bound.remove(port),
+                Probe::Free => txn.file.seen_free(port),
                 Probe::InUse | Probe::Unusable => txn.file.bound.insert(port),
                 // No answer: what was known of the port stays as it was.
                 Probe::Unknown(_) => {}

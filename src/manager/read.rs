@@ -12,14 +12,17 @@ impl Manager {
     pub fn with_state<R>(&self, f: impl FnOnce(&State, Option<u16>) -> R) -> R {
         match self.local() {
             Ok(local) => {
-                let any_dead = {
+                let (any_dead, unscanned) = {
                     let mut file = local.file.lock();
                     file.catch_up();
-                    !self.is_stopped() && local.registry.any_dead(&file.holders)
+                    let any_dead = !self.is_stopped() && local.registry.any_dead(&file.holders);
+                    (any_dead, file.unscanned.is_some())
                 };
                 if any_dead {
                     let reclaimed = local.registry.sweep_dead();
                     self.refresh(None, &reclaimed, true);
+                } else if unscanned && !self.is_stopped() {
+                    self.first_scan(local);
                 }
                 let mine = lock(&local.mine);
                 let file = local.file.lock();
@@ -38,8 +41,9 @@ impl Manager {
     }
 
     /// `with_state` for a caller that must not wait (an event loop): `None`
-    /// where it would wait for a lock, read what another process saved, or
-    /// take back a dead holder's port (the caller then uses `with_state`).
+    /// where it would wait for a lock, read what another process saved, take
+    /// back a dead holder's port, or take the range's first scan (the caller
+    /// then uses `with_state`).
     pub fn try_with_state<R>(&self, f: impl FnOnce(&State, Option<u16>) -> R) -> Option<R> {
         let local = self.local.current()?;
         let mine = match local.mine.try_lock() {
@@ -48,7 +52,7 @@ impl Manager {
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
         let mut file = local.file.try_lock()?;
-        if !file.is_current() {
+        if !file.is_current() || (file.unscanned.is_some() && !self.is_stopped()) {
             return None;
         }
         if !self.is_stopped() && local.registry.try_any_dead(&file.holders)? {

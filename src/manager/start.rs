@@ -1,4 +1,4 @@
-//! A manager's start (the state loaded or recovered, a first scan, START)
+//! A manager's start (the state loaded or recovered, START; no scan)
 //! and its stop (the port given back, STOP).
 
 use std::ops::RangeInclusive;
@@ -9,17 +9,18 @@ use super::{Local, Manager};
 use crate::error::Result;
 use crate::events::{registry_notice, Kind};
 use crate::registry;
-use crate::scan;
 use crate::shared::{Save, Sweep};
 
 impl Manager {
-    /// Loads or recovers the state (once per file view), takes a first scan,
-    /// saves. Emits START.
+    /// Loads or recovers the state (once per file view), saves. Emits START.
+    /// No scan of the host on the way: a pick needs none (its bind probe
+    /// decides), and until the first scan (a read, a refresh, or a pick that
+    /// finds the range full) the state keeps what the file said of the ports
+    /// nothing looked at.
     pub(super) fn start(&self, local: &Local) -> Result<()> {
         self.transact(local, |txn| {
             let first = !txn.file.started;
             if first {
-                txn.file.bound = scan::ports_in_use(self.range());
                 txn.file.tidy(Sweep::IfChanged);
                 txn.file.ephemeral = ephemeral_warning(self.range(), &mut txn.warnings);
             }
@@ -36,7 +37,10 @@ impl Manager {
                 );
                 txn.warnings.push((Kind::Warning, warning));
             }
-            let (leases, problems) = self.leases_in_range(local, &txn.mine, &txn.stamp);
+            // A registry of another build's format fails the start here,
+            // before anything is saved: a manager that started anyway would
+            // not see that build's leases (or it ours) and hand out their ports.
+            let (leases, problems) = self.leases_in_range(local, &txn.mine, &txn.stamp)?;
             // A current_port left by a manager that is gone is no one's port.
             let live: Vec<u16> = leases
                 .iter()

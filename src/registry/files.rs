@@ -94,6 +94,18 @@ pub(super) fn open_log<'a>(
     let on_disk = folder
         .stat(OsStr::new(LOG_FILE))?
         .map(|st| (st.dev, st.ino));
+    open_log_as(folder, held, notice, on_disk)
+}
+
+/// `open_log` when the name was already looked at under the lock in this
+/// transaction and named `on_disk` (a log moved aside since then by this
+/// transaction is reopened all the same: its id is not `on_disk`'s).
+pub(super) fn open_log_as<'a>(
+    folder: &Dir,
+    held: &'a mut Option<Slot>,
+    notice: &mut Option<String>,
+    on_disk: Option<(u64, u64)>,
+) -> io::Result<&'a File> {
     if held.as_ref().map(|s| s.id) != on_disk || on_disk.is_none() {
         let open = || folder.open_file(OsStr::new(LOG_FILE), Open::ReadWriteCreate(0o600));
         let file = match open() {

@@ -43,7 +43,7 @@ pub use crate::lease::{note_holder, Lease, LeaseTable};
 pub use crate::liveness::AliveCache;
 use crate::registry_dir::open_private;
 pub use crate::registry_dir::{fallback_notice, resolve_dir};
-use files::{open_log, slot, Slot, LOCK_FILE, LOG_FILE};
+use files::{open_log, open_log_as, slot, Slot, LOCK_FILE, LOG_FILE};
 use table::Cached;
 
 struct Inner {
@@ -138,12 +138,6 @@ impl Registry {
         &self.dir
     }
 
-    /// Reads the registry once: an error says it cannot be used as it is
-    /// (another build's format, an unreadable table).
-    pub fn check(&self) -> Result<()> {
-        self.transact(|_| ())
-    }
-
     /// Runs `f` on the current leases with the registry locked against every
     /// other thread and process, then writes the table back if `f` changed it.
     /// If the write fails, the error is returned and nothing `f` decided holds.
@@ -174,14 +168,17 @@ impl Registry {
         make: Make,
         f: impl FnOnce(&mut LeaseTable, &mut AliveCache) -> R,
     ) -> Result<R> {
+        // Looked at once per transaction (a second look, as there was for a
+        // removal, would answer the same).
+        let moved = !inner.folder.still_at_path();
         if make == Make::No
-            && !inner.folder.still_at_path()
+            && moved
             && std::fs::symlink_metadata(&self.dir)
                 .is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
         {
             return Ok(f(&mut LeaseTable::default(), &mut inner.alive));
         }
-        if !inner.folder.still_at_path() {
+        if moved {
             // Deleted or replaced: every process must meet in the folder the
             // path names now, so open (or make) that one, checked afresh.
             inner.folder = open_private(&self.dir)?;
@@ -262,7 +259,9 @@ impl Registry {
             self.write_table(folder, slots, notice, header, table.leases)?
         } else {
             let path = self.dir.join(LOG_FILE);
-            let file = open_log(folder, log, notice).map_err(|e| Error::registry(&path, e))?;
+            // `load` looked at the log's name under this lock: not again.
+            let file = open_log_as(folder, log, notice, position.log_id)
+                .map_err(|e| Error::registry(&path, e))?;
             file.write_all_at(&lines, header.log_len)
                 .map_err(|e| Error::registry(&path, e))?;
             let log_id = log.as_ref().map(|l| l.id);

@@ -14,6 +14,7 @@
 mod update;
 
 use std::collections::HashMap;
+use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
@@ -24,7 +25,7 @@ use crate::holder::Holder;
 use crate::port_set::PortSet;
 use crate::registry::Registry;
 use crate::state::State;
-use crate::state_view::{adopt, initial_state, owner_prefix, Leased};
+use crate::state_view::{adopt, initial_state, owner_prefix, recompute_lists, Leased};
 use crate::store::Store;
 use crate::sys::PerProcess;
 
@@ -54,6 +55,14 @@ pub struct FileView {
     pub started: bool,
     /// When the range was last re-scanned for this file (by any manager).
     pub refreshed: Option<Instant>,
+    /// Until the range is first scanned in this process (`None` from then
+    /// on): the ports the state file said were in use, leases aside, when it
+    /// was first read. Nothing here looked at them, so they are shown as the
+    /// file said (see `update`).
+    pub unscanned: Option<PortSet>,
+    /// The first scan changed the lists shown since the last save: the next
+    /// update writes them even if it changes nothing itself.
+    unsaved: bool,
     /// When the folder was last swept for killed savers' temporary files
     /// whether or not it changed (see `tidy`).
     tidied: Option<Instant>,
@@ -149,6 +158,8 @@ impl SharedFile {
                 ephemeral: None,
                 started: false,
                 refreshed: None,
+                unscanned: Some(PortSet::default()),
+                unsaved: false,
                 tidied: None,
                 leased_memo: None,
                 holders: Vec::new(),
@@ -187,6 +198,44 @@ impl FileView {
         let slot = self.store.counter_offset();
         let folder = self.store.folder(true)?;
         self.lock.acquire(folder, slot, LOCK_WAIT, interruptible)
+    }
+
+    /// Takes a scan of the range as what other programs hold.
+    pub fn scanned(&mut self, bound: PortSet) {
+        self.bound = bound;
+        self.unscanned = None;
+    }
+
+    /// Takes the range's first scan into the lists shown, without a save:
+    /// the file keeps what it said until the next save writes what is known.
+    /// Returns the counts of free and used ports before, if they changed.
+    pub fn first_scan(
+        &mut self,
+        range: RangeInclusive<u16>,
+        bound: PortSet,
+    ) -> Option<(usize, usize)> {
+        self.scanned(bound);
+        let before = self.state.used_ports.clone();
+        let counts = (self.state.free_ports.len(), before.len());
+        let FileView {
+            state,
+            bound,
+            leased,
+            skipped,
+            ..
+        } = self;
+        recompute_lists(state, range, leased, bound, skipped);
+        let changed = before != self.state.used_ports;
+        self.unsaved |= changed;
+        changed.then_some(counts)
+    }
+
+    /// A probe found `port` free: what the file said of it no longer stands.
+    pub fn seen_free(&mut self, port: u16) {
+        self.bound.remove(port);
+        if let Some(unseen) = self.unscanned.as_mut() {
+            unseen.remove(port);
+        }
     }
 
     /// Adopts what another process saved since this view last read or wrote

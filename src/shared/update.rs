@@ -38,6 +38,9 @@ impl FileView {
             skipped,
             ephemeral,
             holders,
+            started,
+            unscanned,
+            unsaved,
             ..
         } = self;
         // A lock not taken is an error, never a skip: without it nothing is
@@ -61,7 +64,7 @@ impl FileView {
         };
         let generation = guard.generation();
         let fresh = state.change_count == 0 && state.last_checked.is_none();
-        let mut must_write = save == Save::Always;
+        let mut must_write = save == Save::Always || std::mem::take(unsaved);
         let mut may_write = true;
         match store.load(generation) {
             Loaded::Unchanged => {}
@@ -137,7 +140,29 @@ impl FileView {
             *leased = leases.ports;
             *holders = leases.holders;
         }
-        recompute_lists(state, range, leased, bound, skipped);
+        match unscanned {
+            None => recompute_lists(state, range, leased, bound, skipped),
+            // No scan yet: the ports the file said were in use stay so (only
+            // a probe or a scan says otherwise).
+            Some(unseen) => {
+                // What the file said other programs hold: its used ports
+                // but the leases (the registry speaks for those, its own
+                // listed beside them included).
+                if !*started {
+                    let its_lease = |p: u16| before.2.iter().any(|l| l.port == p);
+                    *unseen = before
+                        .1
+                        .iter()
+                        .filter(|&p| !leased.contains(p) && !bound.contains(p) && !its_lease(p))
+                        .collect();
+                }
+                let mut shown = bound.clone();
+                for (start, bits) in unseen.iter_words() {
+                    shown.or_word(start, bits);
+                }
+                recompute_lists(state, range, leased, &shown, skipped);
+            }
+        }
         state.ephemeral_overlap = ephemeral.clone();
         state.last_checked = Some(stamp.jalali.clone());
         state.last_checked_unix = Some(stamp.unix);

@@ -51,6 +51,7 @@ impl Store {
     /// Reads the state file, setting a damaged one aside. `generation` is the
     /// lock file's change counter (0 without a lock).
     pub fn load(&mut self, generation: u64) -> Loaded {
+        self.seen = None;
         match self.open_folder(false) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -85,6 +86,7 @@ impl Store {
         }
         let id = FileId::from_stat(&st);
         if self.known == Some((id, generation)) {
+            self.seen = Some((generation, st));
             return Loaded::Unchanged;
         }
         self.backup_cache = None;
@@ -99,6 +101,7 @@ impl Store {
         match State::parse(&bytes) {
             Ok(state) => {
                 self.known = Some((id, generation));
+                self.seen = Some((generation, st));
                 Loaded::Valid(Box::new(state))
             }
             Err(reason) => self.corrupt(reason),

@@ -30,7 +30,7 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::fsutil::{counter_slot, Dir, FileId, Kind, FOLDER_LOCK};
+use crate::fsutil::{counter_slot, Dir, FileId, Kind, Stat, FOLDER_LOCK};
 use crate::state::State;
 
 use backups::Touched;
@@ -71,6 +71,11 @@ pub struct Store {
     /// The file as this store last read or wrote it, with the lock file's
     /// change counter then (see `fsutil::read_generation`).
     known: Option<(FileId, u64)>,
+    /// The regular file `load` found under the lock, with the counter it
+    /// read: the save that follows in the same update (counter unchanged, or
+    /// bumped once for that save) needs no second look at the name. Forgotten
+    /// at the next operation (`revalidate`) and by the save.
+    seen: Option<(u64, Stat)>,
     /// This file's backups as of our last save. Valid while no one else has
     /// saved the file since: backups are only taken, under the file's lock,
     /// right before a save, so an unchanged file means an unchanged list.
@@ -102,6 +107,7 @@ impl Store {
             folder: None,
             backups: None,
             known: None,
+            seen: None,
             backup_cache: None,
             touched: Touched::Nothing,
             foreign: Default::default(),
@@ -136,6 +142,7 @@ impl Store {
     /// replaced under us), so the next use works in what the path names now.
     /// Once per change (`FileView::update`), not at every file access.
     pub fn revalidate(&mut self) {
+        self.seen = None;
         if self.folder.as_ref().is_some_and(|f| !f.still_at_path()) {
             self.folder = None;
             self.backups = None;

@@ -21,7 +21,14 @@ impl Store {
         // both folders (see `fsutil::watch`): no listing needed afterwards.
         let in_folder = OwnChange::begin(self.dir());
         let in_backups = self.backups.as_ref().map(OwnChange::begin);
-        let existing = self.dir().stat(&self.name)?;
+        // The look `load` took under this lock in this update, if it took
+        // one (`seen`): a second look would find what it found, short of a
+        // change by someone who does not take the lock, which a second look
+        // could race with just the same.
+        let existing = match self.seen.take() {
+            Some((seen_at, st)) if generation.wrapping_sub(seen_at) <= 1 => Some(st),
+            _ => self.dir().stat(&self.name)?,
+        };
         let existed = existing.is_some();
         self.touched = Touched::Nothing;
         let result = self.save_unwatched(state, generation, existing);
@@ -77,20 +84,22 @@ impl Store {
             state.with_json(|text| write_atomic(folder, &self.name, text, self.durable, reuse));
         if let (Some(old), Some(dir)) = (&recycle, backups) {
             // Not recycled (declined, or the write failed): still past backup_max.
-            if !matches!(written, Ok(Recycled::Yes)) {
+            if !matches!(written, Ok((Recycled::Yes, _))) {
                 let _ = dir.remove(OsStr::new(old));
             }
         }
-        if let Err(e) = written {
-            // Only the counter moved (we bumped it for this save).
-            self.known = self.known.map(|(id, _)| (id, generation));
-            return Err(e);
-        }
-        self.known = folder
-            .stat(&self.name)
-            .ok()
-            .flatten()
-            .map(|st| (FileId::from_stat(&st), generation));
+        let written = match written {
+            Ok((_, written)) => written,
+            Err(e) => {
+                // Only the counter moved (we bumped it for this save).
+                self.known = self.known.map(|(id, _)| (id, generation));
+                return Err(e);
+            }
+        };
+        // What was written, as its descriptor said (no look at the name
+        // afterwards): should someone have replaced it since, the next load
+        // finds another identity and reads theirs.
+        self.known = written.map(|st| (FileId::from_stat(&st), generation));
         Ok(backup_problem)
     }
 }

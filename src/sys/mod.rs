@@ -5,7 +5,7 @@
 //! - `set_range_lock`: an open-file-description byte-range lock
 //!   (`F_OFD_SETLK`), the slot locks of a state folder's lock file;
 //! - `Fd`, `netlink_diag_socket`, `send_prefix`, `recv`: the netlink socket
-//!   of `sockdiag.rs` and its raw messages;
+//!   of `sockdiag/` and its raw messages;
 //! - `PerProcess` (`per_process.rs`): values that a forked child never
 //!   inherits, published through an atomic pointer;
 //! - `on_fork_in_child`: `pthread_atfork`, which counts fork generations;

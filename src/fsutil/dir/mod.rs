@@ -54,6 +54,9 @@ pub(crate) struct Dir {
     path: PathBuf,
     /// Opened through a link at `path` (`open_following`).
     follows: bool,
+    /// The folder's (device, inode), read once: an open descriptor's file
+    /// never changes, so neither does its identity.
+    id: std::sync::OnceLock<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Dir {
@@ -89,6 +92,7 @@ impl Dir {
             fd,
             path: path.to_path_buf(),
             follows: follow,
+            id: Default::default(),
         })
     }
 
@@ -139,8 +143,18 @@ impl Dir {
             return false;
         };
         use std::os::unix::fs::MetadataExt;
-        self.stat_self()
-            .is_ok_and(|st| st.dev == on_disk.dev() && st.ino == on_disk.ino())
+        self.identity()
+            .is_ok_and(|id| id == (on_disk.dev(), on_disk.ino()))
+    }
+
+    /// The folder's (device, inode): from the descriptor the first time, then
+    /// remembered (what a descriptor refers to cannot change).
+    fn identity(&self) -> io::Result<(u64, u64)> {
+        if let Some(id) = self.id.get() {
+            return Ok(*id);
+        }
+        let st = self.stat_self()?;
+        Ok(*self.id.get_or_init(|| (st.dev, st.ino)))
     }
 
     /// Refuses a folder that another user owns or that group or others can
@@ -187,6 +201,16 @@ impl Dir {
     /// anything but a regular file (`InvalidData` naming what it is). An open
     /// a signal interrupted is tried again.
     pub(crate) fn open_file(&self, name: &OsStr, how: Open) -> io::Result<File> {
+        Ok(self.open_file_stat(name, how)?.0)
+    }
+
+    /// `open_file`, with the `fstat` it made of the open file (`None` for
+    /// `CreateNew`, which makes none: a new file is what it asked for).
+    pub(crate) fn open_file_stat(
+        &self,
+        name: &OsStr,
+        how: Open,
+    ) -> io::Result<(File, Option<Stat>)> {
         let c = cstr(name)?;
         let base = OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
         let (flags, mode) = match how {
@@ -206,7 +230,7 @@ impl Dir {
         if let Open::CreateNew(_) = how {
             // O_CREAT|O_EXCL made a new regular file: nothing to check, and
             // O_NONBLOCK means nothing for it.
-            return Ok(file);
+            return Ok((file, None));
         }
         let st = Stat::of_file(&file)?;
         if st.kind != Kind::File {
@@ -217,7 +241,7 @@ impl Dir {
         // O_NONBLOCK, and the open asked for none but the last: clearing them
         // all needs no F_GETFL first.
         retry_eintr(|| rustix::fs::fcntl_setfl(&file, OFlags::empty()))?;
-        Ok(file)
+        Ok((file, Some(st)))
     }
 
     /// Renames `from` here to `to` in `dest`, replacing a file there.
@@ -316,6 +340,7 @@ impl Dir {
             fd,
             path,
             follows: false,
+            id: Default::default(),
         })
     }
 
