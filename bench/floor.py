@@ -217,7 +217,7 @@ def markdown(results: dict[str, dict[str, Any]], load: tuple[float, ...]) -> Non
     )
     for folder, r in results.items():
         f = r["floor"]
-        where = f"{folder} ({r['fs'].split(',')[0]}; {r['empty_file_us']:.0f} us)"
+        where = f"{folder} ({r['fs'].split()[0]}; {r['empty_file_us']:.0f} us)"
         cycle, new, ps = r["ours_cycle"], r["ours_new"], r["portserver"]
         floor_x = f["cycle_floor_exchange"]
         print(
@@ -278,6 +278,8 @@ def main() -> None:
         f"(ours) and {args.rounds} x {args.floor_n} (floor) samples; "
         f"load average now {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
+    if args.markdown:
+        markdown(results, load)
 
 
 if __name__ == "__main__":
