@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex};
 
 use crate::state::State;
 
-/// One manager's last serialized state.
+/// One manager's last serialized state (boxed: a manager that is never
+/// asked for its JSON, most of them, keeps one pointer, not a whole state).
 #[derive(Default)]
 pub struct StateJson {
-    last: Mutex<Option<Cached>>,
+    last: Mutex<Option<Box<Cached>>>,
 }
 
 struct Cached {
@@ -64,11 +65,11 @@ impl StateJson {
         state.current_port = own;
         // Another thread may have stored a text meanwhile: either is right
         // for the state it was made of.
-        *self.lock() = Some(Cached {
+        *self.lock() = Some(Box::new(Cached {
             state,
             shown_port,
             text: text.clone(),
-        });
+        }));
         Ok(text)
     }
 
@@ -81,7 +82,7 @@ impl StateJson {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Cached>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Box<Cached>>> {
         self.last.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
