@@ -1,6 +1,8 @@
 //! The lease model: one port held by one process, and the table of them one
 //! registry transaction sees and changes.
 
+use std::sync::{Arc, OnceLock};
+
 use serde::{Deserialize, Serialize};
 
 /// A process identity that survives pid reuse.
@@ -158,5 +160,171 @@ impl LeaseKey {
             && lease.pid == self.pid
             && lease.start_time == self.start_time
             && lease.owner == self.owner
+    }
+}
+
+/// A lease as the state shows it: who holds which port since when. Shared,
+/// not copied: the state of every manager on a file lists every lease taken
+/// through it, and a pick that cloned each lease's strings (into the state,
+/// the view it keeps for the next pick, the copy it compares with) spent most
+/// of its time in the allocator once thousands of managers shared a file.
+/// Each view also keeps its text in the state file, written once.
+#[derive(Clone)]
+pub struct LeaseView(Arc<Shown>);
+
+struct Shown {
+    fields: ViewFields,
+    /// The view as the pretty-printed state file has it (see `pretty`).
+    text: OnceLock<Box<str>>,
+}
+
+/// The fields of a `LeaseView`, as the state file has them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ViewFields {
+    pub port: u16,
+    pub pid: u32,
+    pub owner: String,
+    pub since: String,
+}
+
+impl LeaseView {
+    pub fn of(lease: &Lease) -> LeaseView {
+        LeaseView::new(ViewFields {
+            port: lease.port,
+            pid: lease.pid,
+            owner: lease.owner.clone(),
+            since: lease.since.clone(),
+        })
+    }
+
+    pub fn new(fields: ViewFields) -> LeaseView {
+        LeaseView(Arc::new(Shown {
+            fields,
+            text: OnceLock::new(),
+        }))
+    }
+
+    /// Does this view show `lease`?
+    pub fn shows(&self, lease: &Lease) -> bool {
+        let f = &self.0.fields;
+        f.port == lease.port
+            && f.pid == lease.pid
+            && f.owner == lease.owner
+            && f.since == lease.since
+    }
+
+    /// The view as an element of the `leases` list in the state file, byte
+    /// for byte what serde_json's pretty printer writes there (the list is a
+    /// key of the top-level object): written once per view.
+    pub fn pretty(&self) -> &str {
+        self.0.text.get_or_init(|| {
+            let f = &self.0.fields;
+            let string = |s: &str| serde_json::to_string(s).expect("a string always serializes");
+            format!(
+                "    {{\n      \"port\": {},\n      \"pid\": {},\n      \"owner\": {},\n      \"since\": {}\n    }}",
+                f.port,
+                f.pid,
+                string(&f.owner),
+                string(&f.since)
+            )
+            .into_boxed_str()
+        })
+    }
+}
+
+impl std::ops::Deref for LeaseView {
+    type Target = ViewFields;
+    fn deref(&self) -> &ViewFields {
+        &self.0.fields
+    }
+}
+
+impl PartialEq for LeaseView {
+    fn eq(&self, other: &LeaseView) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.fields == other.0.fields
+    }
+}
+
+impl std::fmt::Debug for LeaseView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fields.fmt(f)
+    }
+}
+
+impl Serialize for LeaseView {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.fields.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for LeaseView {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        ViewFields::deserialize(deserializer).map(LeaseView::new)
+    }
+}
+
+/// The leases a state shows, lowest port first: one list shared by the
+/// state, the view a pick keeps and the copy an update compares with; a
+/// change copies the list of pointers, never a lease's strings.
+#[derive(Clone, Default)]
+pub struct LeaseList(Arc<Vec<LeaseView>>);
+
+impl LeaseList {
+    pub fn push(&mut self, view: LeaseView) {
+        Arc::make_mut(&mut self.0).push(view);
+    }
+
+    pub fn sort_by_key<K: Ord>(&mut self, mut key: impl FnMut(&LeaseView) -> K) {
+        if !self.0.is_sorted_by_key(&mut key) {
+            Arc::make_mut(&mut self.0).sort_by_key(key);
+        }
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&LeaseView) -> bool) {
+        if !self.0.iter().all(&mut keep) {
+            Arc::make_mut(&mut self.0).retain(keep);
+        }
+    }
+
+    /// Is this the very list `other` is (not only an equal one)?
+    pub fn same(&self, other: &LeaseList) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl From<Vec<LeaseView>> for LeaseList {
+    fn from(views: Vec<LeaseView>) -> LeaseList {
+        LeaseList(Arc::new(views))
+    }
+}
+
+impl std::ops::Deref for LeaseList {
+    type Target = [LeaseView];
+    fn deref(&self) -> &[LeaseView] {
+        &self.0
+    }
+}
+
+impl PartialEq for LeaseList {
+    fn eq(&self, other: &LeaseList) -> bool {
+        self.same(other) || self.0 == other.0
+    }
+}
+
+impl std::fmt::Debug for LeaseList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for LeaseList {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for LeaseList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Vec::<LeaseView>::deserialize(deserializer).map(LeaseList::from)
     }
 }

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::lease::{LeaseList, LeaseView};
 use crate::port_list::PortList;
 
 /// Bumped when an extra key changes meaning. The SPEC keys never change.
@@ -63,8 +64,8 @@ pub struct State {
     /// outgoing connection may take such a port), if it does.
     #[serde(default)]
     pub ephemeral_overlap: Option<EphemeralOverlap>,
-    #[serde(default)]
-    pub leases: Vec<LeaseView>,
+    #[serde(default, serialize_with = "leases_in_file")]
+    pub leases: LeaseList,
     #[serde(default)]
     pub stats: Stats,
     #[serde(default)]
@@ -96,26 +97,6 @@ pub struct EphemeralOverlap {
     pub first: u16,
     pub last: u16,
     pub count: usize,
-}
-
-/// A lease as shown in the state: who holds which port since when.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LeaseView {
-    pub port: u16,
-    pub pid: u32,
-    pub owner: String,
-    pub since: String,
-}
-
-impl LeaseView {
-    pub fn of(lease: &crate::lease::Lease) -> LeaseView {
-        LeaseView {
-            port: lease.port,
-            pid: lease.pid,
-            owner: lease.owner.clone(),
-            since: lease.since.clone(),
-        }
-    }
 }
 
 /// Counters for monitoring (kept across restarts with the file).
@@ -151,9 +132,48 @@ fn one_line<S: serde::Serializer>(ports: &PortList, serializer: S) -> Result<S::
     })
 }
 
+/// Writes the leases in the pretty-printed file from each lease's text, kept
+/// with it (`LeaseView::pretty`): with thousands of leases on a file, writing
+/// every owner and time again at each save was a tenth of a pick. Elsewhere
+/// (compact JSON) they are written as any list. `leases_are_written_as_before`
+/// checks the bytes.
+fn leases_in_file<S: serde::Serializer>(
+    leases: &LeaseList,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    use serde::Serialize;
+    const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+    if leases.is_empty() || !IN_FILE.get() {
+        return leases.serialize(serializer);
+    }
+    crate::kept::with(&LEASES_TEXT, |text| {
+        text.clear();
+        text.push_str("[\n");
+        for (i, view) in leases.iter().enumerate() {
+            if i > 0 {
+                text.push_str(",\n");
+            }
+            text.push_str(view.pretty());
+        }
+        text.push_str("\n  ]");
+        let mut raw = serializer.serialize_struct(RAW_VALUE_TOKEN, 1)?;
+        raw.serialize_field(RAW_VALUE_TOKEN, text.as_str())?;
+        let result = raw.end();
+        if text.capacity() > crate::kept::KEPT_MAX {
+            *text = String::new();
+        }
+        result
+    })
+}
+
 thread_local! {
     /// The text of the whole file (see `kept.rs`).
     static FILE_TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The text of the `leases` list (see `kept.rs`).
+    static LEASES_TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    /// Set while the pretty-printed file is written (`write_json`).
+    static IN_FILE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 impl State {
@@ -174,7 +194,7 @@ impl State {
             error_active: false,
             skipped_ports: PortList::default(),
             ephemeral_overlap: None,
-            leases: Vec::new(),
+            leases: LeaseList::default(),
             stats: Stats::default(),
             options,
         }
@@ -209,7 +229,9 @@ impl State {
 
     /// Pretty, as the original wrote it: people read this file.
     fn write_json(&self, out: &mut Vec<u8>) {
+        let outer = IN_FILE.replace(true);
         serde_json::to_writer_pretty(out, self).expect("state always serializes");
+        IN_FILE.set(outer);
     }
 
     /// Hands the file's text to `write`, made in a buffer this thread keeps
@@ -356,6 +378,77 @@ mod tests {
         assert_eq!(state.history.len(), 3);
         assert_eq!(state.history[0].new, Some(2));
         assert_eq!(state.change_count, 5);
+    }
+
+    #[test]
+    fn leases_are_written_as_before() {
+        // The file's bytes are those serde_json writes for the same leases as
+        // a plain list, escapes and all; compact JSON too.
+        #[derive(Serialize)]
+        struct Plain<'a> {
+            port: u16,
+            pid: u32,
+            owner: &'a str,
+            since: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Wrap<'a> {
+            leases: Vec<Plain<'a>>,
+        }
+        let rows = [
+            (3000, 7, "/d/s.json#7.1", "1403/05/01 12:00 doshanbe"),
+            (3001, 8, "/d/\"q\"\\ \u{e9}\u{1}\t.json#8.2", ""),
+            (65535, 0, "", "\u{1f600}"),
+        ];
+        let mut state = State::fresh(settings(50), Options::default());
+        let plain = |n: usize| Wrap {
+            leases: rows[..n]
+                .iter()
+                .map(|&(port, pid, owner, since)| Plain {
+                    port,
+                    pid,
+                    owner,
+                    since,
+                })
+                .collect(),
+        };
+        for n in 0..=rows.len() {
+            let views: Vec<LeaseView> = plain(n)
+                .leases
+                .iter()
+                .map(|p| {
+                    LeaseView::new(crate::lease::ViewFields {
+                        port: p.port,
+                        pid: p.pid,
+                        owner: p.owner.into(),
+                        since: p.since.into(),
+                    })
+                })
+                .collect();
+            state.leases = LeaseList::from(views);
+            let text = String::from_utf8(state.to_json()).unwrap();
+            let wrapped = serde_json::to_string_pretty(&plain(n)).unwrap();
+            let list = &wrapped["{\n  \"leases\": ".len()..wrapped.len() - "\n}".len()];
+            assert!(
+                text.contains(&format!("\n  \"leases\": {list},\n")),
+                "{text}"
+            );
+            assert_eq!(State::parse(text.as_bytes()).unwrap(), state);
+            let compact = String::from_utf8(serde_json::to_vec(&state).unwrap()).unwrap();
+            let wrapped = serde_json::to_string(&plain(n)).unwrap();
+            let list = &wrapped["{\"leases\":".len()..wrapped.len() - 1];
+            assert!(
+                compact.contains(&format!(",\"leases\":{list},")),
+                "{compact}"
+            );
+        }
+        // As people read it.
+        state.leases.retain(|v| v.port == 3000);
+        let text = String::from_utf8(state.to_json()).unwrap();
+        let shown = "  \"leases\": [\n    {\n      \"port\": 3000,\n      \"pid\": 7,\n      \
+                     \"owner\": \"/d/s.json#7.1\",\n      \"since\": \"1403/05/01 12:00 doshanbe\"\n    \
+                     }\n  ],\n";
+        assert!(text.contains(shown), "{text}");
     }
 
     #[test]

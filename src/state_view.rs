@@ -3,15 +3,16 @@
 //! skipped lists, a saved state adopted, the state before anything is read.
 //! Shared by the file view (`shared/`) and inspection (`inspect.rs`).
 
+use std::cell::RefCell;
 use std::ops::RangeInclusive;
 use std::path::Path;
 
 use crate::config::Config;
 use crate::lease::Holder;
-use crate::lease::{note_holder, LeaseTable};
+use crate::lease::{note_holder, Lease, LeaseTable};
 use crate::names::printable;
 use crate::port_set::{words_of, PortSet};
-use crate::state::{LeaseView, Options, Settings, State};
+use crate::state::{LeaseList, LeaseView, Options, Settings, State};
 
 /// What every lease taken through the state file `path` has as its owner's
 /// start: the path, with bytes that are not UTF-8 escaped (two files whose
@@ -51,7 +52,7 @@ pub(crate) fn adopt(state: &mut State, mut disk: State) {
 #[derive(Clone)]
 pub struct Leased {
     pub ports: PortSet,
-    pub mine: Vec<LeaseView>,
+    pub mine: LeaseList,
     /// The processes holding leases in the range, each with its lowest port
     /// there: what a pick checks for dead holders without another pass.
     pub holders: Vec<(Holder, u16)>,
@@ -59,21 +60,66 @@ pub struct Leased {
 
 pub(crate) fn leased_in(table: &LeaseTable, range: &RangeInclusive<u16>, prefix: &str) -> Leased {
     let mut ports = PortSet::default();
-    let mut mine = Vec::new();
+    let mut owned = Vec::new();
     let mut holders: Vec<(Holder, u16)> = Vec::new();
     for lease in table.iter().filter(|l| range.contains(&l.port)) {
         ports.insert(lease.port);
         if owned_through(&lease.owner, prefix) {
-            mine.push(LeaseView::of(lease));
+            owned.push(lease);
         }
         note_holder(&mut holders, lease.holder(), lease.port);
     }
-    mine.sort_by_key(|v| v.port);
     Leased {
         ports,
-        mine,
+        mine: views_of(owned, prefix),
         holders,
     }
+}
+
+thread_local! {
+    /// The lease lists this thread showed last, with the prefix of their
+    /// state file, newest first (see `views_of`).
+    static SHOWN: RefCell<Vec<(String, LeaseList)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// State files whose last lease list a thread keeps.
+const SHOWN_KEPT: usize = 4;
+
+/// The views of `owned` (the leases through the state file of `prefix`),
+/// lowest port first. From one transaction to the next a lease or two
+/// changes: the views this thread made last for the file are reused for the
+/// leases they show (and the whole list when it is the same), so thousands
+/// of leases are not copied again at each pick.
+fn views_of(mut owned: Vec<&Lease>, prefix: &str) -> LeaseList {
+    owned.sort_unstable_by_key(|l| l.port);
+    let kept = |shown: &Vec<(String, LeaseList)>| {
+        let i = shown.iter().position(|(p, _)| p == prefix)?;
+        Some(shown[i].1.clone())
+    };
+    let last = SHOWN
+        .with(|shown| shown.try_borrow().ok().and_then(|s| kept(&s)))
+        .unwrap_or_default();
+    let mut before = last.iter().peekable();
+    let mut views = Vec::with_capacity(owned.len());
+    for lease in owned {
+        while before.next_if(|v| v.port < lease.port).is_some() {}
+        views.push(match before.next_if(|v| v.shows(lease)) {
+            Some(view) => view.clone(),
+            None => LeaseView::of(lease),
+        });
+    }
+    if *views == *last {
+        return last;
+    }
+    let list = LeaseList::from(views);
+    SHOWN.with(|shown| {
+        if let Ok(mut shown) = shown.try_borrow_mut() {
+            shown.retain(|(p, _)| p != prefix);
+            shown.truncate(SHOWN_KEPT - 1);
+            shown.insert(0, (prefix.to_string(), list.clone()));
+        }
+    });
+    list
 }
 
 /// Is `owner` a lease taken through the state file whose owners start with
