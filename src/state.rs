@@ -160,11 +160,21 @@ fn leases_in_file<S: serde::Serializer>(
         let mut raw = serializer.serialize_struct(RAW_VALUE_TOKEN, 1)?;
         raw.serialize_field(RAW_VALUE_TOKEN, text.as_str())?;
         let result = raw.end();
-        if text.capacity() > crate::kept::KEPT_MAX {
+        if past_need(text.capacity(), text.len()) {
             *text = String::new();
         }
         result
     })
+}
+
+/// Is a kept buffer of `capacity` bytes, just used for `used` of them, to be
+/// given back? Past `kept::KEPT_MAX` only when the text no longer needs most
+/// of it: a file of thousands of leases is a megabyte or more at every save,
+/// and a buffer given back each time was taken anew and grown page by
+/// freshly zeroed page (a quarter of a pick); a huge state once still does
+/// not pin its memory past the next, smaller save.
+fn past_need(capacity: usize, used: usize) -> bool {
+    capacity > crate::kept::KEPT_MAX && capacity > used.saturating_mul(2)
 }
 
 thread_local! {
@@ -241,7 +251,7 @@ impl State {
             out.clear();
             self.write_json(out);
             let result = write(out);
-            if out.capacity() > crate::kept::KEPT_MAX {
+            if past_need(out.capacity(), out.len()) {
                 *out = Vec::new();
             }
             result
