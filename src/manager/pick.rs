@@ -211,7 +211,7 @@ impl Manager {
             };
             // As a pick: the lock first, so a release is never half done.
             txn.take_slot(Slot::Required(&format!("{port} is still held")))?;
-            let leases = self.drop_lease(local, port)?;
+            let leases = self.drop_lease(local, &mut txn.file, port)?;
             txn.mine.active = None;
             // The holder has usually closed its listener by now: look again,
             // so the state shows the port free at once (or still in use).
@@ -232,12 +232,22 @@ impl Manager {
         })
     }
 
-    pub(super) fn drop_lease(&self, local: &Local, port: u16) -> Result<Leased> {
+    /// Removes this manager's lease on `port`, returning the leases after;
+    /// kept as the next pick's view of the table, as a pick keeps its own.
+    pub(super) fn drop_lease(
+        &self,
+        local: &Local,
+        file: &mut FileView,
+        port: u16,
+    ) -> Result<Leased> {
         let range = self.range();
-        local.registry.transact_removing(|table| {
+        let (version, leased) = local.registry.transact_removing(|table| {
             table.remove_where(|l| l.port == port && l.owner == local.owner);
-            leased_in(table, &range, local.file.owner_prefix())
-        })
+            let leased = leased_in(table, &range, local.file.owner_prefix());
+            (table.version_after(), leased)
+        })?;
+        file.leased_memo = Some((version, leased.clone()));
+        Ok(leased)
     }
 }
 

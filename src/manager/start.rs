@@ -80,7 +80,7 @@ impl Manager {
             let _ = txn.take_slot(Slot::Bounded);
             let released_port = txn.mine.active.take();
             let (leases, mut problems, note) = match released_port {
-                Some(port) => match self.drop_lease(local, port) {
+                Some(port) => match self.drop_lease(local, &mut txn.file, port) {
                     Ok(leases) => (
                         Some(leases),
                         Vec::new(),
