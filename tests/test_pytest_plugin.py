@@ -161,15 +161,18 @@ def test_dash_p_no_turns_it_off(pytester: pytest.Pytester) -> None:
     assert "fixture 'free_port' not found" in "\n".join(result.outlines)
 
 
-# Each test starts a real server process on its port: it binds without
-# SO_REUSEADDR and listens, so any port someone else holds fails it.
+# Each test starts a real server process on its port and listens, so any port
+# another holder listens on (or is bound to) fails it. With SO_REUSEADDR, as
+# servers set it: closed connections an earlier test left in TIME_WAIT on a
+# port (the kernel keeps them 60 s, and no one holds them) are no collision.
 SERVERS = """
 import subprocess, sys
 import pytest
 
 SERVER = (
-    "import socket, sys; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); "
-    "s.listen(); print('served', sys.argv[1])"
+    "import socket, sys; s = socket.socket(); "
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+    "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); print('served', sys.argv[1])"
 )
 
 @pytest.mark.parametrize("n", range(200))
