@@ -161,14 +161,14 @@ impl FolderLock {
         if self
             .held
             .as_ref()
-            .is_none_or(|h| h.pid != std::process::id())
+            .is_none_or(|h| h.pid != crate::sys::process_id())
         {
             self.held = None;
             // A write lock needs a descriptor open for writing.
             let (file, st) = open_lock_file(dir, OsStr::new(FOLDER_LOCK), false)?;
             self.held = Some(Held {
                 file: Arc::new(file),
-                pid: std::process::id(),
+                pid: crate::sys::process_id(),
                 id: (st.dev, st.ino),
                 uid: st.uid,
             });

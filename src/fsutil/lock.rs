@@ -211,13 +211,13 @@ impl LockFile {
             if self
                 .held
                 .as_ref()
-                .is_none_or(|h| h.pid != std::process::id())
+                .is_none_or(|h| h.pid != crate::sys::process_id())
             {
                 self.held = None;
                 let (file, st) = open_lock_file(dir, &self.name, true)?;
                 self.held = Some(HeldLock {
                     file,
-                    pid: std::process::id(),
+                    pid: crate::sys::process_id(),
                     id: (st.dev, st.ino),
                 });
                 reopened = true;
@@ -259,7 +259,7 @@ pub(super) fn name_moved(dir: &Dir, name: &OsStr, id: (u64, u64)) -> bool {
 /// the one to lock: we are a forked child (the descriptor's locks are shared
 /// with the parent), or `name` now names another file (or none).
 pub(super) fn stale(dir: &Dir, name: &OsStr, pid: u32, id: (u64, u64)) -> bool {
-    pid != std::process::id() || name_moved(dir, name, id)
+    pid != crate::sys::process_id() || name_moved(dir, name, id)
 }
 
 /// Opens the lock file `name` in `dir` for reading and writing, made if

@@ -124,7 +124,7 @@ fn create_temp_drawing(
     name: &OsStr,
     mut draw: impl FnMut() -> String,
 ) -> io::Result<(OsString, File)> {
-    let pid = std::process::id();
+    let pid = crate::sys::process_id();
     let mut tries = 0;
     loop {
         let tmp = temp_name(name, pid, &draw());
@@ -165,7 +165,7 @@ pub(crate) fn write_atomic(
     // A process killed between write and rename leaves its temporary file:
     // its name carries our pid, so a sweep removes it once we are gone.
     let recycled_file = reuse.and_then(|(from, old)| {
-        let tmp = temp_name(name, std::process::id(), &random_letters());
+        let tmp = temp_name(name, crate::sys::process_id(), &random_letters());
         recycle(from, old, dir, &tmp).map(|file| (tmp, file))
     });
     let (recycled, (tmp, mut file)) = match recycled_file {

@@ -59,7 +59,7 @@ impl Store {
         let Ok(folder) = self.folder(false) else {
             return;
         };
-        let me = std::process::id();
+        let me = crate::sys::process_id();
         let _ = sweep(folder, always, |names| {
             let temporaries: Vec<(&OsString, &OsStr, u32)> = names
                 .iter()

@@ -9,10 +9,11 @@
 //! - `PerProcess` (`per_process.rs`): values that a forked child never
 //!   inherits, published through an atomic pointer;
 //! - `on_fork_in_child`: `pthread_atfork`, which counts fork generations;
+//! - `wiped_on_fork_page`: a page the kernel zeroes in a forked child;
 //! - `string_from_ascii`: the state's port lists, not validated twice.
 
 mod per_process;
-pub(crate) use per_process::PerProcess;
+pub(crate) use per_process::{process_id, PerProcess};
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -145,6 +146,36 @@ pub(crate) fn on_fork_in_child(handler: extern "C" fn()) -> bool {
     // SAFETY: registers a plain function with no captured state; it stays
     // valid for the life of the process.
     unsafe { libc::pthread_atfork(None, None, Some(handler)) == 0 }
+}
+
+/// A new private page of memory (at least `len` bytes, zero-filled) that the
+/// kernel hands a child of `fork` zero-filled again (`MADV_WIPEONFORK`, Linux
+/// 4.14). `None` where the kernel cannot (EINVAL) or no memory is left. Never
+/// unmapped.
+pub(crate) fn wiped_on_fork_page(len: usize) -> Option<*mut u8> {
+    let len = len.max(1);
+    // SAFETY: a new anonymous private mapping at an address the kernel
+    // chooses; nothing else is touched. The result is checked.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        return None;
+    }
+    // SAFETY: advice on the mapping just made, which no one uses yet.
+    if unsafe { libc::madvise(page, len, libc::MADV_WIPEONFORK) } != 0 {
+        // SAFETY: the mapping just made, of that length, used by no one.
+        unsafe { libc::munmap(page, len) };
+        return None;
+    }
+    Some(page.cast())
 }
 
 #[cfg(test)]

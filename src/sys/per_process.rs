@@ -11,15 +11,28 @@
 //! builds a fresh value, and the parent's copy is never touched again (it is
 //! leaked, never dropped: it may be torn). No lock is ever inherited.
 //!
-//! A slot is keyed on the pid *and* the fork generation (how many forks
-//! lie between this process and the one that loaded the library), never on
-//! the pid alone: a grandchild that is given its dead grandparent's pid (pid
-//! namespaces, a small `pid_max`) must not take the grandparent's identity.
+//! A slot is keyed on the process's identity (`Owner`), which changes at
+//! every fork, whatever made it:
 //!
-//! The cost on the hot path is one `getpid` (a plain system call) and two
-//! atomic loads.
+//! - Where the kernel can (Linux 4.14 and later), a word in a page marked
+//!   `MADV_WIPEONFORK`: the kernel hands a child of any fork (`fork`,
+//!   `os.fork`, `multiprocessing`, `subprocess` with `preexec_fn`, and a raw
+//!   `clone` or glibc's `_Fork`, which run no `pthread_atfork` handler) that
+//!   page filled with zeroes. The first use in a process finds it zero and
+//!   writes a token there that no ancestor of the process had (a counter in
+//!   ordinary memory, which the child inherits, gives it out: it only grows
+//!   down a line of forks). The hot path is one atomic load, no system call.
+//!   A `vfork` or `posix_spawn` child shares the parent's memory and may only
+//!   `exec` or `_exit` (what Python's `subprocess` does there): it never runs
+//!   this code.
+//! - Elsewhere (an older kernel, or the page could not be made): the pid
+//!   *and* the fork generation (forks since the library was loaded, counted
+//!   in every child by a `pthread_atfork` handler), never the pid alone: a
+//!   grandchild that is given its dead grandparent's pid (pid namespaces, a
+//!   small `pid_max`) must not take the grandparent's identity. One `getpid`
+//!   per use.
 
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::Once;
 
 struct Slot<T> {
@@ -31,11 +44,13 @@ struct Slot<T> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Owner {
     pid: u32,
+    /// The token of `Marker`, or (without one) the fork generation.
     generation: u64,
 }
 
 /// Forks since the library was loaded, counted in every child by a
-/// `pthread_atfork` handler (registered before the first slot is made).
+/// `pthread_atfork` handler (registered before the first slot is made), where
+/// there is no `Marker`.
 static FORKS: AtomicU64 = AtomicU64::new(0);
 
 extern "C" fn count_fork() {
@@ -43,8 +58,79 @@ extern "C" fn count_fork() {
     FORKS.fetch_add(1, Ordering::SeqCst);
 }
 
+/// What this process wrote in its wiped-on-fork page: zeroes until the
+/// first use in the process (and again in every forked child).
+#[repr(C)]
+struct Marker {
+    token: AtomicU64,
+    pid: AtomicU32,
+}
+
+/// The last token given out in this line of processes (inherited by a forked
+/// child, so a child's token is larger than any of its ancestors').
+static TOKENS: AtomicU64 = AtomicU64::new(0);
+
+/// The process's `Marker`, if the kernel wipes its page in a forked child.
+/// Made on first use without a lock (no `Once`: a fork while another thread
+/// held one would leave it held for ever in the child); threads that race
+/// each make a page, one is kept and the others are never used.
+fn marker() -> Option<&'static Marker> {
+    static MARKER: AtomicPtr<Marker> = AtomicPtr::new(std::ptr::null_mut());
+    static NONE: AtomicBool = AtomicBool::new(false);
+    let mut page = MARKER.load(Ordering::Acquire);
+    if page.is_null() {
+        if NONE.load(Ordering::Relaxed) {
+            return None;
+        }
+        let Some(made) = super::wiped_on_fork_page(std::mem::size_of::<Marker>()) else {
+            NONE.store(true, Ordering::Relaxed);
+            return None;
+        };
+        let made = made.cast::<Marker>();
+        page = match MARKER.compare_exchange(
+            std::ptr::null_mut(),
+            made,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => made,
+            Err(kept) => kept,
+        };
+    }
+    // SAFETY: a zero-filled, page-aligned mapping at least
+    // `size_of::<Marker>()` long that is never unmapped (a forked child has
+    // it too, zeroed); all zeroes is a valid `Marker` (two atomics).
+    Some(unsafe { &*page })
+}
+
 impl Owner {
     fn this_process() -> Owner {
+        if let Some(marker) = marker() {
+            let token = marker.token.load(Ordering::Acquire);
+            if token != 0 {
+                return Owner {
+                    pid: marker.pid.load(Ordering::Relaxed),
+                    generation: token,
+                };
+            }
+            // The first use in this process: threads that race here store
+            // the same pid, and one token wins.
+            let pid = std::process::id();
+            marker.pid.store(pid, Ordering::Relaxed);
+            let fresh = TOKENS.fetch_add(1, Ordering::Relaxed) + 1;
+            let token =
+                match marker
+                    .token
+                    .compare_exchange(0, fresh, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => fresh,
+                    Err(won) => won,
+                };
+            return Owner {
+                pid,
+                generation: token,
+            };
+        }
         static REGISTER: Once = Once::new();
         REGISTER.call_once(|| {
             // If registration fails (ENOMEM) the generation stays 0 and the
@@ -56,6 +142,12 @@ impl Owner {
             generation: FORKS.load(Ordering::SeqCst),
         }
     }
+}
+
+/// This process's id: read once per process where the kernel wipes a page
+/// in a forked child (see the module's text), else `getpid`.
+pub(crate) fn process_id() -> u32 {
+    Owner::this_process().pid
 }
 
 pub struct PerProcess<T> {
@@ -177,5 +269,61 @@ mod tests {
             }
         });
         assert_eq!(*cell.current().unwrap().lock().unwrap(), 8);
+    }
+
+    /// What a child of `fork` (`raw`: a `clone` system call, which runs no
+    /// `pthread_atfork` handler) finds: no slot of the parent, another
+    /// identity, its own pid. The child calls nothing that allocates or
+    /// locks (other test threads may hold the allocator's locks) and
+    /// reports through its exit code.
+    fn child_sees_its_own_process(raw: bool) {
+        let cell: PerProcess<u32> = PerProcess::new();
+        cell.get_or_init(|| 7);
+        let parent = Owner::this_process();
+        assert_eq!(process_id(), std::process::id());
+        // SAFETY: the child only reads atomics, calls getpid and `_exit`s.
+        let pid = unsafe {
+            if raw {
+                libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) as libc::pid_t
+            } else {
+                libc::fork()
+            }
+        };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let own = Owner::this_process();
+            let code = if cell.current().is_some() {
+                1
+            } else if own == parent {
+                2
+            } else if process_id() != std::process::id() {
+                3
+            } else if Owner::this_process() != own {
+                4
+            } else {
+                0
+            };
+            // SAFETY: ends the child at once, running nothing of the parent's.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just made.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(waited, pid);
+        assert!(libc::WIFEXITED(status), "child status {status}");
+        assert_eq!(libc::WEXITSTATUS(status), 0, "raw clone: {raw}");
+        assert_eq!(cell.current(), Some(&7), "the parent keeps its own");
+    }
+
+    #[test]
+    fn a_forked_child_has_a_new_identity_and_none_of_the_parents_slots() {
+        child_sees_its_own_process(false);
+    }
+
+    #[test]
+    fn so_does_a_child_of_a_raw_clone_that_runs_no_atfork_handler() {
+        // Where the kernel has no MADV_WIPEONFORK (before 4.14) only a pid
+        // check is left for this fork path, which this test also passes.
+        child_sees_its_own_process(true);
     }
 }
