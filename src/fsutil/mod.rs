@@ -66,26 +66,25 @@ pub(crate) fn temp_name(name: &OsStr, pid: u32, random: &str) -> OsString {
     tmp
 }
 
-/// `RANDOM_LEN` random letters, from the kernel (getrandom, by its system
-/// call) or, where it has none (before Linux 3.17), from std's hasher keys,
-/// which are drawn from the kernel's randomness once per thread.
+/// `RANDOM_LEN` letters no one else can predict, without a system call per
+/// save: SipHash (std's `RandomState`, keyed once per thread from the
+/// kernel's randomness) of a per-process counter and the pid. A keyed PRF:
+/// names seen in the folder tell another user nothing of the next one. The
+/// pid goes in because a forked child inherits the keys and the counter: its
+/// names are then still unrelated to its parent's (they differ in their pid
+/// part anyway). This replaced a `getrandom` per save.
 fn random_letters() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut bytes = [0u8; RANDOM_LEN];
-    let from_kernel = matches!(
-        rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::NONBLOCK),
-        Ok(n) if n == RANDOM_LEN
-    );
-    if !from_kernel {
-        use std::hash::{BuildHasher, Hasher};
-        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        for (i, chunk) in bytes.chunks_mut(8).enumerate() {
-            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-            hasher.write_u64(calls);
-            hasher.write_usize(i);
-            let hash = hasher.finish().to_le_bytes();
-            chunk.copy_from_slice(&hash[..chunk.len()]);
-        }
+    for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(calls);
+        hasher.write_u32(crate::sys::process_id());
+        hasher.write_usize(i);
+        let hash = hasher.finish().to_le_bytes();
+        chunk.copy_from_slice(&hash[..chunk.len()]);
     }
     bytes.iter().map(|b| char::from(b'a' + b % 26)).collect()
 }
