@@ -257,7 +257,7 @@ fn recycle(from: &Dir, old: &OsStr, dir: &Dir, tmp: &OsStr) -> Option<File> {
     // FIFO, with a single link), and what fails the check goes back to
     // where it was, as if it had not been taken.
     from.rename_new(old, dir, tmp).ok()?;
-    match dir.open_file_stat(tmp, Open::ReadWriteCreate(0o644)) {
+    match dir.open_file_stat(tmp, Open::Overwrite(0o644)) {
         Ok((f, Some(st))) if st.nlink == 1 => Some(f),
         _ => {
             if dir.rename_new(tmp, from, old).is_err() {

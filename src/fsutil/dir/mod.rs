@@ -46,6 +46,10 @@ pub(crate) enum Open {
     ReadWriteCreate(u32),
     /// A new file that must not exist yet (O_EXCL), write only.
     CreateNew(u32),
+    /// `ReadWriteCreate` for a file about to be overwritten whole (a
+    /// recycled temporary): left non-blocking once it is found to be a
+    /// regular file (see `open_file_stat`).
+    Overwrite(u32),
 }
 
 /// An open folder (see the module's text).
@@ -215,7 +219,9 @@ impl Dir {
         let base = OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
         let (flags, mode) = match how {
             Open::Read => (OFlags::RDONLY, 0),
-            Open::ReadWriteCreate(mode) => (OFlags::RDWR | OFlags::CREATE, mode),
+            Open::ReadWriteCreate(mode) | Open::Overwrite(mode) => {
+                (OFlags::RDWR | OFlags::CREATE, mode)
+            }
             Open::CreateNew(mode) => (OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL, mode),
         };
         let mode = Mode::from_raw_mode(mode as rustix::fs::RawMode);
@@ -235,6 +241,15 @@ impl Dir {
         let st = Stat::of_file(&file)?;
         if st.kind != Kind::File {
             return Err(not_regular(&self.path.join(name), st.kind));
+        }
+        // A regular file ignores O_NONBLOCK on Linux (what `CreateNew` relies
+        // on for every new temporary), except under mandatory locking
+        // (kernels before 5.15, `-o mand`), which only a file that is setgid
+        // without group execute is subject to: a file to overwrite skips the
+        // `fcntl` below unless its mode says that (a system call per save).
+        let mandatory_locking = st.mode & 0o2010 == 0o2000;
+        if matches!(how, Open::Overwrite(_)) && !mandatory_locking {
+            return Ok((file, Some(st)));
         }
         // Back to blocking IO for a regular file (O_NONBLOCK only guarded the
         // open). F_SETFL sets only O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME and

@@ -47,7 +47,11 @@ fn links_fifos_and_folders_are_never_opened_as_files() {
     .unwrap();
     fs::create_dir(tmp.path().join("sub")).unwrap();
     for name in ["link", "fifo", "sub"] {
-        for how in [Open::Read, Open::ReadWriteCreate(0o600)] {
+        for how in [
+            Open::Read,
+            Open::ReadWriteCreate(0o600),
+            Open::Overwrite(0o600),
+        ] {
             let err = dir.open_file(OsStr::new(name), how).unwrap_err();
             assert!(err.to_string().contains(name), "{name}: {err}");
         }
@@ -77,4 +81,33 @@ fn reads_are_bounded() {
     let dir = Dir::open(tmp.path()).unwrap();
     let err = dir.read(OsStr::new("big")).unwrap_err();
     assert!(err.to_string().contains("larger than"), "{err}");
+}
+
+#[test]
+fn a_file_to_overwrite_stays_non_blocking_unless_mandatory_locking_could_apply() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = Dir::open(tmp.path()).unwrap();
+    let nonblocking = |name: &str| {
+        let (file, st) = dir
+            .open_file_stat(OsStr::new(name), Open::Overwrite(0o644))
+            .unwrap();
+        assert_eq!(st.unwrap().kind, Kind::File);
+        rustix::fs::fcntl_getfl(&file)
+            .unwrap()
+            .contains(OFlags::NONBLOCK)
+    };
+    fs::write(tmp.path().join("plain"), b"x").unwrap();
+    assert!(nonblocking("plain"));
+    // Setgid without group execute: mandatory locking, where it exists, would
+    // make a write fail with EAGAIN rather than wait.
+    fs::write(tmp.path().join("mand"), b"x").unwrap();
+    fs::set_permissions(tmp.path().join("mand"), fs::Permissions::from_mode(0o2644)).unwrap();
+    assert!(!nonblocking("mand"));
+    assert!(!rustix::fs::fcntl_getfl(
+        dir.open_file(OsStr::new("plain"), Open::ReadWriteCreate(0o644))
+            .unwrap()
+    )
+    .unwrap()
+    .contains(OFlags::NONBLOCK));
 }
