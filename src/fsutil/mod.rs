@@ -151,6 +151,11 @@ fn create_temp_drawing(
 /// regular file with no other link: it must not be the live state file under
 /// another name.
 ///
+/// `missing`: the caller looked (under the state file's lock) and found no
+/// file at `name`. The temporary is then renamed there by a rename that
+/// never replaces, one system call, where an exchange would first fail with
+/// ENOENT; a file that appeared since is replaced as any other.
+///
 /// Returns, with whether `reuse` was taken, the written file's metadata as
 /// `fstat` gave it after the last write (`None` if that failed): what the
 /// name names once the save is done, unless someone replaced it since.
@@ -160,6 +165,7 @@ pub(crate) fn write_atomic(
     bytes: &[u8],
     durable: bool,
     reuse: Option<(&Dir, &OsStr)>,
+    missing: bool,
 ) -> io::Result<(Recycled, Option<Stat>)> {
     // A process killed between write and rename leaves its temporary file:
     // its name carries our pid, so a sweep removes it once we are gone.
@@ -187,7 +193,15 @@ pub(crate) fn write_atomic(
         // and the close change neither inode, size nor mtime.
         let written = Stat::of_file(&file).ok();
         drop(file);
-        put_in_place(dir, &tmp, name)?;
+        let placed = missing
+            && match dir.rename_new(&tmp, dir, name) {
+                Ok(()) => true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(e),
+            };
+        if !placed {
+            put_in_place(dir, &tmp, name)?;
+        }
         if durable {
             dir.sync()?;
         }
@@ -301,11 +315,30 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = Dir::open(tmp.path()).unwrap();
         let path = tmp.path().join("a.json");
-        write_atomic(&dir, n("a.json"), b"one", false, None).unwrap();
+        write_atomic(&dir, n("a.json"), b"one", false, None, false).unwrap();
         let first = FileId::of(&path).unwrap();
-        write_atomic(&dir, n("a.json"), b"two!", true, None).unwrap();
+        write_atomic(&dir, n("a.json"), b"two!", true, None, false).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two!");
         assert_ne!(FileId::of(&path).unwrap(), first);
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_file_said_missing_is_made_and_one_that_appeared_since_is_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        let path = tmp.path().join("a.json");
+        write_atomic(&dir, n("a.json"), b"new", false, None, true).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        // Made by someone else after the caller looked: replaced all the same.
+        write_atomic(&dir, n("a.json"), b"newer", false, None, true).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"newer");
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+        // A folder that appeared there is neither replaced nor entered.
+        fs::remove_file(&path).unwrap();
+        fs::create_dir(&path).unwrap();
+        assert!(write_atomic(&dir, n("a.json"), b"x", false, None, true).is_err());
+        assert!(path.is_dir());
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 
@@ -323,7 +356,7 @@ mod tests {
             std::os::unix::fs::symlink(&victim, tmp.path().join(planted)).unwrap();
         }
         let dir = Dir::open(tmp.path()).unwrap();
-        write_atomic(&dir, n("a.json"), b"state", false, None).unwrap();
+        write_atomic(&dir, n("a.json"), b"state", false, None, false).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         assert_eq!(fs::read(tmp.path().join("a.json")).unwrap(), b"state");
     }
@@ -336,7 +369,7 @@ mod tests {
         fs::write(&path, b"old").unwrap();
         let backup = tmp.path().join("a_backup.json");
         fs::hard_link(&path, &backup).unwrap();
-        write_atomic(&dir, n("a.json"), b"new", false, None).unwrap();
+        write_atomic(&dir, n("a.json"), b"new", false, None, false).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"new");
         assert_eq!(fs::read(&backup).unwrap(), b"old");
         assert_eq!(fs::metadata(&backup).unwrap().nlink(), 1);
@@ -441,6 +474,7 @@ mod tests {
             b"new",
             false,
             Some((&dir, n("old.json"))),
+            false,
         )
         .unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"new");
@@ -455,6 +489,7 @@ mod tests {
             b"newer",
             false,
             Some((&dir, n("twin.json"))),
+            false,
         )
         .unwrap();
         assert_eq!(fs::read(&twin).unwrap(), b"new");
@@ -472,7 +507,7 @@ mod tests {
         .unwrap();
         for (name, content) in [("folder", "newest"), ("fifo", "newest!")] {
             let reuse = Some((&dir, n(name)));
-            let taken = write_atomic(&dir, n("a.json"), content.as_bytes(), false, reuse);
+            let taken = write_atomic(&dir, n("a.json"), content.as_bytes(), false, reuse, false);
             assert_eq!(taken.unwrap().0, Recycled::No, "{name}");
             assert_eq!(fs::read(&path).unwrap(), content.as_bytes());
         }

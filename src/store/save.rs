@@ -80,8 +80,11 @@ impl Store {
             (Some(name), Some(dir)) => Some((dir, OsStr::new(name.as_str()))),
             _ => None,
         };
-        let written =
-            state.with_json(|text| write_atomic(folder, &self.name, text, self.durable, reuse));
+        // No file where the look under this lock found none: put there by a
+        // rename that never replaces (see `write_atomic`).
+        let missing = existing.is_none();
+        let written = state
+            .with_json(|text| write_atomic(folder, &self.name, text, self.durable, reuse, missing));
         if let (Some(old), Some(dir)) = (&recycle, backups) {
             // Not recycled (declined, or the write failed): still past backup_max.
             if !matches!(written, Ok((Recycled::Yes, _))) {
