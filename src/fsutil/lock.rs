@@ -271,19 +271,30 @@ pub(super) fn open_lock_file(
     name: &OsStr,
     read_only_will_do: bool,
 ) -> io::Result<(File, Stat)> {
-    let missing = dir.stat(name).ok().flatten().is_none();
-    // Making the lock file is this process's own change to the folder.
-    let creating = missing.then(|| super::OwnChange::begin(dir));
-    let opened = dir.open_file(name, Open::ReadWriteCreate(0o600));
-    if let Some(change) = creating {
-        let made = opened.is_ok();
-        change.end(dir, |names| !made || super::added(name)(names));
-    }
-    let file = opened.or_else(|e| match e.kind() {
-        io::ErrorKind::PermissionDenied if read_only_will_do => dir.open_file(name, Open::Read),
+    // Opened without O_CREAT first: the file is there but the first time,
+    // and a look before the open (whether this process makes it, its own
+    // change to the folder) cost a system call at every open. Its `fstat`
+    // is the one the open made (`open_file_stat`), not a second.
+    let opened = match dir.open_file_stat(name, Open::ReadWrite) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let change = super::OwnChange::begin(dir);
+            let made = dir.open_file_stat(name, Open::ReadWriteCreate(0o600));
+            change.end(dir, |names| made.is_err() || super::added(name)(names));
+            made
+        }
+        other => other,
+    };
+    let (file, st) = opened.or_else(|e| match e.kind() {
+        io::ErrorKind::PermissionDenied if read_only_will_do => {
+            dir.open_file_stat(name, Open::Read)
+        }
         _ => Err(e),
     })?;
-    let st = Stat::of_file(&file)?;
+    // Every open but `CreateNew` (not used here) returns its `fstat`.
+    let st = match st {
+        Some(st) => st,
+        None => Stat::of_file(&file)?,
+    };
     Ok((file, st))
 }
 

@@ -42,6 +42,8 @@ fn cstr(name: &OsStr) -> io::Result<CString> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Open {
     Read,
+    /// Read and write, if it exists.
+    ReadWrite,
     /// Read and write, creating it (mode) if missing; never truncated here.
     ReadWriteCreate(u32),
     /// A new file that must not exist yet (O_EXCL), write only.
@@ -219,6 +221,7 @@ impl Dir {
         let base = OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
         let (flags, mode) = match how {
             Open::Read => (OFlags::RDONLY, 0),
+            Open::ReadWrite => (OFlags::RDWR, 0),
             Open::ReadWriteCreate(mode) | Open::Overwrite(mode) => {
                 (OFlags::RDWR | OFlags::CREATE, mode)
             }
