@@ -131,7 +131,11 @@ impl Dir {
 
     /// The folder's own owner and mode, from the descriptor.
     pub(crate) fn stat_self(&self) -> io::Result<Stat> {
-        Ok(Stat::of(&retry_eintr(|| rustix::fs::fstat(&self.fd))?))
+        let st = Stat::of(&retry_eintr(|| rustix::fs::fstat(&self.fd))?);
+        // Its identity too, kept (`identity`): `still_at_path` then needs
+        // no `fstat` of its own after the folder's first stamp or check.
+        let _ = self.id.set((st.dev, st.ino));
+        Ok(st)
     }
 
     /// Does the path still name this folder? Not after it was deleted,
@@ -160,7 +164,7 @@ impl Dir {
             return Ok(*id);
         }
         let st = self.stat_self()?;
-        Ok(*self.id.get_or_init(|| (st.dev, st.ino)))
+        Ok((st.dev, st.ino))
     }
 
     /// Refuses a folder that another user owns or that group or others can
