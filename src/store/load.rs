@@ -66,6 +66,8 @@ impl Store {
             Ok(None) => {
                 let had = self.known.take().is_some();
                 self.backup_cache = None;
+                // The save that follows writes a new file (no second look).
+                self.seen = Some((generation, None));
                 return if had {
                     Loaded::Vanished
                 } else {
@@ -86,7 +88,7 @@ impl Store {
         }
         let id = FileId::from_stat(&st);
         if self.known == Some((id, generation)) {
-            self.seen = Some((generation, st));
+            self.seen = Some((generation, Some(st)));
             return Loaded::Unchanged;
         }
         self.backup_cache = None;
@@ -101,7 +103,7 @@ impl Store {
         match State::parse(&bytes) {
             Ok(state) => {
                 self.known = Some((id, generation));
-                self.seen = Some((generation, st));
+                self.seen = Some((generation, Some(st)));
                 Loaded::Valid(Box::new(state))
             }
             Err(reason) => self.corrupt(reason),

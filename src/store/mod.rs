@@ -71,11 +71,12 @@ pub struct Store {
     /// The file as this store last read or wrote it, with the lock file's
     /// change counter then (see `fsutil::read_generation`).
     known: Option<(FileId, u64)>,
-    /// The regular file `load` found under the lock, with the counter it
-    /// read: the save that follows in the same update (counter unchanged, or
-    /// bumped once for that save) needs no second look at the name. Forgotten
-    /// at the next operation (`revalidate`) and by the save.
-    seen: Option<(u64, Stat)>,
+    /// The regular file `load` found under the lock (`None`: no file at
+    /// the name), with the counter it read: the save that follows in the
+    /// same update (counter unchanged, or bumped once for that save) needs no
+    /// second look at the name. Forgotten at the next operation
+    /// (`revalidate`) and by the save.
+    seen: Option<(u64, Option<Stat>)>,
     /// This file's backups as of our last save. Valid while no one else has
     /// saved the file since: backups are only taken, under the file's lock,
     /// right before a save, so an unchanged file means an unchanged list.

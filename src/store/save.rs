@@ -26,7 +26,7 @@ impl Store {
         // change by someone who does not take the lock, which a second look
         // could race with just the same.
         let existing = match self.seen.take() {
-            Some((seen_at, st)) if generation.wrapping_sub(seen_at) <= 1 => Some(st),
+            Some((seen_at, st)) if generation.wrapping_sub(seen_at) <= 1 => st,
             _ => self.dir().stat(&self.name)?,
         };
         let existed = existing.is_some();
