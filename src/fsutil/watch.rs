@@ -141,6 +141,17 @@ pub(crate) struct OwnChange {
 
 impl OwnChange {
     pub(crate) fn begin(dir: &Dir) -> OwnChange {
+        // Nothing known of the folder (never listed or swept here, or
+        // forgotten when someone else changed it): nothing to keep up to
+        // date, and no `fstat` before or after. What a listing or sweep
+        // started meanwhile records is stamped by its own look, which our
+        // change either precedes (and it sees) or follows (and then the
+        // folder's times no longer match that stamp).
+        if let Some(key) = dir.known_identity() {
+            if !table().contains_key(&key) {
+                return OwnChange { before: None };
+            }
+        }
         OwnChange {
             before: dir.stamp().ok(),
         }
@@ -152,6 +163,15 @@ impl OwnChange {
         let Some(before) = self.before else {
             return;
         };
+        // Changed by someone else before we began (or nothing known): what
+        // is known, if anything, is stale, and no `fstat` after is needed.
+        {
+            let mut table = table();
+            if !table.get(&before.key()).is_some_and(|k| k.stamp == before) {
+                table.remove(&before.key());
+                return;
+            }
+        }
         let after = dir.stamp().ok();
         let mut table = table();
         match table.get_mut(&before.key()) {
@@ -215,6 +235,35 @@ mod tests {
         fs::write(tmp.path().join("e"), b"").unwrap();
         change.end(&dir, added(OsStr::new("e")));
         assert_eq!(listed(&dir), ["a", "b", "c", "d", "e"]);
+    }
+
+    #[test]
+    fn a_change_to_a_folder_nothing_is_known_of_costs_no_look() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Dir::open(tmp.path()).unwrap();
+        dir.stamp().unwrap();
+        let key = dir.known_identity().unwrap();
+        let change = OwnChange::begin(&dir);
+        assert!(change.before.is_none(), "no fstat before");
+        fs::write(tmp.path().join("a"), b"").unwrap();
+        change.end(&dir, added(OsStr::new("a")));
+        assert!(!table().contains_key(&key), "nothing made up");
+        assert_eq!(listed(&dir), ["a"]);
+        // Known now: our own changes are bracketed and applied again.
+        let change = OwnChange::begin(&dir);
+        assert!(change.before.is_some());
+        fs::write(tmp.path().join("b"), b"").unwrap();
+        change.end(&dir, added(OsStr::new("b")));
+        assert!(table().get(&key).unwrap().names.is_some());
+        assert_eq!(listed(&dir), ["a", "b"]);
+        // Someone else, then ours: forgotten, and the next bracket looks at nothing.
+        fs::write(tmp.path().join("c"), b"").unwrap();
+        let change = OwnChange::begin(&dir);
+        fs::write(tmp.path().join("d"), b"").unwrap();
+        change.end(&dir, added(OsStr::new("d")));
+        assert!(!table().contains_key(&key));
+        assert!(OwnChange::begin(&dir).before.is_none());
+        assert_eq!(listed(&dir), ["a", "b", "c", "d"]);
     }
 
     #[test]

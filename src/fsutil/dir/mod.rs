@@ -157,6 +157,12 @@ impl Dir {
             .is_ok_and(|id| id == (on_disk.dev(), on_disk.ino()))
     }
 
+    /// The folder's (device, inode) if an `fstat` of it was made already
+    /// (no system call here).
+    pub(crate) fn known_identity(&self) -> Option<(u64, u64)> {
+        self.id.get().copied()
+    }
+
     /// The folder's (device, inode): from the descriptor the first time, then
     /// remembered (what a descriptor refers to cannot change).
     fn identity(&self) -> io::Result<(u64, u64)> {
