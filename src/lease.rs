@@ -204,6 +204,11 @@ impl LeaseView {
         }))
     }
 
+    /// Is this the very view `other` is (not only an equal one)?
+    pub fn same(&self, other: &LeaseView) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Does this view show `lease`?
     pub fn shows(&self, lease: &Lease) -> bool {
         let f = &self.0.fields;

@@ -6,6 +6,7 @@
 mod dir;
 mod folder_lock;
 mod lock;
+mod pieces;
 mod watch;
 
 pub(crate) use dir::{errno, read_bounded, Dir, Kind, Open, Stat, MAX_READ};
@@ -17,7 +18,7 @@ pub(crate) use watch::{added, names_where, sweep, OwnChange};
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, IoSlice};
 use std::os::unix::ffi::OsStrExt;
 
 use rustix::io::Errno;
@@ -158,7 +159,7 @@ fn create_temp_drawing(
 pub(crate) fn write_atomic(
     dir: &Dir,
     name: &OsStr,
-    bytes: &[u8],
+    bytes: &[IoSlice<'_>],
     durable: bool,
     reuse: Option<(&Dir, &OsStr)>,
 ) -> io::Result<(Recycled, Option<Stat>)> {
@@ -173,12 +174,12 @@ pub(crate) fn write_atomic(
         None => (Recycled::No, create_temp(dir, name)?),
     };
     let result = (|| {
-        file.write_all(bytes)?;
+        pieces::write_all(&mut file, bytes)?;
         // A recycled file is cut to size after the write, not emptied before
         // it: freeing all its blocks first made ext4 (with `discard`) wait
         // for the disk, up to milliseconds under load.
         if recycled == Recycled::Yes {
-            file.set_len(bytes.len() as u64)?;
+            file.set_len(bytes.iter().map(|b| b.len() as u64).sum())?;
         }
         if durable {
             file.sync_all()?;
@@ -302,9 +303,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = Dir::open(tmp.path()).unwrap();
         let path = tmp.path().join("a.json");
-        write_atomic(&dir, n("a.json"), b"one", false, None).unwrap();
+        write_atomic(&dir, n("a.json"), &[IoSlice::new(b"one")], false, None).unwrap();
         let first = FileId::of(&path).unwrap();
-        write_atomic(&dir, n("a.json"), b"two!", true, None).unwrap();
+        write_atomic(&dir, n("a.json"), &[IoSlice::new(b"two!")], true, None).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two!");
         assert_ne!(FileId::of(&path).unwrap(), first);
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
@@ -324,7 +325,7 @@ mod tests {
             std::os::unix::fs::symlink(&victim, tmp.path().join(planted)).unwrap();
         }
         let dir = Dir::open(tmp.path()).unwrap();
-        write_atomic(&dir, n("a.json"), b"state", false, None).unwrap();
+        write_atomic(&dir, n("a.json"), &[IoSlice::new(b"state")], false, None).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         assert_eq!(fs::read(tmp.path().join("a.json")).unwrap(), b"state");
     }
@@ -337,7 +338,7 @@ mod tests {
         fs::write(&path, b"old").unwrap();
         let backup = tmp.path().join("a_backup.json");
         fs::hard_link(&path, &backup).unwrap();
-        write_atomic(&dir, n("a.json"), b"new", false, None).unwrap();
+        write_atomic(&dir, n("a.json"), &[IoSlice::new(b"new")], false, None).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"new");
         assert_eq!(fs::read(&backup).unwrap(), b"old");
         assert_eq!(fs::metadata(&backup).unwrap().nlink(), 1);
@@ -439,7 +440,7 @@ mod tests {
         write_atomic(
             &dir,
             n("a.json"),
-            b"new",
+            &[IoSlice::new(b"new")],
             false,
             Some((&dir, n("old.json"))),
         )
@@ -453,7 +454,7 @@ mod tests {
         write_atomic(
             &dir,
             n("a.json"),
-            b"newer",
+            &[IoSlice::new(b"newer")],
             false,
             Some((&dir, n("twin.json"))),
         )
@@ -473,7 +474,13 @@ mod tests {
         .unwrap();
         for (name, content) in [("folder", "newest"), ("fifo", "newest!")] {
             let reuse = Some((&dir, n(name)));
-            let taken = write_atomic(&dir, n("a.json"), content.as_bytes(), false, reuse);
+            let taken = write_atomic(
+                &dir,
+                n("a.json"),
+                &[IoSlice::new(content.as_bytes())],
+                false,
+                reuse,
+            );
             assert_eq!(taken.unwrap().0, Recycled::No, "{name}");
             assert_eq!(fs::read(&path).unwrap(), content.as_bytes());
         }

@@ -2,7 +2,10 @@
 //! (so files it wrote load here, and tools that read ours keep working), plus
 //! extras under keys of their own.
 
+mod pieces;
+
 use std::collections::{BTreeMap, VecDeque};
+use std::io::IoSlice;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +38,7 @@ pub struct State {
     #[serde(serialize_with = "one_line")]
     pub used_ports: PortList,
     /// Picks per port. Integer keys serialize as JSON strings ("3000").
+    #[serde(serialize_with = "pieces::usage_in_file")]
     pub port_usage: BTreeMap<u16, u64>,
     pub history: VecDeque<HistoryEntry>,
     pub last_checked: Option<String>,
@@ -64,7 +68,7 @@ pub struct State {
     /// outgoing connection may take such a port), if it does.
     #[serde(default)]
     pub ephemeral_overlap: Option<EphemeralOverlap>,
-    #[serde(default, serialize_with = "leases_in_file")]
+    #[serde(default, serialize_with = "pieces::leases_in_file")]
     pub leases: LeaseList,
     #[serde(default)]
     pub stats: Stats,
@@ -132,60 +136,6 @@ fn one_line<S: serde::Serializer>(ports: &PortList, serializer: S) -> Result<S::
     })
 }
 
-/// Writes the leases in the pretty-printed file from each lease's text, kept
-/// with it (`LeaseView::pretty`): with thousands of leases on a file, writing
-/// every owner and time again at each save was a tenth of a pick. Elsewhere
-/// (compact JSON) they are written as any list. `leases_are_written_as_before`
-/// checks the bytes.
-fn leases_in_file<S: serde::Serializer>(
-    leases: &LeaseList,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeStruct;
-    use serde::Serialize;
-    const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
-    if leases.is_empty() || !IN_FILE.get() {
-        return leases.serialize(serializer);
-    }
-    crate::kept::with(&LEASES_TEXT, |text| {
-        text.clear();
-        text.push_str("[\n");
-        for (i, view) in leases.iter().enumerate() {
-            if i > 0 {
-                text.push_str(",\n");
-            }
-            text.push_str(view.pretty());
-        }
-        text.push_str("\n  ]");
-        let mut raw = serializer.serialize_struct(RAW_VALUE_TOKEN, 1)?;
-        raw.serialize_field(RAW_VALUE_TOKEN, text.as_str())?;
-        let result = raw.end();
-        if past_need(text.capacity(), text.len()) {
-            *text = String::new();
-        }
-        result
-    })
-}
-
-/// Is a kept buffer of `capacity` bytes, just used for `used` of them, to be
-/// given back? Past `kept::KEPT_MAX` only when the text no longer needs most
-/// of it: a file of thousands of leases is a megabyte or more at every save,
-/// and a buffer given back each time was taken anew and grown page by
-/// freshly zeroed page (a quarter of a pick); a huge state once still does
-/// not pin its memory past the next, smaller save.
-fn past_need(capacity: usize, used: usize) -> bool {
-    capacity > crate::kept::KEPT_MAX && capacity > used.saturating_mul(2)
-}
-
-thread_local! {
-    /// The text of the whole file (see `kept.rs`).
-    static FILE_TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The text of the `leases` list (see `kept.rs`).
-    static LEASES_TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
-    /// Set while the pretty-printed file is written (`write_json`).
-    static IN_FILE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
 impl State {
     pub fn fresh(settings: Settings, options: Options) -> State {
         State {
@@ -231,31 +181,24 @@ impl State {
         serde_json::from_value(value).map_err(|e| format!("wrong shape ({e})"))
     }
 
+    /// The state file's text (`with_json`'s pieces, joined).
     pub fn to_json(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.write_json(&mut out);
-        out
-    }
-
-    /// Pretty, as the original wrote it: people read this file.
-    fn write_json(&self, out: &mut Vec<u8>) {
-        let outer = IN_FILE.replace(true);
-        serde_json::to_writer_pretty(out, self).expect("state always serializes");
-        IN_FILE.set(outer);
-    }
-
-    /// Hands the file's text to `write`, made in a buffer this thread keeps
-    /// from one save to the next (see `kept.rs`).
-    pub fn with_json<R>(&self, write: impl FnOnce(&[u8]) -> R) -> R {
-        crate::kept::with(&FILE_TEXT, |out| {
-            out.clear();
-            self.write_json(out);
-            let result = write(out);
-            if past_need(out.capacity(), out.len()) {
-                *out = Vec::new();
+        self.with_json(|pieces| {
+            let mut text = Vec::with_capacity(pieces.iter().map(|p| p.len()).sum());
+            for piece in pieces {
+                text.extend_from_slice(piece);
             }
-            result
+            text
         })
+    }
+
+    /// Hands `write` the state file's text, pretty as the original wrote it
+    /// (people read this file), in pieces: the leases and the usage counts,
+    /// most of a crowded file, are kept as text between saves by groups of
+    /// ports and only the groups that changed are written again (see
+    /// `pieces.rs`).
+    pub fn with_json<R>(&self, write: impl FnOnce(&[IoSlice<'_>]) -> R) -> R {
+        pieces::with_pieces(self, write)
     }
 
     /// Records a change of the active port: history (bounded), change count,
