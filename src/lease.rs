@@ -291,6 +291,32 @@ impl LeaseList {
         }
     }
 
+    /// This list with the views `old` has for the same leases in their
+    /// place (both lowest port first): a list read from the file another
+    /// process saved then shares its views, and their text, with the one it
+    /// replaces; all of them, when the leases are the same.
+    pub fn reusing(self, old: &LeaseList) -> LeaseList {
+        let mut before = old.iter().peekable();
+        let mut views = Vec::with_capacity(self.len());
+        let mut all = self.len() == old.len();
+        for view in self.iter() {
+            while before.next_if(|v| v.port < view.port).is_some() {
+                all = false;
+            }
+            match before.next_if(|v| *v == view) {
+                Some(kept) => views.push(kept.clone()),
+                None => {
+                    all = false;
+                    views.push(view.clone());
+                }
+            }
+        }
+        if all {
+            return old.clone();
+        }
+        LeaseList::from(views)
+    }
+
     /// Is this the very list `other` is (not only an equal one)?
     pub fn same(&self, other: &LeaseList) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
@@ -331,5 +357,34 @@ impl Serialize for LeaseList {
 impl<'de> Deserialize<'de> for LeaseList {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         Vec::<LeaseView>::deserialize(deserializer).map(LeaseList::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(port: u16, owner: &str) -> LeaseView {
+        LeaseView::new(ViewFields {
+            port,
+            pid: 1,
+            owner: owner.into(),
+            since: "t".into(),
+        })
+    }
+
+    #[test]
+    fn a_list_read_again_shares_the_views_it_replaces() {
+        let old = LeaseList::from(vec![view(1, "a"), view(2, "b"), view(4, "d")]);
+        let same = LeaseList::from(vec![view(1, "a"), view(2, "b"), view(4, "d")]);
+        assert!(same.reusing(&old).same(&old));
+        // One lease gone, one changed, one new: the others are the old views.
+        let read = LeaseList::from(vec![view(1, "a"), view(3, "c"), view(4, "x")]);
+        let list = read.clone().reusing(&old);
+        assert_eq!(list, read);
+        assert!(list[0].same(&old[0]));
+        assert!(list[1].same(&read[1]));
+        assert!(list[2].same(&read[2]));
+        assert!(LeaseList::default().reusing(&old).is_empty());
     }
 }

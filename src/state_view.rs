@@ -44,6 +44,7 @@ pub(crate) fn adopt(state: &mut State, mut disk: State) {
     disk.options = state.options.clone();
     disk.schema_version = state.schema_version;
     disk.trim_history();
+    disk.leases = std::mem::take(&mut disk.leases).reusing(&state.leases);
     *state = disk;
 }
 

@@ -241,9 +241,25 @@ impl Manager {
         port: u16,
     ) -> Result<Leased> {
         let range = self.range();
+        let mut memo = file.leased_memo.take();
         let (version, leased) = local.registry.transact_removing(|table| {
-            table.remove_where(|l| l.port == port && l.owner == local.owner);
-            let leased = leased_in(table, &range, local.file.owner_prefix());
+            let gone = table.remove_where(|l| l.port == port && l.owner == local.owner);
+            // The table as the last pick or release left it: its view is
+            // changed as the table was rather than built again from every lease.
+            let leased = match memo.take() {
+                Some((version, mut leased)) if version == table.version() && version != 0 => {
+                    if !gone.is_empty() {
+                        leased
+                            .mine
+                            .retain(|v| !(v.port == port && v.owner == local.owner));
+                        if table.holder_of(port).is_none() {
+                            leased.ports.remove(port);
+                        }
+                    }
+                    leased
+                }
+                _ => leased_in(table, &range, local.file.owner_prefix()),
+            };
             (table.version_after(), leased)
         })?;
         file.leased_memo = Some((version, leased.clone()));

@@ -32,6 +32,7 @@ pub const REQUIRED_KEYS: [&str; 10] = [
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
+    #[serde(deserialize_with = "present")]
     pub current_port: Option<u16>,
     #[serde(serialize_with = "one_line")]
     pub free_ports: PortList,
@@ -41,9 +42,12 @@ pub struct State {
     #[serde(serialize_with = "pieces::usage_in_file")]
     pub port_usage: BTreeMap<u16, u64>,
     pub history: VecDeque<HistoryEntry>,
+    #[serde(deserialize_with = "present")]
     pub last_checked: Option<String>,
     pub change_count: u64,
+    #[serde(deserialize_with = "present")]
     pub last_error: Option<String>,
+    #[serde(deserialize_with = "present")]
     pub last_error_time: Option<String>,
     pub settings: Settings,
 
@@ -120,6 +124,16 @@ pub struct Options {
     pub registry_dir: String,
 }
 
+/// Reads a key of the original layout whose value may be `null`, as a key
+/// that must be there: serde would take a missing `Option` for `null`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer)
+}
+
 /// Writes a port list on one line even inside the pretty-printed file: a
 /// 6,001-port range is one readable line instead of 6,001. The digits are
 /// written straight into one buffer, which serde_json then copies verbatim
@@ -160,8 +174,14 @@ impl State {
         }
     }
 
-    /// Parses a state file, insisting on the original layout's keys.
+    /// Parses a state file, insisting on the original layout's keys. Read
+    /// straight into a state first (every key of the original layout is
+    /// required there too: see `present`); only a file that fails is read
+    /// again as a JSON value, for the reason it is rejected.
     pub fn parse(bytes: &[u8]) -> Result<State, String> {
+        if let Ok(state) = serde_json::from_slice(bytes) {
+            return Ok(state);
+        }
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err("the file is empty".into());
         }
@@ -417,5 +437,35 @@ mod tests {
           "last_error": null, "last_error_time": null,
           "settings": {"port_range": [1, 2], "json_path": "", "history_max": 1}}"#;
         assert!(State::parse(wrong).unwrap_err().contains("wrong shape"));
+    }
+
+    #[test]
+    fn a_key_that_may_be_null_must_still_be_there() {
+        let full = r#"{"current_port": null, "free_ports": [], "used_ports": [],
+          "port_usage": {}, "history": [], "last_checked": null, "change_count": 0,
+          "last_error": null, "last_error_time": null,
+          "settings": {"port_range": [1, 2], "json_path": "", "history_max": 1}}"#;
+        let state = State::parse(full.as_bytes()).unwrap();
+        assert_eq!(state.current_port, None);
+        let value: serde_json::Value = serde_json::from_str(full).unwrap();
+        assert_eq!(serde_json::from_value::<State>(value).unwrap(), state);
+        for key in [
+            "current_port",
+            "last_checked",
+            "last_error",
+            "last_error_time",
+        ] {
+            let without = full.replacen(&format!("\"{key}\": null,"), "", 1);
+            assert_ne!(without, full);
+            let error = State::parse(without.as_bytes()).unwrap_err();
+            assert_eq!(error, format!("missing keys: {key}"));
+        }
+        // A key twice: the last one, as a JSON value takes it.
+        let twice = full.replacen(
+            "\"change_count\": 0,",
+            "\"change_count\": 1, \"change_count\": 2,",
+            1,
+        );
+        assert_eq!(State::parse(twice.as_bytes()).unwrap().change_count, 2);
     }
 }
