@@ -163,7 +163,7 @@ impl Manager {
             note_holder(&mut leased.holders, new.holder(), port);
             if owned_through(&new.owner, prefix) {
                 leased.mine.push(LeaseView::of(&new));
-                leased.mine.sort_by_key(|v| v.port);
+                leased.mine.sort_by_port();
             }
             table.insert(new);
             if let Some(old) = replacing {

@@ -4,10 +4,11 @@
 //! ports each. With thousands of managers on one file these two are nearly
 //! all of it (a megabyte at 5,900 leases), and a pick changes one lease and
 //! one count: writing every chunk again and copying the whole text into one
-//! buffer was half a pick. A chunk is written again only when what it shows
-//! changed: its leases are other views (compared by identity: a view's text
-//! never changes) or its counts other numbers. The bytes are those serde_json
-//! writes for the whole state (`the_file_is_what_serde_json_writes` checks).
+//! buffer was half a pick. The leases' chunks are the lease list's blocks,
+//! each with its text (`LeaseBlock::text`, made once per block); the counts'
+//! chunks are kept here, per file, and written again only when their counts
+//! changed. The bytes are those serde_json writes for the whole state
+//! (`the_file_is_what_serde_json_writes` checks).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -15,7 +16,7 @@ use std::fmt::Write as _;
 use std::io::{self, IoSlice, Write};
 
 use super::State;
-use crate::lease::{LeaseList, LeaseView};
+use crate::lease::LeaseList;
 
 const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
 
@@ -51,16 +52,7 @@ struct Kept {
 
 #[derive(Default)]
 struct Chunks {
-    leases: Vec<LeaseChunk>,
     usage: Vec<UsageChunk>,
-}
-
-/// Consecutive leases of one group of ports, and their text: each lease as
-/// `,\n` and its text in the file (`LeaseView::pretty`).
-struct LeaseChunk {
-    group: u16,
-    views: Vec<LeaseView>,
-    text: String,
 }
 
 /// The usage counts of one group of ports, and their text: each as
@@ -161,11 +153,12 @@ pub(super) fn with_pieces<R>(state: &State, write: impl FnOnce(&[IoSlice<'_>]) -
             from = at;
         }
         if let Some(at) = holes.leases {
-            update_leases(&mut chunks.leases, &state.leases);
             pieces.push(IoSlice::new(&head[from..at]));
             pieces.push(IoSlice::new(b"["));
-            for (i, chunk) in chunks.leases.iter().enumerate() {
-                pieces.push(IoSlice::new(&chunk.text.as_bytes()[usize::from(i == 0)..]));
+            for (i, block) in state.leases.blocks().iter().enumerate() {
+                pieces.push(IoSlice::new(
+                    &block.text().as_bytes()[usize::from(i == 0)..],
+                ));
             }
             pieces.push(IoSlice::new(b"\n  ]"));
             from = at;
@@ -194,39 +187,6 @@ fn chunks_of<'a>(files: &'a mut Vec<(String, Chunks)>, path: &str) -> &'a mut Ch
         }
     }
     &mut files[0].1
-}
-
-/// Makes `kept` the chunks of `leases`, reusing those that show the same views.
-fn update_leases(kept: &mut Vec<LeaseChunk>, leases: &[LeaseView]) {
-    let mut before = std::mem::take(kept).into_iter().peekable();
-    let mut rest = leases;
-    while let Some(first) = rest.first() {
-        let group = first.port >> SHIFT;
-        let n = rest
-            .iter()
-            .position(|v| v.port >> SHIFT != group)
-            .unwrap_or(rest.len());
-        let (run, after) = rest.split_at(n);
-        rest = after;
-        while before.next_if(|c| c.group < group).is_some() {}
-        let same = |c: &LeaseChunk| {
-            c.group == group
-                && c.views.len() == run.len()
-                && c.views.iter().zip(run).all(|(a, b)| a.same(b))
-        };
-        kept.push(before.next_if(same).unwrap_or_else(|| {
-            let mut text = String::with_capacity(run.iter().map(|v| v.pretty().len() + 2).sum());
-            for view in run {
-                text.push_str(",\n");
-                text.push_str(view.pretty());
-            }
-            LeaseChunk {
-                group,
-                views: run.to_vec(),
-                text,
-            }
-        }));
-    }
 }
 
 /// Makes `kept` the chunks of `usage`, reusing those with the same counts.
@@ -272,7 +232,7 @@ fn past_need(capacity: usize, used: usize) -> bool {
 mod tests {
     use super::super::{Options, Settings};
     use super::*;
-    use crate::lease::ViewFields;
+    use crate::lease::{LeaseView, ViewFields};
 
     fn view(port: u16, owner: &str) -> LeaseView {
         LeaseView::new(ViewFields {
@@ -329,19 +289,21 @@ mod tests {
         check(&s);
         check(&s);
         // One lease and one count change; a group emptied; a new first group.
-        views[200] = view(views[200].port, "/d/other.json#1.1");
-        s.leases = LeaseList::from(views.clone());
+        let changed = views[200].port;
+        s.leases.retain(|v| v.port != changed);
+        s.leases.push(view(changed, "/d/other.json#1.1"));
         *s.port_usage.get_mut(&views[10].port).unwrap() += 1;
         check(&s);
         let first_group = views[0].port >> SHIFT;
-        views.retain(|v| v.port >> SHIFT != first_group);
+        s.leases.retain(|v| v.port >> SHIFT != first_group);
         s.port_usage.retain(|&p, _| p >> SHIFT != first_group);
-        s.leases = LeaseList::from(views.clone());
         check(&s);
-        views.insert(0, view(0, "/d/zero.json#0.1"));
-        s.leases = LeaseList::from(views.clone());
+        s.leases.push(view(0, "/d/zero.json#0.1"));
         s.port_usage.insert(0, 9);
         check(&s);
+        // Read back from the file: the same text.
+        let read = State::parse(&s.to_json()).unwrap();
+        check(&read);
         // Another file on the same thread, then this one again.
         let mut other = state();
         other.settings.json_path = "other.json".into();
