@@ -412,6 +412,36 @@ impl LeaseList {
         self.blocks = Arc::new(blocks);
     }
 
+    /// `retain` for the leases of `port`, the others all kept: one block is
+    /// looked at in a list lowest port first.
+    pub fn retain_at(&mut self, port: u16, mut keep: impl FnMut(&LeaseView) -> bool) {
+        if !self.sorted {
+            return self.retain(|v| v.port != port || keep(v));
+        }
+        let Ok(i) = self
+            .blocks
+            .binary_search_by_key(&group_of(port), |b| b.group())
+        else {
+            return;
+        };
+        let views = &self.blocks[i].views;
+        if views.iter().all(|v| v.port != port || keep(v)) {
+            return;
+        }
+        let kept: Vec<LeaseView> = views
+            .iter()
+            .filter(|&v| v.port != port || keep(v))
+            .cloned()
+            .collect();
+        self.len -= views.len() - kept.len();
+        let blocks = Arc::make_mut(&mut self.blocks);
+        if kept.is_empty() {
+            blocks.remove(i);
+        } else {
+            blocks[i] = LeaseBlock::new(kept);
+        }
+    }
+
     /// Is this the very list `other` is (not only an equal one)?
     pub fn same(&self, other: &LeaseList) -> bool {
         Arc::ptr_eq(&self.blocks, &other.blocks)
@@ -574,10 +604,18 @@ mod tests {
         assert_eq!((list.len(), list.blocks().len()), (6, 4));
         assert_eq!(before.len(), 9);
         assert!(Arc::ptr_eq(&list.blocks()[3], &before.blocks()[4]));
+        list.retain_at(70, |v| v.owner != "o");
+        list.retain_at(0, |_| true);
+        list.retain_at(1000, |_| false);
+        assert_eq!(ports(&list), [0, 63, 64, 129, 65535]);
+        list.retain_at(65535, |_| false);
+        assert_eq!((list.len(), list.blocks().len()), (4, 3));
         // Out of order (a hand-edited file): kept as read until sorted.
         let mut read = LeaseList::from(vec![view(9, "a"), view(1, "b"), view(200, "c")]);
         read.push(view(5, "d"));
         assert_eq!(ports(&read), [9, 1, 200, 5]);
+        read.retain_at(200, |_| false);
+        read.push(view(200, "c"));
         read.sort_by_port();
         assert_eq!(ports(&read), [1, 5, 9, 200]);
         read.push(view(6, "e"));

@@ -169,9 +169,7 @@ impl Manager {
             if let Some(old) = replacing {
                 let gone = table.remove_where(|l| l.port == old && &l.owner == owner);
                 if !gone.is_empty() {
-                    leased
-                        .mine
-                        .retain(|v| !(v.port == old && &v.owner == owner));
+                    leased.mine.retain_at(old, |v| &v.owner != owner);
                     if table.holder_of(old).is_none() {
                         leased.ports.remove(old);
                     }
@@ -249,9 +247,7 @@ impl Manager {
             let leased = match memo.take() {
                 Some((version, mut leased)) if version == table.version() && version != 0 => {
                     if !gone.is_empty() {
-                        leased
-                            .mine
-                            .retain(|v| !(v.port == port && v.owner == local.owner));
+                        leased.mine.retain_at(port, |v| v.owner != local.owner);
                         if table.holder_of(port).is_none() {
                             leased.ports.remove(port);
                         }

@@ -3,14 +3,16 @@
 //! extras under keys of their own.
 
 mod pieces;
+mod usage;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::IoSlice;
 
 use serde::{Deserialize, Serialize};
 
 pub use crate::lease::{LeaseList, LeaseView};
 use crate::port_list::PortList;
+pub use usage::PortUsage;
 
 /// Bumped when an extra key changes meaning. The SPEC keys never change.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -40,7 +42,7 @@ pub struct State {
     pub used_ports: PortList,
     /// Picks per port. Integer keys serialize as JSON strings ("3000").
     #[serde(serialize_with = "pieces::usage_in_file")]
-    pub port_usage: BTreeMap<u16, u64>,
+    pub port_usage: PortUsage,
     pub history: VecDeque<HistoryEntry>,
     #[serde(deserialize_with = "present")]
     pub last_checked: Option<String>,
@@ -156,7 +158,7 @@ impl State {
             current_port: None,
             free_ports: PortList::default(),
             used_ports: PortList::default(),
-            port_usage: BTreeMap::new(),
+            port_usage: PortUsage::default(),
             history: VecDeque::new(),
             last_checked: None,
             change_count: 0,
@@ -227,7 +229,7 @@ impl State {
         self.current_port = new;
         self.change_count += 1;
         if let Some(port) = new {
-            *self.port_usage.entry(port).or_insert(0) += 1;
+            self.port_usage.add(port);
         }
         self.history.push_back(HistoryEntry {
             time: time.to_string(),
@@ -297,7 +299,7 @@ mod tests {
         }"#;
         let state = State::parse(original).unwrap();
         assert_eq!(state.current_port, Some(3000));
-        assert_eq!(state.port_usage[&3000], 3);
+        assert_eq!(state.port_usage.get(3000), Some(3));
         assert_eq!(state.history[0].new, Some(3000));
         assert_eq!(state.stats, Stats::default());
     }

@@ -1,30 +1,20 @@
 //! The state file's text in pieces, for one `writev`: what serde_json writes
 //! of the state with the `leases` list and the `port_usage` map left out
-//! (the head), and those two as text kept between saves in chunks of 64
+//! (the head), and those two as text kept between saves in blocks of 64
 //! ports each. With thousands of managers on one file these two are nearly
 //! all of it (a megabyte at 5,900 leases), and a pick changes one lease and
-//! one count: writing every chunk again and copying the whole text into one
-//! buffer was half a pick. The leases' chunks are the lease list's blocks,
-//! each with its text (`LeaseBlock::text`, made once per block); the counts'
-//! chunks are kept here, per file, and written again only when their counts
-//! changed. The bytes are those serde_json writes for the whole state
+//! one count: writing every lease and count again and copying the whole text into one
+//! buffer was half a pick. Each block keeps its text (`LeaseBlock::text`,
+//! `UsageBlock::text`), made once: a change makes a new block. The bytes are those serde_json writes for the whole state
 //! (`the_file_is_what_serde_json_writes` checks).
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::io::{self, IoSlice, Write};
 
-use super::State;
+use super::{PortUsage, State};
 use crate::lease::LeaseList;
 
 const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
-
-/// A chunk holds the leases or counts of the ports `p` with one `p >> SHIFT`.
-const SHIFT: u32 = 6;
-
-/// State files whose chunks a thread keeps.
-const FILES_KEPT: usize = 4;
 
 thread_local! {
     /// Set while the pretty-printed file is written (`with_pieces`).
@@ -33,34 +23,14 @@ thread_local! {
     static WRITTEN: Cell<usize> = const { Cell::new(0) };
     /// Where in the head the usage map and the lease list go.
     static HOLES: Cell<Holes> = const { Cell::new(Holes { usage: None, leases: None }) };
-    /// The head and the chunks of the files this thread saved last (see `kept.rs`).
-    static KEPT: RefCell<Kept> = const { RefCell::new(Kept { head: Vec::new(), files: Vec::new() }) };
+    /// The head of the last file this thread saved (see `kept.rs`).
+    static HEAD: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 #[derive(Clone, Copy)]
 struct Holes {
     usage: Option<usize>,
     leases: Option<usize>,
-}
-
-#[derive(Default)]
-struct Kept {
-    head: Vec<u8>,
-    /// By `settings.json_path`, the most recent first.
-    files: Vec<(String, Chunks)>,
-}
-
-#[derive(Default)]
-struct Chunks {
-    usage: Vec<UsageChunk>,
-}
-
-/// The usage counts of one group of ports, and their text: each as
-/// `,\n    "port": count`.
-struct UsageChunk {
-    group: u16,
-    counts: Vec<(u16, u64)>,
-    text: String,
 }
 
 /// Writes the leases in the file as a hole (nothing, its place noted) that
@@ -82,7 +52,7 @@ pub(super) fn leases_in_file<S: serde::Serializer>(
 
 /// `leases_in_file` for the usage counts.
 pub(super) fn usage_in_file<S: serde::Serializer>(
-    usage: &BTreeMap<u16, u64>,
+    usage: &PortUsage,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     use serde::Serialize;
@@ -125,8 +95,7 @@ impl Write for Counted<'_> {
 
 /// Hands `write` the state file's text in pieces (see the module's text).
 pub(super) fn with_pieces<R>(state: &State, write: impl FnOnce(&[IoSlice<'_>]) -> R) -> R {
-    crate::kept::with(&KEPT, |kept| {
-        let Kept { head, files } = kept;
+    crate::kept::with(&HEAD, |head| {
         head.clear();
         let outer = (IN_FILE.replace(true), HOLES.get(), WRITTEN.get());
         HOLES.set(Holes {
@@ -139,15 +108,15 @@ pub(super) fn with_pieces<R>(state: &State, write: impl FnOnce(&[IoSlice<'_>]) -
         IN_FILE.set(outer.0);
         HOLES.set(outer.1);
         WRITTEN.set(outer.2);
-        let chunks = chunks_of(files, &state.settings.json_path);
         let mut pieces: Vec<IoSlice<'_>> = Vec::new();
         let mut from = 0;
         if let Some(at) = holes.usage {
-            update_usage(&mut chunks.usage, &state.port_usage);
             pieces.push(IoSlice::new(&head[from..at]));
             pieces.push(IoSlice::new(b"{"));
-            for (i, chunk) in chunks.usage.iter().enumerate() {
-                pieces.push(IoSlice::new(&chunk.text.as_bytes()[usize::from(i == 0)..]));
+            for (i, block) in state.port_usage.blocks().iter().enumerate() {
+                pieces.push(IoSlice::new(
+                    &block.text().as_bytes()[usize::from(i == 0)..],
+                ));
             }
             pieces.push(IoSlice::new(b"\n  }"));
             from = at;
@@ -173,52 +142,6 @@ pub(super) fn with_pieces<R>(state: &State, write: impl FnOnce(&[IoSlice<'_>]) -
     })
 }
 
-/// The chunks kept for the file `path`, made the most recent.
-fn chunks_of<'a>(files: &'a mut Vec<(String, Chunks)>, path: &str) -> &'a mut Chunks {
-    match files.iter().position(|(p, _)| p == path) {
-        Some(0) => {}
-        Some(i) => {
-            let entry = files.remove(i);
-            files.insert(0, entry);
-        }
-        None => {
-            files.truncate(FILES_KEPT - 1);
-            files.insert(0, (path.to_string(), Chunks::default()));
-        }
-    }
-    &mut files[0].1
-}
-
-/// Makes `kept` the chunks of `usage`, reusing those with the same counts.
-fn update_usage(kept: &mut Vec<UsageChunk>, usage: &BTreeMap<u16, u64>) {
-    let mut before = std::mem::take(kept).into_iter().peekable();
-    let mut counts = usage.iter().map(|(&p, &n)| (p, n)).peekable();
-    let mut run = Vec::new();
-    while let Some(&(first, _)) = counts.peek() {
-        let group = first >> SHIFT;
-        run.clear();
-        while let Some(count) = counts.next_if(|&(p, _)| p >> SHIFT == group) {
-            run.push(count);
-        }
-        while before.next_if(|c| c.group < group).is_some() {}
-        kept.push(
-            before
-                .next_if(|c| c.group == group && c.counts == run)
-                .unwrap_or_else(|| {
-                    let mut text = String::new();
-                    for (port, n) in &run {
-                        let _ = write!(text, ",\n    \"{port}\": {n}");
-                    }
-                    UsageChunk {
-                        group,
-                        counts: run.clone(),
-                        text,
-                    }
-                }),
-        );
-    }
-}
-
 /// Is a kept buffer of `capacity` bytes, just used for `used` of them, to be
 /// given back? Past `kept::KEPT_MAX` only when the text no longer needs most
 /// of it: a buffer given back at each save was taken anew and grown page by
@@ -233,6 +156,9 @@ mod tests {
     use super::super::{Options, Settings};
     use super::*;
     use crate::lease::{LeaseView, ViewFields};
+
+    /// The ports of a block: those with one `p >> SHIFT`.
+    const SHIFT: u32 = 6;
 
     fn view(port: u16, owner: &str) -> LeaseView {
         LeaseView::new(ViewFields {
@@ -282,9 +208,10 @@ mod tests {
         views.sort_by_key(|v| v.port);
         views.dedup_by_key(|v| v.port);
         s.leases = LeaseList::from(views.clone());
-        for v in &views {
-            s.port_usage.insert(v.port, u64::from(v.port % 5) + 1);
-        }
+        s.port_usage = views
+            .iter()
+            .map(|v| (v.port, u64::from(v.port % 5) + 1))
+            .collect();
         s.record_change("t", None, Some(65535));
         check(&s);
         check(&s);
@@ -292,14 +219,18 @@ mod tests {
         let changed = views[200].port;
         s.leases.retain(|v| v.port != changed);
         s.leases.push(view(changed, "/d/other.json#1.1"));
-        *s.port_usage.get_mut(&views[10].port).unwrap() += 1;
+        s.port_usage.add(views[10].port);
         check(&s);
         let first_group = views[0].port >> SHIFT;
         s.leases.retain(|v| v.port >> SHIFT != first_group);
-        s.port_usage.retain(|&p, _| p >> SHIFT != first_group);
+        s.port_usage = s
+            .port_usage
+            .iter()
+            .filter(|&(p, _)| p >> SHIFT != first_group)
+            .collect();
         check(&s);
         s.leases.push(view(0, "/d/zero.json#0.1"));
-        s.port_usage.insert(0, 9);
+        s.port_usage.add(0);
         check(&s);
         // Read back from the file: the same text.
         let read = State::parse(&s.to_json()).unwrap();
@@ -312,7 +243,7 @@ mod tests {
         check(&s);
         // Down to none.
         s.leases = LeaseList::default();
-        s.port_usage.clear();
+        s.port_usage = PortUsage::default();
         check(&s);
     }
 }
