@@ -33,7 +33,7 @@ mod tests {
         }
         fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
             self.1 += 1;
-            if self.1 % 2 == 0 {
+            if self.1.is_multiple_of(2) {
                 return Err(io::ErrorKind::Interrupted.into());
             }
             let mut n = 0;

@@ -90,6 +90,23 @@ impl PortUsage {
     }
 }
 
+/// The count of a port that has one (panics for any other, as a map does).
+impl std::ops::Index<&u16> for PortUsage {
+    type Output = u64;
+    fn index(&self, port: &u16) -> &u64 {
+        let found = self
+            .blocks
+            .binary_search_by_key(&(port >> SHIFT), |b| b.group)
+            .ok()
+            .and_then(|i| {
+                let counts = &self.blocks[i].counts;
+                let j = counts.binary_search_by_key(port, |c| c.0).ok()?;
+                Some(&counts[j].1)
+            });
+        found.unwrap_or_else(|| panic!("port {port} was never picked"))
+    }
+}
+
 impl FromIterator<(u16, u64)> for PortUsage {
     /// Counts of one port given twice: the last one.
     fn from_iter<I: IntoIterator<Item = (u16, u64)>>(counts: I) -> PortUsage {
@@ -152,6 +169,7 @@ mod tests {
         }
         assert_eq!(usage.get(3000), Some(3));
         assert_eq!(usage.get(3002), None);
+        assert_eq!(usage[&64], 2);
         assert_eq!(
             serde_json::to_string(&usage).unwrap(),
             serde_json::to_string(&plain).unwrap()
