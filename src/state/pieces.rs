@@ -1,11 +1,12 @@
 //! The state file's text in pieces, for one `writev`: what serde_json writes
 //! of the state with the `leases` list and the `port_usage` map left out
-//! (the head), and those two as text kept between saves in blocks of 64
-//! ports each. With thousands of managers on one file these two are nearly
-//! all of it (a megabyte at 5,900 leases), and a pick changes one lease and
-//! one count: writing every lease and count again and copying the whole text into one
-//! buffer was half a pick. Each block keeps its text (`LeaseBlock::text`,
-//! `UsageBlock::text`), made once: a change makes a new block. The bytes are those serde_json writes for the whole state
+//! (the head), and those two as the texts of their blocks of 64 ports. With
+//! thousands of managers on one file these two are nearly all of it (a
+//! megabyte at 5,900 leases), and a pick changes one lease and one count:
+//! writing every lease and count again, and copying the whole text into one
+//! buffer, was half a pick. Each block keeps its text (`LeaseBlock::text`,
+//! `UsageBlock::text`), made once: a change makes a new block. The bytes are
+//! those serde_json writes for the whole state
 //! (`the_file_is_what_serde_json_writes` checks).
 
 use std::cell::{Cell, RefCell};
@@ -108,6 +109,7 @@ pub(super) fn with_pieces<R>(state: &State, write: impl FnOnce(&[IoSlice<'_>]) -
         IN_FILE.set(outer.0);
         HOLES.set(outer.1);
         WRITTEN.set(outer.2);
+        // `port_usage` comes before `leases` in the layout.
         let mut pieces: Vec<IoSlice<'_>> = Vec::new();
         let mut from = 0;
         if let Some(at) = holes.usage {
