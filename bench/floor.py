@@ -9,9 +9,11 @@ run, in alternating rounds so load from elsewhere hits both alike:
 
 - the floor program in a temporary folder there: a save of a file the size
   of our state file by the exchange scheme and by create + write + rename, a
-  new file of that size, a bind probe on 127.0.0.1 and ::1, an OFD lock +
-  unlock. Its floors: a pick + release cycle is two saves, one probe and two
-  locks; a new manager + first pick is one new file, one probe and one lock.
+  new file of that size, a bind probe on 127.0.0.1 and ::1 (two sockets) and
+  on [::] by one dual-stack socket, an OFD lock + unlock. Its floors: a pick +
+  release cycle is two saves, one probe and two locks; a new manager + first
+  pick is one new file, one probe and one lock (the probe: the cheaper of
+  the two).
 - ours (``DynamicPortManager``, state files and registry in a temporary
   folder there): a pick + release cycle on a manager made before (timed after
   ``backup_max`` cycles, so backups are recycled as in a long run), and a new
@@ -170,6 +172,7 @@ def one_folder(
                     "new_file",
                     "empty_file",
                     "probe",
+                    "probe_dual_stack",
                     "lock_unlock",
                     "cycle_floor_exchange",
                     "cycle_floor_create_rename",
@@ -190,7 +193,8 @@ def report(folder: str, r: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         f"floor parts (medians, us): save by exchange {f['save_exchange']:.1f}, "
         f"save by create+write+rename {f['save_create_rename']:.1f}, new file "
-        f"{f['new_file']:.1f}, probe 127.0.0.1+::1 {f['probe']:.1f}, OFD lock+unlock "
+        f"{f['new_file']:.1f}, probe 127.0.0.1+::1 {f['probe']:.1f}, probe [::] dual-stack "
+        f"{f['probe_dual_stack']:.1f} (floors use the cheaper), OFD lock+unlock "
         f"{f['lock_unlock']:.1f}"
     )
     cyc_x, cyc_r = f["cycle_floor_exchange"], f["cycle_floor_create_rename"]

@@ -39,10 +39,10 @@ pub struct EphemeralOverlap {
 
 /// Reads `/proc/sys/net/ipv4/ip_local_port_range` and `ip_local_reserved_ports`.
 /// `None` when they cannot be read or the range does not overlap.
-/// The two files are read at most once a second per process: a thousand
-/// managers started at once need not read them a thousand times.
+/// The two files are read (and parsed) at most once a second per process: a
+/// thousand managers started at once need not read them a thousand times.
 pub fn ephemeral_overlap(range: RangeInclusive<u16>) -> Option<EphemeralOverlap> {
-    type Sysctls = Mutex<Option<(Instant, Option<String>, String)>>;
+    type Sysctls = Mutex<Option<(Instant, Option<[u16; 2]>, PortSet)>>;
     static READ: PerProcess<Sysctls> = PerProcess::new();
     let mut read = READ
         .get_or_init(Default::default)
@@ -52,27 +52,47 @@ pub fn ephemeral_overlap(range: RangeInclusive<u16>) -> Option<EphemeralOverlap>
         .as_ref()
         .is_none_or(|(at, ..)| at.elapsed() >= Duration::from_secs(1))
     {
-        let local = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+        let local = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|text| parse_local_range(&text));
         let reserved = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
             .unwrap_or_default();
-        *read = Some((Instant::now(), local, reserved));
+        *read = Some((Instant::now(), local, parse_port_list(&reserved)));
     }
     let (_, local, reserved) = read.as_ref().expect("just read");
-    overlap(range, local.as_deref()?, reserved)
+    overlap(range, (*local)?, reserved)
 }
 
-fn overlap(range: RangeInclusive<u16>, local: &str, reserved: &str) -> Option<EphemeralOverlap> {
-    let mut bounds = local.split_whitespace().map(|n| n.parse::<u16>());
-    let (low, high) = (bounds.next()?.ok()?, bounds.next()?.ok()?);
-    let reserved = parse_port_list(reserved);
-    let inside: Vec<u16> = range
-        .filter(|p| (low..=high).contains(p) && !reserved.contains(*p))
-        .collect();
+/// `32768\t60999` (the sysctl's format) as its two bounds.
+fn parse_local_range(text: &str) -> Option<[u16; 2]> {
+    let mut bounds = text.split_whitespace().map(|n| n.parse::<u16>());
+    Some([bounds.next()?.ok()?, bounds.next()?.ok()?])
+}
+
+/// The ports of `range` inside `[low, high]` and not reserved: found from the
+/// ends of the intersection, counted with the reserved ones taken off (a walk
+/// of the reserved ports, usually none, not of every port of the range).
+fn overlap(
+    range: RangeInclusive<u16>,
+    [low, high]: [u16; 2],
+    reserved: &PortSet,
+) -> Option<EphemeralOverlap> {
+    let (lo, hi) = ((*range.start()).max(low), (*range.end()).min(high));
+    if lo > hi {
+        return None;
+    }
+    let first = (lo..=hi).find(|p| !reserved.contains(*p))?;
+    let last = (lo..=hi).rev().find(|p| !reserved.contains(*p))?;
+    let taken = reserved
+        .iter()
+        .filter(|p| (first..=last).contains(p))
+        .count();
+    let count = usize::from(last - first) + 1 - taken;
     Some(EphemeralOverlap {
         ephemeral: [low, high],
-        first: *inside.first()?,
-        last: *inside.last()?,
-        count: inside.len(),
+        first,
+        last,
+        count,
     })
 }
 
@@ -108,10 +128,51 @@ mod tests {
 
     #[test]
     fn overlap_leaves_out_reserved_ports() {
-        let o = overlap(32000..=33000, "32768\t60999\n", "32768-32800,32999\n").unwrap();
+        let local = parse_local_range("32768\t60999\n").unwrap();
+        let reserved = parse_port_list("32768-32800,32999\n");
+        let o = overlap(32000..=33000, local, &reserved).unwrap();
         assert_eq!(o.ephemeral, [32768, 60999]);
         assert_eq!((o.first, o.last), (32801, 33000));
         assert_eq!(o.count, 33000 - 32801 + 1 - 1);
-        assert_eq!(overlap(3000..=9000, "32768 60999", ""), None);
+        let none = PortSet::default();
+        assert_eq!(
+            overlap(
+                3000..=9000,
+                parse_local_range("32768 60999").unwrap(),
+                &none
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn overlap_counts_as_a_walk_of_every_port_would() {
+        let local = [32768, 60999];
+        let reserved = parse_port_list("30000-32770,33000,33005-33010,40000,60990-61010");
+        let ranges = [
+            (30000, 36000),
+            (32768, 32768),
+            (32771, 32771),
+            (60999, 65535),
+            (1, 32767),
+            (60980, 60999),
+            (32000, 32770),
+        ];
+        for (start, end) in ranges {
+            let walked: Vec<u16> = (start..=end)
+                .filter(|p| (local[0]..=local[1]).contains(p) && !reserved.contains(*p))
+                .collect();
+            let expected = walked.first().map(|&first| EphemeralOverlap {
+                ephemeral: local,
+                first,
+                last: *walked.last().unwrap(),
+                count: walked.len(),
+            });
+            assert_eq!(
+                overlap(start..=end, local, &reserved),
+                expected,
+                "{start}-{end}"
+            );
+        }
     }
 }

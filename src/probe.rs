@@ -1,7 +1,16 @@
 //! "Can a server bind this port right now?", answered the way a server would ask
 //! it, without disturbing anyone: a bind (never a listen, so no connection can
-//! land on the probe) with `SO_REUSEADDR` as servers set it, on the IPv4 and the
-//! IPv6 wildcard addresses, closed at once.
+//! land on the probe) with `SO_REUSEADDR` as servers set it, closed at once.
+//!
+//! One socket asks for both address families: an IPv6 socket with
+//! `IPV6_V6ONLY` off bound to `[::]` conflicts with every IPv4 and IPv6 socket
+//! on the port just as the two sockets (`0.0.0.0` and `[::]` with
+//! `IPV6_V6ONLY`) it stands for would, in five system calls instead of nine
+//! (tests/test_probe_dual_stack.py checks this against the two-socket answer
+//! for listeners, bound and connected sockets and TIME_WAIT, on IPv4, IPv6,
+//! dual-stack and mapped addresses). Where the host has no IPv6, the
+//! IPv4 socket alone answers; where the one socket fails in any other way, the
+//! two-socket probe answers, so every error means what it always meant.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
@@ -23,8 +32,73 @@ pub enum Probe {
     Unknown(i32),
 }
 
-/// Probes `port` on `0.0.0.0` and `[::]`. A family this host lacks is skipped.
+/// Probes `port` on `0.0.0.0` and `[::]`, with one dual-stack socket where
+/// it answers. A family this host lacks is skipped.
 pub fn probe_port(port: u16) -> Probe {
+    match dual_stack(port) {
+        Dual::Answer(probe) => probe,
+        Dual::NoIpv6 => probe_family(port, Family::V4),
+        Dual::AskTwo => probe_two_sockets(port),
+    }
+}
+
+/// What the one dual-stack socket decided.
+#[derive(Debug, PartialEq, Eq)]
+enum Dual {
+    /// Bound (free) or refused with `EADDRINUSE` (in use): the answer the two
+    /// sockets would give.
+    Answer(Probe),
+    /// No IPv6 on this host (no such family, or no `[::]` to bind): the IPv4
+    /// socket alone answers, as the two-socket probe skips a family the
+    /// host lacks.
+    NoIpv6,
+    /// Any other failure: the two-socket probe answers, and classifies it.
+    AskTwo,
+}
+
+/// One `[::]` bind with `IPV6_V6ONLY` off and `SO_REUSEADDR`, closed at once.
+fn dual_stack(port: u16) -> Dual {
+    let fd = match rustix::net::socket_with(
+        AddressFamily::INET6,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    ) {
+        Ok(fd) => fd,
+        Err(e) => return after_socket(e),
+    };
+    if sockopt::set_socket_reuseaddr(&fd, true).is_err()
+        || sockopt::set_ipv6_v6only(&fd, false).is_err()
+    {
+        return Dual::AskTwo;
+    }
+    after_bind(rustix::net::bind(
+        &fd,
+        &SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0),
+    ))
+}
+
+/// The meaning of a failed `socket(AF_INET6)`.
+fn after_socket(errno: Errno) -> Dual {
+    match errno {
+        Errno::AFNOSUPPORT | Errno::PROTONOSUPPORT => Dual::NoIpv6,
+        _ => Dual::AskTwo,
+    }
+}
+
+/// The meaning of the dual-stack bind's outcome.
+fn after_bind(result: rustix::io::Result<()>) -> Dual {
+    match result {
+        Ok(()) => Dual::Answer(Probe::Free),
+        Err(Errno::ADDRINUSE) => Dual::Answer(Probe::InUse),
+        Err(Errno::ADDRNOTAVAIL) => Dual::NoIpv6,
+        Err(_) => Dual::AskTwo,
+    }
+}
+
+/// The two-socket probe: `0.0.0.0` and `[::]` with `IPV6_V6ONLY`, each
+/// classified on its own.
+fn probe_two_sockets(port: u16) -> Probe {
     match (
         probe_family(port, Family::V4),
         probe_family(port, Family::V6),
@@ -137,6 +211,135 @@ mod tests {
         drop(client);
         drop(listener);
         assert_eq!(probe_port(port), Probe::Free);
+    }
+
+    /// A socket of `family` bound to `addr` (IPv6 with `v6only` as given),
+    /// listening if asked, with `SO_REUSEADDR` if asked.
+    fn holder(
+        addr: std::net::SocketAddr,
+        v6only: Option<bool>,
+        reuse: bool,
+        listen: bool,
+    ) -> rustix::fd::OwnedFd {
+        let family = if addr.is_ipv4() {
+            AddressFamily::INET
+        } else {
+            AddressFamily::INET6
+        };
+        let fd = rustix::net::socket(family, SocketType::STREAM, None).unwrap();
+        sockopt::set_socket_reuseaddr(&fd, reuse).unwrap();
+        if let Some(v6only) = v6only {
+            sockopt::set_ipv6_v6only(&fd, v6only).unwrap();
+        }
+        rustix::net::bind(&fd, &addr).unwrap();
+        if listen {
+            rustix::net::listen(&fd, 1).unwrap();
+        }
+        fd
+    }
+
+    #[test]
+    fn one_socket_answers_as_two() {
+        // A free port to hold in each way, found as the probe finds them.
+        let port = || {
+            let listener = TcpListener::bind("[::]:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let v4 = |p: u16| std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, p));
+        let v4_any = |p: u16| std::net::SocketAddr::from((Ipv4Addr::UNSPECIFIED, p));
+        let v6 = |p: u16| std::net::SocketAddr::from((Ipv6Addr::LOCALHOST, p));
+        let v6_any = |p: u16| std::net::SocketAddr::from((Ipv6Addr::UNSPECIFIED, p));
+        type Case = (
+            &'static str,
+            fn(u16) -> std::net::SocketAddr,
+            Option<bool>,
+            bool,
+            bool,
+            Probe,
+        );
+        let cases: [Case; 10] = [
+            ("listening 127.0.0.1", v4, None, true, true, Probe::InUse),
+            ("listening 0.0.0.0", v4_any, None, true, true, Probe::InUse),
+            ("listening ::1", v6, Some(true), true, true, Probe::InUse),
+            (
+                "listening :: dual-stack",
+                v6_any,
+                Some(false),
+                true,
+                true,
+                Probe::InUse,
+            ),
+            (
+                "listening :: V6ONLY",
+                v6_any,
+                Some(true),
+                true,
+                true,
+                Probe::InUse,
+            ),
+            (
+                "bound 127.0.0.1, SO_REUSEADDR",
+                v4,
+                None,
+                true,
+                false,
+                Probe::Free,
+            ),
+            (
+                "bound :: V6ONLY, SO_REUSEADDR",
+                v6_any,
+                Some(true),
+                true,
+                false,
+                Probe::Free,
+            ),
+            ("bound 127.0.0.1", v4, None, false, false, Probe::InUse),
+            ("bound ::1", v6, Some(true), false, false, Probe::InUse),
+            (
+                "bound :: V6ONLY",
+                v6_any,
+                Some(true),
+                false,
+                false,
+                Probe::InUse,
+            ),
+        ];
+        for (name, addr, v6only, reuse, listen, expected) in cases {
+            let p = port();
+            let held = holder(addr(p), v6only, reuse, listen);
+            let two = probe_two_sockets(p);
+            assert_eq!(two, expected, "{name}: the two-socket probe");
+            assert_eq!(dual_stack(p), Dual::Answer(two), "{name}: the one socket");
+            assert_eq!(probe_port(p), two, "{name}");
+            drop(held);
+            assert_eq!(probe_port(p), Probe::Free, "{name}, once closed");
+        }
+    }
+
+    #[test]
+    fn the_one_socket_decides_only_what_it_can() {
+        // No IPv6 on the host: the IPv4 socket alone answers.
+        assert_eq!(after_socket(Errno::AFNOSUPPORT), Dual::NoIpv6);
+        assert_eq!(after_socket(Errno::PROTONOSUPPORT), Dual::NoIpv6);
+        assert_eq!(after_bind(Err(Errno::ADDRNOTAVAIL)), Dual::NoIpv6);
+        // Anything else: the two sockets answer, with their own meaning of
+        // the error (out of descriptors stays unknown, a refusal unusable).
+        for errno in [
+            Errno::MFILE,
+            Errno::NFILE,
+            Errno::NOBUFS,
+            Errno::NOMEM,
+            Errno::ACCESS,
+            Errno::PERM,
+        ] {
+            assert_eq!(after_socket(errno), Dual::AskTwo, "{errno:?}");
+            assert_eq!(after_bind(Err(errno)), Dual::AskTwo, "{errno:?}");
+        }
+        assert_eq!(after_bind(Ok(())), Dual::Answer(Probe::Free));
+        assert_eq!(
+            after_bind(Err(Errno::ADDRINUSE)),
+            Dual::Answer(Probe::InUse)
+        );
     }
 
     #[test]

@@ -73,19 +73,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Puts a manager on this process's schedule (first refresh one interval
 /// from now; once, however often it is called) and starts the thread if this
-/// process has none.
+/// process has none. The entries stay in id order (ids only grow, so a new one
+/// goes at the end): finding one is a binary search, not a walk of them all.
 pub fn register(id: u64, manager: Weak<Manager>, interval: Duration) {
     let r = refresher();
     {
         let mut schedule = lock(&r.schedule);
-        if !schedule.entries.iter().any(|e| e.id == id) {
+        if let Err(at) = schedule.entries.binary_search_by_key(&id, |e| e.id) {
             let due = Instant::now() + interval;
-            schedule.entries.push(Entry {
-                id,
-                manager,
-                interval,
-                due,
-            });
+            schedule.entries.insert(
+                at,
+                Entry {
+                    id,
+                    manager,
+                    interval,
+                    due,
+                },
+            );
+            // The thread is woken only if it would sleep past the new entry's
+            // first refresh.
             let wake = match schedule.waiting {
                 Some(None) => true,
                 Some(Some(until)) => due < until,
@@ -101,11 +107,17 @@ pub fn register(id: u64, manager: Weak<Manager>, interval: Duration) {
     ensure_thread(r);
 }
 
-/// Takes a manager off the schedule (on `stop()`).
+/// Takes a manager off the schedule (on `stop()`, or when it is dropped).
+/// The thread is not woken: an entry gone can only make its next wake-up
+/// early (it finds nothing due and sleeps again), and a program that makes
+/// and stops managers in a loop would otherwise switch to it and back for
+/// every one.
 pub fn unregister(id: u64) {
     let r = refresher();
-    lock(&r.schedule).entries.retain(|e| e.id != id);
-    r.wake.notify_all();
+    let mut schedule = lock(&r.schedule);
+    if let Ok(at) = schedule.entries.binary_search_by_key(&id, |e| e.id) {
+        schedule.entries.remove(at);
+    }
 }
 
 /// How long interpreter exit waits for a refresh in progress to finish: a
