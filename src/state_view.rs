@@ -44,6 +44,7 @@ pub(crate) fn adopt(state: &mut State, mut disk: State) {
     disk.options = state.options.clone();
     disk.schema_version = state.schema_version;
     disk.trim_history();
+    disk.leases = std::mem::take(&mut disk.leases).reusing(&state.leases);
     *state = disk;
 }
 
@@ -108,10 +109,11 @@ fn views_of(mut owned: Vec<&Lease>, prefix: &str) -> LeaseList {
             None => LeaseView::of(lease),
         });
     }
-    if *views == *last {
+    drop(before);
+    let list = LeaseList::from(views).reusing(&last);
+    if list.same(&last) {
         return last;
     }
-    let list = LeaseList::from(views);
     SHOWN.with(|shown| {
         if let Ok(mut shown) = shown.try_borrow_mut() {
             shown.retain(|(p, _)| p != prefix);

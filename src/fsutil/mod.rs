@@ -6,6 +6,7 @@
 mod dir;
 mod folder_lock;
 mod lock;
+mod pieces;
 mod watch;
 
 pub(crate) use dir::{errno, read_bounded, Dir, Kind, Open, Stat, MAX_READ};
@@ -17,7 +18,7 @@ pub(crate) use watch::{added, names_where, sweep, OwnChange};
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, IoSlice};
 use std::os::unix::ffi::OsStrExt;
 
 use rustix::io::Errno;
@@ -162,7 +163,7 @@ fn create_temp_drawing(
 pub(crate) fn write_atomic(
     dir: &Dir,
     name: &OsStr,
-    bytes: &[u8],
+    bytes: &[IoSlice<'_>],
     durable: bool,
     reuse: Option<(&Dir, &OsStr)>,
     missing: bool,
@@ -178,12 +179,12 @@ pub(crate) fn write_atomic(
         None => (Recycled::No, create_temp(dir, name)?),
     };
     let result = (|| {
-        file.write_all(bytes)?;
+        pieces::write_all(&mut file, bytes)?;
         // A recycled file is cut to size after the write, not emptied before
         // it: freeing all its blocks first made ext4 (with `discard`) wait
         // for the disk, up to milliseconds under load.
         if recycled == Recycled::Yes {
-            file.set_len(bytes.len() as u64)?;
+            file.set_len(bytes.iter().map(|b| b.len() as u64).sum())?;
         }
         if durable {
             file.sync_all()?;
@@ -315,9 +316,25 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = Dir::open(tmp.path()).unwrap();
         let path = tmp.path().join("a.json");
-        write_atomic(&dir, n("a.json"), b"one", false, None, false).unwrap();
+        write_atomic(
+            &dir,
+            n("a.json"),
+            &[IoSlice::new(b"one")],
+            false,
+            None,
+            false,
+        )
+        .unwrap();
         let first = FileId::of(&path).unwrap();
-        write_atomic(&dir, n("a.json"), b"two!", true, None, false).unwrap();
+        write_atomic(
+            &dir,
+            n("a.json"),
+            &[IoSlice::new(b"two!")],
+            true,
+            None,
+            false,
+        )
+        .unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two!");
         assert_ne!(FileId::of(&path).unwrap(), first);
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
@@ -328,16 +345,32 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = Dir::open(tmp.path()).unwrap();
         let path = tmp.path().join("a.json");
-        write_atomic(&dir, n("a.json"), b"new", false, None, true).unwrap();
+        write_atomic(
+            &dir,
+            n("a.json"),
+            &[IoSlice::new(b"new")],
+            false,
+            None,
+            true,
+        )
+        .unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"new");
         // Made by someone else after the caller looked: replaced all the same.
-        write_atomic(&dir, n("a.json"), b"newer", false, None, true).unwrap();
+        write_atomic(
+            &dir,
+            n("a.json"),
+            &[IoSlice::new(b"newer")],
+            false,
+            None,
+            true,
+        )
+        .unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"newer");
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
         // A folder that appeared there is neither replaced nor entered.
         fs::remove_file(&path).unwrap();
         fs::create_dir(&path).unwrap();
-        assert!(write_atomic(&dir, n("a.json"), b"x", false, None, true).is_err());
+        assert!(write_atomic(&dir, n("a.json"), &[IoSlice::new(b"x")], false, None, true).is_err());
         assert!(path.is_dir());
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
@@ -356,7 +389,15 @@ mod tests {
             std::os::unix::fs::symlink(&victim, tmp.path().join(planted)).unwrap();
         }
         let dir = Dir::open(tmp.path()).unwrap();
-        write_atomic(&dir, n("a.json"), b"state", false, None, false).unwrap();
+        write_atomic(
+            &dir,
+            n("a.json"),
+            &[IoSlice::new(b"state")],
+            false,
+            None,
+            false,
+        )
+        .unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         assert_eq!(fs::read(tmp.path().join("a.json")).unwrap(), b"state");
     }
@@ -369,7 +410,15 @@ mod tests {
         fs::write(&path, b"old").unwrap();
         let backup = tmp.path().join("a_backup.json");
         fs::hard_link(&path, &backup).unwrap();
-        write_atomic(&dir, n("a.json"), b"new", false, None, false).unwrap();
+        write_atomic(
+            &dir,
+            n("a.json"),
+            &[IoSlice::new(b"new")],
+            false,
+            None,
+            false,
+        )
+        .unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"new");
         assert_eq!(fs::read(&backup).unwrap(), b"old");
         assert_eq!(fs::metadata(&backup).unwrap().nlink(), 1);
@@ -471,7 +520,7 @@ mod tests {
         write_atomic(
             &dir,
             n("a.json"),
-            b"new",
+            &[IoSlice::new(b"new")],
             false,
             Some((&dir, n("old.json"))),
             false,
@@ -486,7 +535,7 @@ mod tests {
         write_atomic(
             &dir,
             n("a.json"),
-            b"newer",
+            &[IoSlice::new(b"newer")],
             false,
             Some((&dir, n("twin.json"))),
             false,
@@ -507,7 +556,14 @@ mod tests {
         .unwrap();
         for (name, content) in [("folder", "newest"), ("fifo", "newest!")] {
             let reuse = Some((&dir, n(name)));
-            let taken = write_atomic(&dir, n("a.json"), content.as_bytes(), false, reuse, false);
+            let taken = write_atomic(
+                &dir,
+                n("a.json"),
+                &[IoSlice::new(content.as_bytes())],
+                false,
+                reuse,
+                false,
+            );
             assert_eq!(taken.unwrap().0, Recycled::No, "{name}");
             assert_eq!(fs::read(&path).unwrap(), content.as_bytes());
         }

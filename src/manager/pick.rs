@@ -163,15 +163,13 @@ impl Manager {
             note_holder(&mut leased.holders, new.holder(), port);
             if owned_through(&new.owner, prefix) {
                 leased.mine.push(LeaseView::of(&new));
-                leased.mine.sort_by_key(|v| v.port);
+                leased.mine.sort_by_port();
             }
             table.insert(new);
             if let Some(old) = replacing {
                 let gone = table.remove_where(|l| l.port == old && &l.owner == owner);
                 if !gone.is_empty() {
-                    leased
-                        .mine
-                        .retain(|v| !(v.port == old && &v.owner == owner));
+                    leased.mine.retain_at(old, |v| &v.owner != owner);
                     if table.holder_of(old).is_none() {
                         leased.ports.remove(old);
                     }
@@ -241,9 +239,23 @@ impl Manager {
         port: u16,
     ) -> Result<Leased> {
         let range = self.range();
+        let mut memo = file.leased_memo.take();
         let (version, leased) = local.registry.transact_removing(|table| {
-            table.remove_where(|l| l.port == port && l.owner == local.owner);
-            let leased = leased_in(table, &range, local.file.owner_prefix());
+            let gone = table.remove_where(|l| l.port == port && l.owner == local.owner);
+            // The table as the last pick or release left it: its view is
+            // changed as the table was rather than built again from every lease.
+            let leased = match memo.take() {
+                Some((version, mut leased)) if version == table.version() && version != 0 => {
+                    if !gone.is_empty() {
+                        leased.mine.retain_at(port, |v| v.owner != local.owner);
+                        if table.holder_of(port).is_none() {
+                            leased.ports.remove(port);
+                        }
+                    }
+                    leased
+                }
+                _ => leased_in(table, &range, local.file.owner_prefix()),
+            };
             (table.version_after(), leased)
         })?;
         file.leased_memo = Some((version, leased.clone()));

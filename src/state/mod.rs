@@ -2,12 +2,17 @@
 //! (so files it wrote load here, and tools that read ours keep working), plus
 //! extras under keys of their own.
 
-use std::collections::{BTreeMap, VecDeque};
+mod pieces;
+mod usage;
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
 
 use serde::{Deserialize, Serialize};
 
 pub use crate::lease::{LeaseList, LeaseView};
 use crate::port_list::PortList;
+pub use usage::PortUsage;
 
 /// Bumped when an extra key changes meaning. The SPEC keys never change.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -29,17 +34,22 @@ pub const REQUIRED_KEYS: [&str; 10] = [
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
+    #[serde(deserialize_with = "present")]
     pub current_port: Option<u16>,
     #[serde(serialize_with = "one_line")]
     pub free_ports: PortList,
     #[serde(serialize_with = "one_line")]
     pub used_ports: PortList,
     /// Picks per port. Integer keys serialize as JSON strings ("3000").
-    pub port_usage: BTreeMap<u16, u64>,
+    #[serde(serialize_with = "pieces::usage_in_file")]
+    pub port_usage: PortUsage,
     pub history: VecDeque<HistoryEntry>,
+    #[serde(deserialize_with = "present")]
     pub last_checked: Option<String>,
     pub change_count: u64,
+    #[serde(deserialize_with = "present")]
     pub last_error: Option<String>,
+    #[serde(deserialize_with = "present")]
     pub last_error_time: Option<String>,
     pub settings: Settings,
 
@@ -64,7 +74,7 @@ pub struct State {
     /// outgoing connection may take such a port), if it does.
     #[serde(default)]
     pub ephemeral_overlap: Option<EphemeralOverlap>,
-    #[serde(default, serialize_with = "leases_in_file")]
+    #[serde(default, serialize_with = "pieces::leases_in_file")]
     pub leases: LeaseList,
     #[serde(default)]
     pub stats: Stats,
@@ -116,6 +126,16 @@ pub struct Options {
     pub registry_dir: String,
 }
 
+/// Reads a key of the original layout whose value may be `null`, as a key
+/// that must be there: serde would take a missing `Option` for `null`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer)
+}
+
 /// Writes a port list on one line even inside the pretty-printed file: a
 /// 6,001-port range is one readable line instead of 6,001. The digits are
 /// written straight into one buffer, which serde_json then copies verbatim
@@ -132,67 +152,13 @@ fn one_line<S: serde::Serializer>(ports: &PortList, serializer: S) -> Result<S::
     })
 }
 
-/// Writes the leases in the pretty-printed file from each lease's text, kept
-/// with it (`LeaseView::pretty`): with thousands of leases on a file, writing
-/// every owner and time again at each save was a tenth of a pick. Elsewhere
-/// (compact JSON) they are written as any list. `leases_are_written_as_before`
-/// checks the bytes.
-fn leases_in_file<S: serde::Serializer>(
-    leases: &LeaseList,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeStruct;
-    use serde::Serialize;
-    const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
-    if leases.is_empty() || !IN_FILE.get() {
-        return leases.serialize(serializer);
-    }
-    crate::kept::with(&LEASES_TEXT, |text| {
-        text.clear();
-        text.push_str("[\n");
-        for (i, view) in leases.iter().enumerate() {
-            if i > 0 {
-                text.push_str(",\n");
-            }
-            text.push_str(view.pretty());
-        }
-        text.push_str("\n  ]");
-        let mut raw = serializer.serialize_struct(RAW_VALUE_TOKEN, 1)?;
-        raw.serialize_field(RAW_VALUE_TOKEN, text.as_str())?;
-        let result = raw.end();
-        if past_need(text.capacity(), text.len()) {
-            *text = String::new();
-        }
-        result
-    })
-}
-
-/// Is a kept buffer of `capacity` bytes, just used for `used` of them, to be
-/// given back? Past `kept::KEPT_MAX` only when the text no longer needs most
-/// of it: a file of thousands of leases is a megabyte or more at every save,
-/// and a buffer given back each time was taken anew and grown page by
-/// freshly zeroed page (a quarter of a pick); a huge state once still does
-/// not pin its memory past the next, smaller save.
-fn past_need(capacity: usize, used: usize) -> bool {
-    capacity > crate::kept::KEPT_MAX && capacity > used.saturating_mul(2)
-}
-
-thread_local! {
-    /// The text of the whole file (see `kept.rs`).
-    static FILE_TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The text of the `leases` list (see `kept.rs`).
-    static LEASES_TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
-    /// Set while the pretty-printed file is written (`write_json`).
-    static IN_FILE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
 impl State {
     pub fn fresh(settings: Settings, options: Options) -> State {
         State {
             current_port: None,
             free_ports: PortList::default(),
             used_ports: PortList::default(),
-            port_usage: BTreeMap::new(),
+            port_usage: PortUsage::default(),
             history: VecDeque::new(),
             last_checked: None,
             change_count: 0,
@@ -210,8 +176,14 @@ impl State {
         }
     }
 
-    /// Parses a state file, insisting on the original layout's keys.
+    /// Parses a state file, insisting on the original layout's keys. Read
+    /// straight into a state first (every key of the original layout is
+    /// required there too: see `present`); only a file that fails is read
+    /// again as a JSON value, for the reason it is rejected.
     pub fn parse(bytes: &[u8]) -> Result<State, String> {
+        if let Ok(state) = serde_json::from_slice(bytes) {
+            return Ok(state);
+        }
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err("the file is empty".into());
         }
@@ -231,31 +203,24 @@ impl State {
         serde_json::from_value(value).map_err(|e| format!("wrong shape ({e})"))
     }
 
+    /// The state file's text (`with_json`'s pieces, joined).
     pub fn to_json(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.write_json(&mut out);
-        out
-    }
-
-    /// Pretty, as the original wrote it: people read this file.
-    fn write_json(&self, out: &mut Vec<u8>) {
-        let outer = IN_FILE.replace(true);
-        serde_json::to_writer_pretty(out, self).expect("state always serializes");
-        IN_FILE.set(outer);
-    }
-
-    /// Hands the file's text to `write`, made in a buffer this thread keeps
-    /// from one save to the next (see `kept.rs`).
-    pub fn with_json<R>(&self, write: impl FnOnce(&[u8]) -> R) -> R {
-        crate::kept::with(&FILE_TEXT, |out| {
-            out.clear();
-            self.write_json(out);
-            let result = write(out);
-            if past_need(out.capacity(), out.len()) {
-                *out = Vec::new();
+        self.with_json(|pieces| {
+            let mut text = Vec::with_capacity(pieces.iter().map(|p| p.len()).sum());
+            for piece in pieces {
+                text.extend_from_slice(piece);
             }
-            result
+            text
         })
+    }
+
+    /// Hands `write` the state file's text, pretty as the original wrote it
+    /// (people read this file), in pieces: the leases and the usage counts,
+    /// most of a crowded file, are kept as text between saves by groups of
+    /// ports and only the groups that changed are written again (see
+    /// `pieces.rs`).
+    pub fn with_json<R>(&self, write: impl FnOnce(&[IoSlice<'_>]) -> R) -> R {
+        pieces::with_pieces(self, write)
     }
 
     /// Records a change of the active port: history (bounded), change count,
@@ -264,7 +229,7 @@ impl State {
         self.current_port = new;
         self.change_count += 1;
         if let Some(port) = new {
-            *self.port_usage.entry(port).or_insert(0) += 1;
+            self.port_usage.add(port);
         }
         self.history.push_back(HistoryEntry {
             time: time.to_string(),
@@ -334,7 +299,7 @@ mod tests {
         }"#;
         let state = State::parse(original).unwrap();
         assert_eq!(state.current_port, Some(3000));
-        assert_eq!(state.port_usage[&3000], 3);
+        assert_eq!(state.port_usage.get(3000), Some(3));
         assert_eq!(state.history[0].new, Some(3000));
         assert_eq!(state.stats, Stats::default());
     }
@@ -474,5 +439,35 @@ mod tests {
           "last_error": null, "last_error_time": null,
           "settings": {"port_range": [1, 2], "json_path": "", "history_max": 1}}"#;
         assert!(State::parse(wrong).unwrap_err().contains("wrong shape"));
+    }
+
+    #[test]
+    fn a_key_that_may_be_null_must_still_be_there() {
+        let full = r#"{"current_port": null, "free_ports": [], "used_ports": [],
+          "port_usage": {}, "history": [], "last_checked": null, "change_count": 0,
+          "last_error": null, "last_error_time": null,
+          "settings": {"port_range": [1, 2], "json_path": "", "history_max": 1}}"#;
+        let state = State::parse(full.as_bytes()).unwrap();
+        assert_eq!(state.current_port, None);
+        let value: serde_json::Value = serde_json::from_str(full).unwrap();
+        assert_eq!(serde_json::from_value::<State>(value).unwrap(), state);
+        for key in [
+            "current_port",
+            "last_checked",
+            "last_error",
+            "last_error_time",
+        ] {
+            let without = full.replacen(&format!("\"{key}\": null,"), "", 1);
+            assert_ne!(without, full);
+            let error = State::parse(without.as_bytes()).unwrap_err();
+            assert_eq!(error, format!("missing keys: {key}"));
+        }
+        // A key twice: the last one, as a JSON value takes it.
+        let twice = full.replacen(
+            "\"change_count\": 0,",
+            "\"change_count\": 1, \"change_count\": 2,",
+            1,
+        );
+        assert_eq!(State::parse(twice.as_bytes()).unwrap().change_count, 2);
     }
 }

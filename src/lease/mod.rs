@@ -5,6 +5,10 @@ use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
+mod list;
+
+pub use list::LeaseList;
+
 /// A process identity that survives pid reuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Holder {
@@ -204,6 +208,11 @@ impl LeaseView {
         }))
     }
 
+    /// Is this the very view `other` is (not only an equal one)?
+    pub fn same(&self, other: &LeaseView) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Does this view show `lease`?
     pub fn shows(&self, lease: &Lease) -> bool {
         let f = &self.0.fields;
@@ -260,71 +269,5 @@ impl Serialize for LeaseView {
 impl<'de> Deserialize<'de> for LeaseView {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         ViewFields::deserialize(deserializer).map(LeaseView::new)
-    }
-}
-
-/// The leases a state shows, lowest port first: one list shared by the
-/// state, the view a pick keeps and the copy an update compares with; a
-/// change copies the list of pointers, never a lease's strings.
-#[derive(Clone, Default)]
-pub struct LeaseList(Arc<Vec<LeaseView>>);
-
-impl LeaseList {
-    pub fn push(&mut self, view: LeaseView) {
-        Arc::make_mut(&mut self.0).push(view);
-    }
-
-    pub fn sort_by_key<K: Ord>(&mut self, mut key: impl FnMut(&LeaseView) -> K) {
-        if !self.0.is_sorted_by_key(&mut key) {
-            Arc::make_mut(&mut self.0).sort_by_key(key);
-        }
-    }
-
-    pub fn retain(&mut self, mut keep: impl FnMut(&LeaseView) -> bool) {
-        if !self.0.iter().all(&mut keep) {
-            Arc::make_mut(&mut self.0).retain(keep);
-        }
-    }
-
-    /// Is this the very list `other` is (not only an equal one)?
-    pub fn same(&self, other: &LeaseList) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl From<Vec<LeaseView>> for LeaseList {
-    fn from(views: Vec<LeaseView>) -> LeaseList {
-        LeaseList(Arc::new(views))
-    }
-}
-
-impl std::ops::Deref for LeaseList {
-    type Target = [LeaseView];
-    fn deref(&self) -> &[LeaseView] {
-        &self.0
-    }
-}
-
-impl PartialEq for LeaseList {
-    fn eq(&self, other: &LeaseList) -> bool {
-        self.same(other) || self.0 == other.0
-    }
-}
-
-impl std::fmt::Debug for LeaseList {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl Serialize for LeaseList {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter())
-    }
-}
-
-impl<'de> Deserialize<'de> for LeaseList {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Vec::<LeaseView>::deserialize(deserializer).map(LeaseList::from)
     }
 }
