@@ -47,26 +47,10 @@ pub(crate) fn with_wait_cap<R>(cap: Duration, f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// The registry's lock held: releases the `flock` when dropped, and reads as
-/// the lock file (whose header the holder reads and writes).
-#[derive(Debug)]
-pub(crate) struct FlockGuard<'a> {
-    file: &'a File,
-}
-
-impl std::ops::Deref for FlockGuard<'_> {
-    type Target = File;
-
-    fn deref(&self) -> &File {
-        self.file
-    }
-}
-
-impl Drop for FlockGuard<'_> {
-    fn drop(&mut self) {
-        let _ = rustix::fs::flock(self.file, rustix::fs::FlockOperation::Unlock);
-    }
-}
+/// The registry's lock held: fd-lock's guard over the lock file, which
+/// releases the `flock` when dropped and reads as the file (whose header the
+/// holder reads and writes).
+pub(crate) type FlockGuard<'a> = fd_lock::RwLockWriteGuard<'a, File>;
 
 /// What a wait for a lock ended with.
 pub(super) enum Taken {
@@ -80,25 +64,25 @@ pub(super) enum Taken {
 /// it is held elsewhere, `replaced` is asked whether the name still names
 /// the file.
 ///
-/// The flock is taken by one `flock(LOCK_EX|LOCK_NB)` and its guard made
-/// without a second call (`FlockGuard`, once the caller has checked the
-/// name): a guard taken inside the retry loop would keep `lock` borrowed for
-/// all of its turns, and taking it again on a lock this descriptor already
-/// holds cost a second system call per transaction.
+/// The wait holds no guard across tries (a guard returned from inside the
+/// loop would keep `lock` borrowed for all of them): a try that succeeds
+/// keeps its flock and forgets its guard (which owns nothing else); the
+/// caller then takes the guard on a lock this descriptor already holds,
+/// which succeeds at once (flock belongs to the open file description).
 fn lock_within(
-    lock: &File,
+    lock: &mut fd_lock::RwLock<File>,
     wait: Duration,
     interruptible: bool,
     replaced: impl Fn() -> bool,
 ) -> io::Result<Taken> {
-    use rustix::fs::{flock, FlockOperation};
-    wait_for(wait, interruptible, || {
-        match flock(lock, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(Some(Taken::Locked)),
-            Err(rustix::io::Errno::WOULDBLOCK) if replaced() => Ok(Some(Taken::Replaced)),
-            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-            Err(e) => Err(e.into()),
+    wait_for(wait, interruptible, || match lock.try_write() {
+        Ok(guard) => {
+            std::mem::forget(guard);
+            Ok(Some(Taken::Locked))
         }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && replaced() => Ok(Some(Taken::Replaced)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
     })
 }
 
@@ -167,7 +151,7 @@ pub(crate) struct LockFile {
 }
 
 struct HeldLock {
-    file: File,
+    lock: fd_lock::RwLock<File>,
     pid: u32,
     id: (u64, u64),
 }
@@ -216,17 +200,17 @@ impl LockFile {
                 self.held = None;
                 let (file, st) = open_lock_file(dir, &self.name, true)?;
                 self.held = Some(HeldLock {
-                    file,
+                    lock: fd_lock::RwLock::new(file),
                     pid: crate::sys::process_id(),
                     id: (st.dev, st.ino),
                 });
                 reopened = true;
             }
-            let held = self.held.as_ref().expect("opened above");
+            let held = self.held.as_mut().expect("opened above");
             let (name, id) = (&self.name, held.id);
             let left = deadline.saturating_duration_since(Instant::now());
             let renamed = || name_moved(dir, name, id);
-            if let Taken::Locked = lock_within(&held.file, left, interruptible, renamed)? {
+            if let Taken::Locked = lock_within(&mut held.lock, left, interruptible, renamed)? {
                 if !name_moved(dir, name, id) {
                     locked = true;
                     break;
@@ -236,10 +220,9 @@ impl LockFile {
             self.held = None;
         }
         if locked {
-            let held = self.held.as_ref().expect("locked above");
-            // This descriptor holds the flock (taken in `lock_within`): the
-            // guard gives it back when dropped.
-            return Ok((FlockGuard { file: &held.file }, reopened));
+            let held = self.held.as_mut().expect("locked above");
+            // This descriptor holds the flock already: taken again at once.
+            return Ok((held.lock.try_write()?, reopened));
         }
         Err(io::Error::other(format!(
             "{} was replaced by another file {REPLACED_RETRIES} times while it was being \
