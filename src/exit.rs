@@ -14,10 +14,10 @@ static EXITING: AtomicU32 = AtomicU32::new(0);
 /// lock, so one that commits before the hook's release is released by it,
 /// and one after it is refused.
 pub fn begin() {
-    EXITING.store(std::process::id(), Ordering::SeqCst);
+    EXITING.store(crate::sys::process_id(), Ordering::SeqCst);
 }
 
 /// Has this process begun to exit?
 pub fn begun() -> bool {
-    EXITING.load(Ordering::SeqCst) == std::process::id()
+    EXITING.load(Ordering::SeqCst) == crate::sys::process_id()
 }

@@ -34,7 +34,7 @@ impl Scene<'_> {
             service: self.service.to_string(),
             port: None,
             prev: None,
-            pid: std::process::id(),
+            pid: crate::sys::process_id(),
         }
     }
 
@@ -101,7 +101,7 @@ pub(crate) fn snapshot(
         service: service.to_string(),
         port: state.current_port,
         prev: None,
-        pid: std::process::id(),
+        pid: crate::sys::process_id(),
     };
     let mut record = event.json(origin);
     record["event.action"] = "log_json".into();
